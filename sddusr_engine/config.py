@@ -1,0 +1,85 @@
+"""Model configuration: one dataclass and its named presets.
+
+`sddusr` is the paper's network (KeDuSR + Sparse Feature Matching + Token Dictionary Learning);
+`kedusr` is the published KeDuSR network, whose released state dicts load into it strictly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+VARIANTS = ("sddusr", "kedusr")
+CHANNEL_ORDERS = ("rgb", "bgr")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str = "sddusr"
+    channels: int = 64  # n: width of every feature map
+    trunk_groups: int = 3
+    trunk_blocks: int = 8  # residual blocks per trunk group
+    encoder_blocks: int = 4  # LRC encoder, Ref encoder
+    decoder_blocks: int = 4
+    trunk_channel_attention: bool = True  # kedusr keeps the CA weights but never applies them
+    ca_reduction: int = 16
+    match_channels: int = 16  # channels of the matching map whose 3x3 patches are compared
+    patch_size: int = 9  # warp patches on the Ref-feature grid
+    patch_stride: int = 4
+    use_sfm: bool = True  # Sparse Feature Matching (mask generator)
+    mask_hidden: int = 32  # width of the mask generator
+    use_tdl: bool = True  # Token Dictionary Learning
+    tokens: int = 128  # N
+    token_dim: int = 64  # d
+    scale: int = 2
+    # Channel order the weights were trained with: KeDuSR's release was trained on BGR images.
+    channel_order: str = "rgb"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ValueError(
+                f"unknown channel order {self.channel_order!r}; expected one of {CHANNEL_ORDERS}"
+            )
+        if self.scale != 2:
+            raise ValueError(f"only x2 is supported, got scale={self.scale}")
+        if self.channels % self.ca_reduction:
+            raise ValueError(
+                f"channels ({self.channels}) must be a multiple of ca_reduction ({self.ca_reduction})"
+            )
+
+    @property
+    def fusion_channels(self) -> int:
+        """Channels entering the fusion block (paper eq. 1 for sddusr; cat(hf*gate, F_LR) for kedusr)."""
+        return 3 * self.channels if self.variant == "sddusr" else 2 * self.channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "sddusr": ModelConfig(variant="sddusr"),
+    "kedusr": ModelConfig(
+        variant="kedusr",
+        trunk_channel_attention=False,
+        use_sfm=False,
+        use_tdl=False,
+        channel_order="bgr",
+    ),
+}
+
+
+def get_config(variant: str = "sddusr", **overrides: Any) -> ModelConfig:
+    """The preset named `variant`, with any fields overridden."""
+    if variant not in PRESETS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {tuple(PRESETS)}")
+    return replace(PRESETS[variant], **overrides)

@@ -1,0 +1,46 @@
+"""Test set-up: Triton's interpreter on machines without a GPU, fixed seeds, shared fixtures."""
+
+import os
+import random
+from pathlib import Path
+
+# Must happen before anything imports triton: without a GPU the kernels run under the interpreter.
+try:
+    import torch as _torch
+
+    _has_cuda = _torch.cuda.is_available()
+except Exception:  # pragma: no cover - torch is a hard dependency
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def golden_dir() -> Path:
+    """The published code's test vectors (../shared/golden beside the clone); skip where absent."""
+    if not GOLDEN_DIR.is_dir():
+        pytest.skip(f"golden vectors not found at {GOLDEN_DIR} (they ship beside CI's clone only)")
+    return GOLDEN_DIR
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; bench/gpu_check.sh runs these")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
