@@ -1,0 +1,255 @@
+"""Image I/O: formats, bit depths, modes, EXIF orientation, damaged files, atomic writes."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from sddusr_engine.io import (
+    ImageReadError,
+    _apply_orientation,
+    as_rgb_array,
+    from_tensor,
+    list_images,
+    read_image,
+    to_tensor,
+    write_image,
+)
+
+
+def _rgb8(h=24, w=36, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _rgb16(h=24, w=36, seed=0):
+    return np.random.default_rng(seed).integers(0, 65536, (h, w, 3), dtype=np.uint16)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".tiff"])
+def test_16bit_roundtrip_exact(tmp_path, suffix):
+    a = _rgb16()
+    p = tmp_path / f"x{suffix}"
+    write_image(p, a)
+    b = read_image(p)
+    assert b.dtype == np.uint16 and b.shape == a.shape
+    np.testing.assert_array_equal(b, a)
+
+
+def test_16bit_png_written_by_opencv_keeps_channel_order(tmp_path):
+    a = _rgb16()
+    p = tmp_path / "cv.png"
+    cv2.imwrite(str(p), a[..., ::-1].copy())  # BGR on disk
+    np.testing.assert_array_equal(read_image(p), a)
+
+
+def test_16bit_gray_png(tmp_path):
+    g = np.random.default_rng(1).integers(0, 65536, (10, 14), dtype=np.uint16)
+    p = tmp_path / "g16.png"
+    cv2.imwrite(str(p), g)
+    b = read_image(p)
+    assert b.dtype == np.uint16 and b.shape == (10, 14, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(b[..., c], g)
+
+
+def test_8bit_png_roundtrip_exact(tmp_path):
+    a = _rgb8()
+    write_image(tmp_path / "x.png", a)
+    b = read_image(tmp_path / "x.png")
+    assert b.dtype == np.uint8
+    np.testing.assert_array_equal(b, a)
+
+
+def test_jpeg_roundtrip_close(tmp_path):
+    a = cv2.GaussianBlur(_rgb8(64, 64), (0, 0), 3)
+    write_image(tmp_path / "x.jpg", a)
+    b = read_image(tmp_path / "x.jpg")
+    assert b.dtype == np.uint8 and b.shape == a.shape
+    assert np.abs(b.astype(int) - a.astype(int)).mean() < 3.0
+
+
+def test_uint16_to_jpeg_becomes_8bit(tmp_path):
+    a = np.full((8, 8, 3), 65535, np.uint16)
+    a[..., 1] = 257 * 100
+    write_image(tmp_path / "x.jpeg", a)
+    b = read_image(tmp_path / "x.jpeg")
+    assert b.dtype == np.uint8
+    assert abs(int(b[4, 4, 1]) - 100) <= 2 and b[4, 4, 0] >= 250
+    with pytest.raises(ValueError, match="8 bits"):
+        write_image(tmp_path / "y.jpg", a, bit_depth=16)
+
+
+def test_bit_depth_conversion_on_write(tmp_path):
+    a = _rgb8()
+    write_image(tmp_path / "x.png", a, bit_depth=16)
+    b = read_image(tmp_path / "x.png")
+    assert b.dtype == np.uint16
+    np.testing.assert_array_equal(b, a.astype(np.uint16) * 257)
+    write_image(tmp_path / "y.png", b, bit_depth=8)
+    np.testing.assert_array_equal(read_image(tmp_path / "y.png"), a)
+
+
+def test_grayscale_palette_cmyk_rgba_come_back_rgb(tmp_path):
+    rgb = _rgb8()
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png")
+    g = read_image(tmp_path / "g.png")
+    assert g.shape == (24, 36, 3) and g.dtype == np.uint8
+    np.testing.assert_array_equal(g[..., 2], rgb[..., 0])
+
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.save(tmp_path / "p.png")
+    p = read_image(tmp_path / "p.png")
+    assert p.shape == (24, 36, 3)
+    np.testing.assert_array_equal(p, np.asarray(pal.convert("RGB")))
+
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(tmp_path / "c.jpg")
+    cmyk.save(tmp_path / "c.tif")
+    for name in ("c.jpg", "c.tif"):
+        c = read_image(tmp_path / name)
+        assert c.shape == (24, 36, 3) and c.dtype == np.uint8
+    np.testing.assert_array_equal(read_image(tmp_path / "c.tif"), np.asarray(cmyk.convert("RGB")))
+
+    rgba = np.dstack([rgb, np.zeros((24, 36), np.uint8)])
+    rgba[:12, :, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    a = read_image(tmp_path / "a.png")
+    assert a.shape == (24, 36, 3)
+    np.testing.assert_array_equal(a[:12], rgb[:12])  # opaque: unchanged
+    assert (a[12:] == 255).all()  # transparent: composited on white
+
+
+def test_exif_orientation_rotates(tmp_path):
+    a = _rgb8(20, 30)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored sideways: display rotated 90 degrees clockwise
+    im.save(tmp_path / "o.jpg", exif=exif, quality=100)
+    im.save(tmp_path / "o.png", exif=exif)
+    b = read_image(tmp_path / "o.png")
+    assert b.shape == (30, 20, 3)
+    np.testing.assert_array_equal(b, np.rot90(a, -1))
+    assert read_image(tmp_path / "o.jpg").shape == (30, 20, 3)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_numpy_orientation_matches_pil(orientation):
+    a = _rgb8(5, 7)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    want = np.asarray(ImageOps.exif_transpose(im))
+    np.testing.assert_array_equal(_apply_orientation(a, orientation), want)
+
+
+def _damaged_files(tmp_path):
+    a = cv2.GaussianBlur(_rgb8(120, 160), (0, 0), 1)
+    write_image(tmp_path / "ok.jpg", a)
+    write_image(tmp_path / "ok.png", a)
+    jb = (tmp_path / "ok.jpg").read_bytes()
+    pb = (tmp_path / "ok.png").read_bytes()
+    files = {
+        "trunc_half.jpg": jb[: len(jb) // 2],
+        "trunc_tail.jpg": jb[:-300],
+        "trunc_half.png": pb[: len(pb) // 2],
+        "trunc_end.png": pb[:-2],
+        "trunc_iend.png": pb[:-20],
+        "text.png": b"this is not an image\n",
+        "empty.jpg": b"",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return list(files)
+
+
+def test_damaged_files_raise_image_read_error(tmp_path):
+    for name in _damaged_files(tmp_path):
+        with pytest.raises(ImageReadError, match=name):
+            read_image(tmp_path / name)
+    with pytest.raises(ImageReadError, match="does not exist"):
+        read_image(tmp_path / "missing.png")
+    with pytest.raises(ImageReadError, match="directory"):
+        read_image(tmp_path)
+    assert issubclass(ImageReadError, ValueError)
+
+
+def test_truncation_detected_even_if_flag_was_set(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    _damaged_files(tmp_path)
+    with pytest.raises(ImageReadError):
+        read_image(tmp_path / "trunc_tail.jpg")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored for whoever set it
+
+
+def test_atomic_write_leaves_no_temp_and_does_not_clobber(tmp_path, monkeypatch):
+    a = _rgb8()
+    p = tmp_path / "x.png"
+    write_image(p, a)
+    assert [f.name for f in tmp_path.iterdir()] == ["x.png"]
+    before = p.read_bytes()
+
+    import sddusr_engine.io as sio
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sio.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_image(p, 255 - a)
+    assert p.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["x.png"]
+
+    with pytest.raises(ValueError, match="suffix"):
+        write_image(tmp_path / "x.gif", a)
+
+
+def test_tensor_conversions():
+    a8 = _rgb8(6, 9)
+    t = to_tensor(a8)
+    assert t.shape == (1, 3, 6, 9) and t.dtype == torch.float32
+    assert torch.allclose(t[0, 1], torch.from_numpy(a8[..., 1] / 255.0).float())
+    np.testing.assert_array_equal(from_tensor(t), a8)
+
+    a16 = _rgb16(6, 9)
+    t16 = to_tensor(a16)
+    assert float(t16.max()) <= 1.0
+    np.testing.assert_array_equal(from_tensor(t16, bit_depth=16), a16)
+    np.testing.assert_array_equal(from_tensor(t16[0], bit_depth=16), a16)
+    assert from_tensor(torch.full((1, 3, 2, 2), 2.0)).max() == 255  # clamped
+
+    f = np.random.default_rng(0).random((4, 5, 3)).astype(np.float64)
+    assert torch.allclose(to_tensor(f)[0].permute(1, 2, 0), torch.from_numpy(f).float())
+    with pytest.raises(ValueError):
+        from_tensor(torch.zeros(2, 3, 4, 4))
+
+
+def test_as_rgb_array_inputs():
+    g = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert as_rgb_array(g).shape == (3, 4, 3)
+    assert as_rgb_array(g[..., None]).shape == (3, 4, 3)
+    rgba = np.zeros((3, 4, 4), np.uint16)
+    rgba[..., 3] = 65535
+    rgba[..., 0] = 1000
+    out = as_rgb_array(rgba)
+    assert out.dtype == np.uint16 and (out[..., 0] == 1000).all() and (out[..., 1] == 0).all()
+    fa = np.zeros((3, 4, 4), np.float32)  # fully transparent float: white
+    assert (as_rgb_array(fa) == 1.0).all()
+    pil = Image.fromarray(_rgb8(5, 6)).convert("L")
+    assert as_rgb_array(pil).shape == (5, 6, 3)
+    assert as_rgb_array(Image.fromarray(_rgb8(5, 6))).dtype == np.uint8
+    with pytest.raises(ValueError):
+        as_rgb_array(np.zeros((3, 4), np.int32))
+    with pytest.raises(ValueError):
+        as_rgb_array(np.zeros((3, 4, 2), np.uint8))
+
+
+def test_list_images(tmp_path):
+    for n in ["b.PNG", "a.jpg", "c.tiff", "notes.txt", "d.jpeg"]:
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / "sub.png").mkdir()
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.tiff", "d.jpeg"]
+    with pytest.raises(FileNotFoundError):
+        list_images(tmp_path / "nope")
