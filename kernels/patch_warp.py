@@ -1,0 +1,188 @@
+"""Patch warp: KeDuSR's fold of matched Ref patches, overlaps summed (no division).
+
+Math. value [C, Hv, Wv] is reflect-padded "same" style: for a side S, n = ceil(S/stride) patches,
+total pad (n-1)*stride + ksize - S, top/left pad = total//2, bottom/right the rest. Key patch
+p = (py, px) (flat id py*nW + px) is the ksize x ksize window of the padded value at
+(py*stride, px*stride). For every query (qy, qx) with index[qy, qx] = p >= 0, that patch is added
+to the output with its top-left at (stride*qy - P, stride*qx - P), P = (ksize-1)//2:
+
+    out[c, oy, ox] = sum_{qy, qx} padded[c, py*s + oy - s*qy + P, px*s + ox - s*qx + P]
+
+over the queries whose window covers (oy, ox) -- exactly F.fold(kernel ksize, stride s, padding P,
+output size (s*Hq, s*Wq)) of the selected patches. KeDuSR divides by 5.0625 outside this op.
+
+Contract. value [C, Hv, Wv] fp16/bf16/fp32; index [Hq, Wq] int64 in [-1, nH*nW); output
+[C, stride*Hq, stride*Wq] in value's dtype, accumulated in fp32. Reflect padding needs every pad
+< the side, i.e. Hv, Wv > max pad (ValueError otherwise); fold needs 0 <= 2P - ksize + stride <
+stride (true for ksize 9, stride 4). The Triton kernel gathers, per output pixel, the at most
+ceil(ksize/stride)^2 patches covering it; the unfolded value tensor is never built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._launch import launch_config, require_triton, tl, triton
+
+__all__ = ["patch_warp", "patch_warp_reference", "patch_grid"]
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+_REF_CHUNK_ELEMS = 1 << 24
+
+
+def patch_grid(side: int, ksize: int = 9, stride: int = 4) -> tuple[int, int, int]:
+    """(number of patches, top/left pad, bottom/right pad) along one side of the value map."""
+    n = math.ceil(side / stride)
+    total = (n - 1) * stride + ksize - side
+    return n, total // 2, total - total // 2
+
+
+def _check(value, index, ksize, stride):
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.dtype not in _FLOAT:
+        raise ValueError(
+            f"patch_warp: value must be float [C, Hv, Wv], got {getattr(value, 'dtype', None)} "
+            f"{tuple(getattr(value, 'shape', ()))}"
+        )
+    if not isinstance(index, torch.Tensor) or index.dim() != 2 or index.dtype != torch.int64:
+        raise ValueError(
+            f"patch_warp: index must be int64 [Hq, Wq], got {getattr(index, 'dtype', None)} "
+            f"{tuple(getattr(index, 'shape', ()))}"
+        )
+    if index.device != value.device:
+        raise ValueError(f"patch_warp: value on {value.device}, index on {index.device}")
+    if ksize < 1 or stride < 1:
+        raise ValueError(f"patch_warp: ksize {ksize} and stride {stride} must be positive")
+    pad = (ksize - 1) // 2
+    if not 0 <= 2 * pad - ksize + stride < stride:
+        raise ValueError(f"patch_warp: fold of ksize {ksize} stride {stride} is not {stride}x")
+    _, hv, wv = value.shape
+    nh, top, bottom = patch_grid(hv, ksize, stride)
+    nw, left, right = patch_grid(wv, ksize, stride)
+    if max(top, bottom) >= hv or max(left, right) >= wv:
+        raise ValueError(
+            f"patch_warp: value {tuple(value.shape)} too small for reflect pads "
+            f"({top}, {bottom}, {left}, {right}) of ksize {ksize} stride {stride}"
+        )
+    if index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < -1 or hi >= nh * nw:
+            raise ValueError(f"patch_warp: index range [{lo}, {hi}] outside [-1, {nh * nw})")
+    return nh, nw, top, left
+
+
+def patch_warp_reference(
+    value: torch.Tensor, index: torch.Tensor, ksize: int = 9, stride: int = 4
+) -> torch.Tensor:
+    """Plain PyTorch spec of `patch_warp` (gather + F.fold in bands of query rows)."""
+    nh, nw, top, left = _check(value, index, ksize, stride)
+    c, hv, wv = value.shape
+    hq, wq = index.shape
+    pad = (ksize - 1) // 2
+    _, _, bottom = patch_grid(hv, ksize, stride)
+    _, _, right = patch_grid(wv, ksize, stride)
+    vp = F.pad(value[None].float(), (left, right, top, bottom), mode="reflect")[0]
+    out = torch.zeros(c, stride * hq, stride * wq, dtype=torch.float32, device=value.device)
+    if hq == 0 or wq == 0:
+        return out.to(value.dtype)
+    ar = torch.arange(ksize, device=value.device)
+    rows_per_band = max(1, _REF_CHUNK_ELEMS // max(1, c * ksize * ksize * wq))
+    for r0 in range(0, hq, rows_per_band):
+        idx = index[r0 : r0 + rows_per_band]  # [nr, Wq]
+        nr = idx.shape[0]
+        valid = idx >= 0
+        p = idx.clamp_min(0)
+        ys = (p // nw * stride)[..., None] + ar  # [nr, Wq, k]
+        xs = (p % nw * stride)[..., None] + ar
+        patches = vp[:, ys[..., :, None], xs[..., None, :]]  # [C, nr, Wq, k, k]
+        patches = patches * valid[None, :, :, None, None]
+        cols = patches.permute(0, 3, 4, 1, 2).reshape(1, c * ksize * ksize, nr * wq)
+        band = F.fold(
+            cols, (stride * (nr - 1) + ksize, stride * wq), ksize, stride=stride, padding=(0, pad)
+        )[0]
+        y0 = stride * r0 - pad  # band row 0 on the output grid
+        a, b = max(0, y0), min(stride * hq, y0 + band.shape[1])
+        out[:, a:b] += band[:, a - y0 : b - y0]
+    return out.to(value.dtype)
+
+
+@triton.jit
+def _patch_warp_kernel(
+    out_ptr,
+    v_ptr, stride_vc, stride_vh,
+    idx_ptr,
+    C, HV, WV, HQ, WQ, NW, PAD_T, PAD_L, HO, WO,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, NT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """out[c, oy, ox] = sum over the <= NT x NT covering queries of padded value at the patch offset."""
+    # -- map the program to [BLOCK_C channels, BLOCK_P output pixels] -------------------------
+    pid_p = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    mask_p = offs_p < HO * WO
+    mask_c = offs_c < C
+    oy = offs_p // WO
+    ox = offs_p % WO
+    P: tl.constexpr = (KSIZE - 1) // 2
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+
+    # -- gather the covering patches ----------------------------------------------------------------
+    for ty in range(NT):
+        qy = (oy + P) // STRIDE - ty
+        ry = oy + P - STRIDE * qy  # row inside the patch
+        ok_y = (ry < KSIZE) & (qy >= 0) & (qy < HQ)
+        for tx in range(NT):
+            qx = (ox + P) // STRIDE - tx
+            rx = ox + P - STRIDE * qx
+            ok = mask_p & ok_y & (rx < KSIZE) & (qx >= 0) & (qx < WQ)
+            p = tl.load(idx_ptr + qy * WQ + qx, mask=ok, other=-1)
+            ok = ok & (p >= 0)
+            vy = (p // NW) * STRIDE + ry - PAD_T
+            vx = (p % NW) * STRIDE + rx - PAD_L
+            # reflect padding (pads < side, checked by the launcher)
+            vy = tl.where(vy < 0, -vy, vy)
+            vy = tl.where(vy >= HV, 2 * (HV - 1) - vy, vy)
+            vx = tl.where(vx < 0, -vx, vx)
+            vx = tl.where(vx >= WV, 2 * (WV - 1) - vx, vx)
+            v = tl.load(
+                v_ptr + offs_c[:, None] * stride_vc + (vy * stride_vh + vx)[None, :],
+                mask=mask_c[:, None] & ok[None, :], other=0.0,
+            )  # fmt: skip
+            acc += v.to(tl.float32)
+
+    # -- write back -------------------------------------------------------------------------------
+    tl.store(
+        out_ptr + offs_c[:, None] * (HO * WO) + offs_p[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_c[:, None] & mask_p[None, :],
+    )
+
+
+def patch_warp(
+    value: torch.Tensor, index: torch.Tensor, ksize: int = 9, stride: int = 4
+) -> torch.Tensor:
+    """Summed fold of the key patches picked by `index`: [C, stride*Hq, stride*Wq], value's dtype."""
+    nh, nw, top, left = _check(value, index, ksize, stride)
+    require_triton(value, index)
+    c, hv, wv = value.shape
+    hq, wq = index.shape
+    ho, wo = stride * hq, stride * wq
+    out = torch.empty(c, ho, wo, dtype=value.dtype, device=value.device)
+    if out.numel() == 0:
+        return out
+    value = value.contiguous()
+    index = index.contiguous()
+    cfg = launch_config("patch_warp", value.dtype)
+    bc, bp = cfg.blocks["BLOCK_C"], cfg.blocks["BLOCK_P"]
+    grid = (triton.cdiv(ho * wo, bp), triton.cdiv(c, bc))
+    _patch_warp_kernel[grid](
+        out, value, value.stride(0), value.stride(1), index,
+        c, hv, wv, hq, wq, nw, top, left, ho, wo,
+        KSIZE=ksize, STRIDE=stride, NT=-(-ksize // stride),
+        BLOCK_C=bc, BLOCK_P=bp, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return out
