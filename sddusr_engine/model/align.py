@@ -1,0 +1,57 @@
+"""Flow-guided modulated deformable alignment of the Ref features onto the LRC-feature grid."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import conv3x3
+from .flow import flow_warp
+
+
+class DeformConvPack(nn.Module):
+    """Modulated deformable 3x3 conv whose offsets and masks are predicted by `conv_offset`.
+
+    Offsets are 15*tanh(.) around the flow, as in the published code. The deformable convolution
+    itself comes from `ops` (the PyTorch reference, or the Triton kernel on a GPU).
+    """
+
+    MAX_RESIDUE = 15.0
+
+    def __init__(self, channels: int, groups: int = 8):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.conv_offset = conv3x3(channels, 3 * groups * 9)
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        # Start from the flow alone: zero residual offsets, masks at 0.5.
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x, feat, flow, deform_conv2d) -> torch.Tensor:
+        o1, o2, m = torch.chunk(self.conv_offset(feat), 3, dim=1)
+        # flow is (dx, dy); offsets are (dy, dx) per group and tap, hence the flip.
+        offset = self.MAX_RESIDUE * torch.tanh(torch.cat([o1, o2], dim=1))
+        offset = offset + flow.flip(1).repeat(1, offset.shape[1] // 2, 1, 1)
+        mask = torch.sigmoid(m)
+        return deform_conv2d(x, offset, mask, self.weight, self.bias, padding=1)
+
+
+class FlowGuidedAlign(nn.Module):
+    """F_Ref_align = lrelu0.1(DCN(F_Ref; offsets from cat(warp(F_Ref), F_LRC, flow)))."""
+
+    def __init__(self, channels: int, groups: int = 8):
+        super().__init__()
+        self.offset_conv1 = conv3x3(2 * channels + 2, channels)
+        self.offset_conv2 = conv3x3(channels, channels)
+        self.dcnpack = DeformConvPack(channels, groups)
+
+    def forward(self, f_ref, f_lrc, flow_lrc, deform_conv2d) -> torch.Tensor:
+        """f_ref, f_lrc: [B,C,2h,2w]; flow_lrc: [B,2,h,w] at LRC resolution."""
+        flow = 2.0 * F.interpolate(flow_lrc, scale_factor=2, mode="bilinear", align_corners=True)
+        feat = torch.cat([flow_warp(f_ref, flow), f_lrc, flow], dim=1)
+        feat = F.leaky_relu(self.offset_conv1(feat), 0.1)
+        feat = F.leaky_relu(self.offset_conv2(feat), 0.1)
+        return F.leaky_relu(self.dcnpack(f_ref, feat, flow, deform_conv2d), 0.1)

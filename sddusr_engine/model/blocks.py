@@ -1,0 +1,180 @@
+"""Building blocks shared by both networks: residual blocks, attention gates, pixel shuffle.
+
+Module and parameter names follow the published KeDuSR code so that its state dicts load strictly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv3x3(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)
+
+
+def lrelu(x: torch.Tensor, slope: float = 0.2) -> torch.Tensor:
+    return F.leaky_relu(x, slope)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation: global mean, 1x1 C -> C/r, ReLU, 1x1 back, sigmoid, scale.
+
+    `pooled` lets a tiled caller supply the whole image's channel means, so that a tile's output
+    equals the whole-image pass (the global mean is the only non-local operation in the network).
+    """
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.conv_du = nn.Sequential(
+            nn.Conv2d(channels, channels // reduction, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels // reduction, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        if pooled is None:
+            pooled = x.mean(dim=(2, 3), keepdim=True)  # [B,C,1,1]
+        return x * self.conv_du(pooled)
+
+
+class SpatialAttention(nn.Module):
+    """cat(channel max, channel mean) -> conv 2->1 7x7 -> ReLU -> sigmoid -> scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.spatial = nn.Conv2d(2, 1, 7, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(F.relu(self.spatial(stats)))
+
+
+class ResBlock(nn.Module):
+    """Encoder/decoder block: x + conv2(lrelu(conv1(x))), no activation after conv2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = conv3x3(channels, channels)
+        self.conv2 = conv3x3(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(lrelu(self.conv1(x)))
+
+
+class ResList(nn.Module):
+    """A list of residual blocks, a tail conv, plus the list's input."""
+
+    def __init__(self, channels: int, num_blocks: int):
+        super().__init__()
+        self.RBs = nn.ModuleList(ResBlock(channels) for _ in range(num_blocks))
+        self.conv_tail = conv3x3(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for block in self.RBs:
+            y = block(y)
+        return x + self.conv_tail(y)
+
+
+class TrunkBlock(nn.Module):
+    """Trunk block: x + lrelu(conv2(CA(lrelu(conv1(x))))); KeDuSR holds the CA but skips it."""
+
+    def __init__(self, channels: int, reduction: int, use_attention: bool):
+        super().__init__()
+        self.conv1 = conv3x3(channels, channels)
+        self.conv2 = conv3x3(channels, channels)
+        self.channel_attention = ChannelAttention(channels, reduction)
+        self.use_attention = use_attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = lrelu(self.conv1(x))
+        if self.use_attention:
+            y = self.channel_attention(y)
+        return x + lrelu(self.conv2(y))
+
+
+class TrunkGroup(nn.Module):
+    """Trunk blocks, a tail conv, plus the group input."""
+
+    def __init__(self, channels: int, num_blocks: int, reduction: int, use_attention: bool):
+        super().__init__()
+        self.RBs = nn.ModuleList(
+            TrunkBlock(channels, reduction, use_attention) for _ in range(num_blocks)
+        )
+        self.conv_tail = conv3x3(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for block in self.RBs:
+            y = block(y)
+        return x + self.conv_tail(y)
+
+
+class Trunk(nn.Module):
+    """The LR feature trunk: head conv, groups, tail conv, plus the head output (runs at LR)."""
+
+    def __init__(
+        self, channels: int, groups: int, blocks: int, reduction: int, use_attention: bool
+    ):
+        super().__init__()
+        self.head = conv3x3(3, channels)
+        for i in range(groups):
+            self.add_module(f"body{i + 1}", TrunkGroup(channels, blocks, reduction, use_attention))
+        self.num_groups = groups
+        self.tail = conv3x3(channels, channels)
+
+    def groups(self) -> list[TrunkGroup]:
+        return [getattr(self, f"body{i + 1}") for i in range(self.num_groups)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.head(x)
+        y = head
+        for group in self.groups():
+            y = group(y)
+        return head + self.tail(y)
+
+
+class PixelShuffleUp(nn.Module):
+    """conv 3x3 to 4C channels, then pixel_shuffle(2); no activation."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.upsample_conv = conv3x3(channels, 4 * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.upsample_conv(x), 2)
+
+
+class FusionBlock(nn.Module):
+    """out = CA(SA(lrelu(conv1 x))); x + lrelu(conv2 out).  `pooled` feeds CA in tiled runs."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.conv1 = conv3x3(channels, channels)
+        self.conv2 = conv3x3(channels, channels)
+        self.spatial_attention = SpatialAttention()
+        self.channel_attention = ChannelAttention(channels, reduction)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """The map whose global channel mean the channel attention pools."""
+        return self.spatial_attention(lrelu(self.conv1(x)))
+
+    def forward(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.channel_attention(self.gated(x), pooled)
+        return x + lrelu(self.conv2(out))
+
+
+class MeanShift(nn.Conv2d):
+    """Fixed 1x1 conv computing (x - mean) / std per channel, in the tensor's channel order."""
+
+    def __init__(self, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        super().__init__(3, 3, 1)
+        mean_t, std_t = torch.tensor(mean), torch.tensor(std)
+        with torch.no_grad():
+            self.weight.copy_(torch.diag(1.0 / std_t).view(3, 3, 1, 1))
+            self.bias.copy_(-mean_t / std_t)
+        for p in self.parameters():
+            p.requires_grad_(False)

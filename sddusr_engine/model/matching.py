@@ -1,0 +1,161 @@
+"""Matching features, the SFM mask generator, patch matching and the patch warp.
+
+Training form (paper eq. 2-5): dense similarity between all LR and LRC patches, a straight-through
+one-hot of the argmax, and a hard Gumbel mask on the LR side. Inference form: deterministic masks
+on both sides and similarity only between active positions (through `ops.patch_match`, which
+compacts the active positions, so the skipped work is never done).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import MeanShift
+
+WARP_OVERLAP = 5.0625  # (9/4)^2: mean number of 9x9 stride-4 patches covering an output pixel
+
+
+class MatchFeatures(nn.Module):
+    """VGG16 conv1_1..relu2_2 (128 ch, 1/2 res) = F_M, and a conv 128 -> 16 matching map."""
+
+    def __init__(self, match_channels: int = 16):
+        super().__init__()
+        self.sub_mean = MeanShift()
+        layers = OrderedDict(
+            [
+                ("0", nn.Conv2d(3, 64, 3, 1, 1)),
+                ("1", nn.ReLU()),
+                ("2", nn.Conv2d(64, 64, 3, 1, 1)),
+                ("3", nn.ReLU()),
+                ("4", nn.MaxPool2d(2, 2)),
+                ("5", nn.Conv2d(64, 128, 3, 1, 1)),
+                ("6", nn.ReLU()),
+                ("7", nn.Conv2d(128, 128, 3, 1, 1)),
+                ("8", nn.ReLU()),
+                ("map", nn.Sequential(nn.Conv2d(128, match_channels, 3, 1, 1))),
+            ]
+        )
+        # One Sequential, as in the published checkpoint (the map is its last child).
+        self.feature_extract = nn.Sequential(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,3,H,W] in [0,1] -> (F_M [B,128,H/2,W/2], matching map [B,16,H/2,W/2])."""
+        y = self.sub_mean(x)
+        for name, layer in self.feature_extract.named_children():
+            if name == "map":
+                return y, layer(y)
+            y = layer(y)
+        raise AssertionError("unreachable")
+
+
+class MaskGenerator(nn.Module):
+    """Two logits per matching position: (high frequency, low frequency)."""
+
+    def __init__(self, in_channels: int = 128, hidden: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, 1, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, hidden, 3, 1, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, 2, 1),
+        )
+        # Start with every position active (matching everywhere), a safe default before training.
+        with torch.no_grad():
+            self.body[-1].bias.copy_(torch.tensor([2.0, -2.0]))
+
+    def forward(self, f_m: torch.Tensor) -> torch.Tensor:
+        return self.body(f_m)  # [B,2,h,w]
+
+    @staticmethod
+    def probability(logits: torch.Tensor) -> torch.Tensor:
+        """p(high) [B,1,h,w]."""
+        return logits.softmax(dim=1)[:, :1]
+
+    @staticmethod
+    def hard_mask(logits: torch.Tensor) -> torch.Tensor:
+        """Inference: high where p_high > 0.5 (no Gumbel noise). bool [B,1,h,w]."""
+        return logits[:, :1] > logits[:, 1:2]
+
+    @staticmethod
+    def gumbel_mask(logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+        """Training: hard Gumbel-softmax, straight-through. float [B,1,h,w] in {0,1}."""
+        return F.gumbel_softmax(logits, tau=tau, hard=True, dim=1)[:, :1]
+
+
+def patch_descriptors(x: torch.Tensor) -> torch.Tensor:
+    """[B,C,h,w] -> [B,h*w,9C]: each position's 3x3 reflect-padded neighbourhood, L2-normalised."""
+    cols = F.unfold(F.pad(x, (1, 1, 1, 1), mode="reflect"), 3)  # [B,9C,hw]
+    return F.normalize(cols, dim=1, eps=1e-12).transpose(1, 2)
+
+
+def value_patches(value: torch.Tensor, ksize: int = 9, stride: int = 4) -> torch.Tensor:
+    """[B,C,H,W] -> [B, C*k*k, nH*nW]: k x k patches at stride s with reflect 'same' padding."""
+    h, w = value.shape[-2:]
+    nh, nw = -(-h // stride), -(-w // stride)
+    ph, pw = (nh - 1) * stride + ksize - h, (nw - 1) * stride + ksize - w
+    padded = F.pad(value, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
+    return F.unfold(padded, ksize, stride=stride)
+
+
+def fold_patches(cols: torch.Tensor, out_hw: tuple[int, int], ksize: int = 9, stride: int = 4):
+    """Place patch columns [B, C*k*k, hq*wq] centred at stride*(query), overlaps summed."""
+    return F.fold(cols, out_hw, ksize, padding=(ksize - 1) // 2, stride=stride)
+
+
+def dense_match_train(q_map, k_map, ref_feat, lr_mask, ksize: int = 9, stride: int = 4):
+    """Training form of SFM (paper eq. 2-5), differentiable through the straight-through one-hot.
+
+    q_map [B,c,hq,wq] (LR), k_map [B,c,hk,wk] (LRC), ref_feat [B,C,4hk,4wk]... on the Ref grid,
+    lr_mask [B,1,hq,wq] in {0,1}. Returns (warp_sum [B,C,4hq,4wq], confidence [B,1,hq,wq]).
+    """
+    b, _, hq, wq = q_map.shape
+    q = patch_descriptors(q_map)  # [B,Mq,d]
+    k = patch_descriptors(k_map)  # [B,Mk,d]
+    sim = q @ k.transpose(1, 2)  # [B,Mq,Mk]
+    soft = sim.softmax(dim=-1)
+    onehot = F.one_hot(sim.argmax(dim=-1), sim.shape[-1]).to(sim.dtype)
+    select = onehot + soft - soft.detach()  # forward: one-hot; backward: softmax's gradient
+    mask = lr_mask.reshape(b, 1, hq * wq)
+    confidence = (sim * select).sum(dim=-1, keepdim=True).transpose(1, 2) * mask  # [B,1,Mq]
+    cols = value_patches(ref_feat, ksize, stride) @ select.transpose(1, 2)  # [B,C*k*k,Mq]
+    warp_sum = fold_patches(cols * mask, (stride * hq, stride * wq), ksize, stride)
+    return warp_sum, confidence.reshape(b, 1, hq, wq)
+
+
+def sparse_match(q_map, k_map, q_mask, k_mask, patch_match):
+    """Inference form: per image, top-1 over active keys for active queries only.
+
+    Returns (confidence [B,1,hq,wq] fp32, index [B,hq,wq] int64 with -1 where inactive).
+    """
+    scores, indices = [], []
+    for i in range(q_map.shape[0]):
+        s, idx = patch_match(
+            q_map[i],
+            k_map[i],
+            None if q_mask is None else q_mask[i, 0],
+            None if k_mask is None else k_mask[i, 0],
+        )
+        scores.append(s)
+        indices.append(idx)
+    return torch.stack(scores)[:, None], torch.stack(indices)
+
+
+def warp_by_index(ref_feat, index, patch_warp, ksize: int = 9, stride: int = 4):
+    """Summed fold of the matched Ref patches: [B,C,Hr,Wr], [B,hq,wq] -> [B,C,4hq,4wq]."""
+    return torch.stack(
+        [patch_warp(ref_feat[i], index[i], ksize, stride) for i in range(ref_feat.shape[0])]
+    )
+
+
+def high_pass(warp_sum: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """hf = 2*alpha*(warped - bicubic_x4(avgpool4(warped))), warped = warp_sum / 5.0625."""
+    warped = warp_sum / WARP_OVERLAP
+    low = F.interpolate(
+        F.avg_pool2d(warped, 4), scale_factor=4, mode="bicubic", align_corners=False
+    )
+    return 2.0 * alpha * (warped - low)

@@ -1,0 +1,217 @@
+"""The two networks assembled: `kedusr` (published KeDuSR) and `sddusr` (KeDuSR + SFM + TDL).
+
+Stages are separate methods so that the engine can run the reference context once per pair and
+stream the LR image through the rest in tiles. No device, dtype or file logic lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, get_config
+from ..kernels import KernelOps, get_ops
+from .align import FlowGuidedAlign
+from .blocks import FusionBlock, PixelShuffleUp, ResList, Trunk, conv3x3
+from .flow import SpyNet
+from .matching import (
+    MaskGenerator,
+    MatchFeatures,
+    dense_match_train,
+    high_pass,
+    sparse_match,
+    warp_by_index,
+)
+from .tdl import Dictionaries, TokenDictionary
+
+
+@dataclass
+class ReferenceContext:
+    """Everything computed once per (LRC, Ref) pair; shared by all tiles of the LR image."""
+
+    f_ref_align: torch.Tensor  # [B,C,2hc,2wc]
+    key_map: torch.Tensor  # [B,m,hc/2,wc/2] matching map of LRC
+    key_mask: torch.Tensor | None  # bool [B,1,hc/2,wc/2], inference with SFM only
+    dicts: Dictionaries | None  # TDL, sddusr only
+    taps: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MatchResult:
+    warp_sum: torch.Tensor  # [B,C,4hq,4wq] summed fold of matched Ref patches
+    confidence: torch.Tensor  # [B,1,hq,wq]
+    index: torch.Tensor | None  # [B,hq,wq] (inference only)
+    mask_logits: torch.Tensor | None  # [B,2,hq,wq] (SFM only)
+    mask: torch.Tensor | None  # [B,1,hq,wq] (SFM only): hard Gumbel (train) or bool (eval)
+
+
+def _head(channels: int) -> nn.Sequential:
+    # A plain conv (no activation), matching the published golden outputs; Sequential for its keys.
+    return nn.Sequential(conv3x3(3, channels))
+
+
+class DualLensSR(nn.Module):
+    """LR (wide) + LRC (its centre crop) + Ref (telephoto on the 2xLRC grid) -> 2x LR."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        n = config.channels
+        self.ops: KernelOps = get_ops("torch")
+        # LR branch
+        self.SISR = Trunk(
+            n,
+            config.trunk_groups,
+            config.trunk_blocks,
+            config.ca_reduction,
+            config.trunk_channel_attention,
+        )
+        self.upsample = PixelShuffleUp(n)
+        # reference branch
+        self.lr_nearby_head = _head(n)
+        self.upsample_lr_nearby = PixelShuffleUp(n)
+        self.lr_nearby_encoder = ResList(n, config.encoder_blocks)
+        self.ref_head = _head(n)
+        self.ref_encoder = ResList(n, config.encoder_blocks)
+        self.spynet = SpyNet()
+        self.Ref_align = FlowGuidedAlign(n)
+        # matching
+        self.feature_match = MatchFeatures(config.match_channels)
+        self.alpha = nn.Parameter(torch.ones(1))
+        self.alphaConf2X = nn.Sequential(
+            nn.Conv2d(1, 16, 7, 1, 3),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(16, n, 3, 1, 1),
+            nn.LeakyReLU(0.2),
+        )
+        if config.use_sfm:
+            self.mask_generator = MaskGenerator(128, config.mask_hidden)
+        if config.use_tdl:
+            self.tdl = TokenDictionary(n, config.tokens, config.token_dim)
+        # fusion and decoder ("AdaFuison" is the published checkpoint's spelling)
+        self.AdaFuison = FusionBlock(config.fusion_channels, config.ca_reduction)
+        self.fusion_tail = nn.Sequential(conv3x3(config.fusion_channels, n), nn.LeakyReLU(0.2))
+        self.decoder = ResList(n, config.decoder_blocks)
+        self.decoder_tail = nn.Sequential(conv3x3(n, n // 2), nn.LeakyReLU(0.2), conv3x3(n // 2, 3))
+
+    # -- kernels --------------------------------------------------------------------------------
+    def use_kernels(self, backend: str) -> DualLensSR:
+        """Run the matching, warp, attention and deformable conv on `backend` ("torch"/"triton")."""
+        self.ops = get_ops(backend)
+        return self
+
+    # -- reference context (once per pair) ------------------------------------------------------
+    def encode_lrc(self, lrc: torch.Tensor) -> torch.Tensor:
+        return self.lr_nearby_encoder(self.upsample_lr_nearby(self.lr_nearby_head(lrc)))
+
+    def encode_ref(self, ref: torch.Tensor) -> torch.Tensor:
+        return self.ref_encoder(self.ref_head(ref))
+
+    def reference_context(self, lrc: torch.Tensor, ref: torch.Tensor) -> ReferenceContext:
+        """lrc [B,3,hc,wc] (even sides), ref [B,3,2hc,2wc]."""
+        _check_pair(lrc, ref)
+        f_lrc = self.encode_lrc(lrc)
+        f_ref = self.encode_ref(ref)
+        flow = self.spynet(lrc, F.avg_pool2d(ref, 2))
+        f_ref_align = self.Ref_align(f_ref, f_lrc, flow, self.ops.deform_conv2d)
+        f_m, key_map = self.feature_match(lrc)
+        key_mask = None
+        if self.config.use_sfm and not self.training:
+            # Training masks only the LR side (paper 3.2); inference masks both.
+            key_mask = MaskGenerator.hard_mask(self.mask_generator(f_m))
+        dicts = (
+            self.tdl.update(f_lrc, f_ref_align, self.ops.attention) if self.config.use_tdl else None
+        )
+        taps = {"f_lrc": f_lrc, "f_ref": f_ref, "flow": flow}
+        return ReferenceContext(f_ref_align, key_map, key_mask, dicts, taps)
+
+    # -- LR branch (streams in tiles) -----------------------------------------------------------
+    def lr_trunk(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.SISR(lr)
+
+    def match(self, lr: torch.Tensor, ctx: ReferenceContext) -> MatchResult:
+        """Match the LR tile's patches against the whole LRC and warp the aligned Ref patches."""
+        f_m, q_map = self.feature_match(lr)
+        logits = self.mask_generator(f_m) if self.config.use_sfm else None
+        if self.training:
+            if logits is not None:
+                mask = MaskGenerator.gumbel_mask(logits)
+            else:
+                mask = q_map.new_ones(q_map.shape[0], 1, *q_map.shape[-2:])
+            warp_sum, conf = dense_match_train(q_map, ctx.key_map, ctx.f_ref_align, mask)
+            return MatchResult(warp_sum, conf, None, logits, mask)
+        mask = MaskGenerator.hard_mask(logits) if logits is not None else None
+        conf, index = sparse_match(q_map, ctx.key_map, mask, ctx.key_mask, self.ops.patch_match)
+        warp_sum = warp_by_index(ctx.f_ref_align, index, self.ops.patch_warp)
+        return MatchResult(warp_sum, conf.to(warp_sum.dtype), index, logits, mask)
+
+    def fusion_input(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
+        hf = high_pass(m.warp_sum, self.alpha)
+        gate = self.alphaConf2X(
+            F.interpolate(m.confidence, scale_factor=4, mode="bicubic", align_corners=False)
+        )
+        if self.config.variant == "kedusr":
+            return torch.cat([hf * gate, f_lr], dim=1)
+        f_dict = self.tdl.learn(f_lr, ctx.dicts, self.ops.attention)
+        return torch.cat([f_lr, gate * hf, f_dict], dim=1)  # paper eq. 1
+
+    def decode(self, fused: torch.Tensor, f_lr: torch.Tensor) -> torch.Tensor:
+        x = self.fusion_tail(fused)
+        return self.decoder_tail(self.decoder(x) + f_lr)
+
+    # -- whole image ----------------------------------------------------------------------------
+    def forward(self, lr, lrc, ref, return_aux: bool = False):
+        """lr [B,3,H,W], lrc [B,3,hc,wc], ref [B,3,2hc,2wc], in [0,1] -> [B,3,2H,2W]."""
+        h, w = lr.shape[-2:]
+        lr = _pad_to_even(lr)
+        ctx = self.reference_context(lrc, ref)
+        f_lr = self.upsample(self.lr_trunk(lr))
+        m = self.match(lr, ctx)
+        fused = self.fusion_input(f_lr, m, ctx)
+        block_out = self.AdaFuison(fused)
+        sr = self.decode(block_out, f_lr)[..., : 2 * h, : 2 * w]
+        if not return_aux:
+            return sr
+        aux: dict[str, Any] = {
+            "confidence": m.confidence,
+            "index": m.index,
+            "fusion_block": block_out,
+        }
+        aux.update(ctx.taps)
+        aux["f_ref_align"] = ctx.f_ref_align
+        aux["warp_sum"] = m.warp_sum
+        aux["f_lr"] = f_lr
+        if m.mask_logits is not None:
+            aux["mask_prob_lr"] = MaskGenerator.probability(m.mask_logits)
+            aux["mask_lr"] = m.mask
+            aux["mask_lrc"] = ctx.key_mask
+        return sr, aux
+
+
+def _pad_to_even(x: torch.Tensor) -> torch.Tensor:
+    """Odd sides get one replicated row/column, cropped from the output again."""
+    ph, pw = x.shape[-2] % 2, x.shape[-1] % 2
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+def _check_pair(lrc: torch.Tensor, ref: torch.Tensor) -> None:
+    hc, wc = lrc.shape[-2:]
+    if hc % 2 or wc % 2:
+        raise ValueError(f"LRC must have even height and width, got {hc}x{wc}")
+    if tuple(ref.shape[-2:]) != (2 * hc, 2 * wc):
+        raise ValueError(
+            f"Ref must be exactly twice LRC's size ({2 * hc}x{2 * wc}), got "
+            f"{ref.shape[-2]}x{ref.shape[-1]}"
+        )
+
+
+def build_model(
+    variant: str = "sddusr", config: ModelConfig | None = None, **overrides
+) -> DualLensSR:
+    """The `variant` network; `config` (if given) replaces the preset, `overrides` edit fields."""
+    cfg = replace(config, **overrides) if config is not None else get_config(variant, **overrides)
+    return DualLensSR(cfg)

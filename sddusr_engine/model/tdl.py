@@ -1,0 +1,65 @@
+"""Token Dictionary Learning (paper section 3.3): two token dictionaries, updated once per pair
+from the reference and read by every output position through cross-attention."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Dictionaries:
+    """Per-pair dictionaries, projected for the learning phase: keys [B,N,d], values [B,N,C]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class TokenDictionary(nn.Module):
+    def __init__(self, channels: int, tokens: int = 128, dim: int = 64):
+        super().__init__()
+        self.dim = dim
+        self.d_lrc = nn.Parameter(torch.randn(tokens, dim))
+        self.d_ref = nn.Parameter(torch.randn(tokens, dim))
+        self.s_logit = nn.Parameter(torch.zeros(1))  # s = sigmoid(.) in (0, 1)
+        # update phase
+        self.q_up = nn.Linear(dim, dim)
+        self.k_up = nn.Linear(channels, dim)
+        self.v_up_lrc = nn.Linear(channels, dim)
+        self.v_up_ref = nn.Linear(channels, dim)
+        # learning phase
+        self.q_learn = nn.Linear(channels, dim)
+        self.k_learn = nn.Linear(dim, dim)
+        self.v_learn = nn.Linear(dim, channels)
+
+    def update(self, f_lrc: torch.Tensor, f_ref: torch.Tensor, attention) -> Dictionaries:
+        """f_lrc, f_ref [B,C,H,W] on the Ref grid -> updated, projected dictionaries."""
+        scale = 1.0 / math.sqrt(self.dim)
+        q = self.q_up(self.d_lrc)  # [N,d]
+        s = torch.sigmoid(self.s_logit)
+        keys, values = [], []
+        for i in range(f_lrc.shape[0]):
+            lrc_tokens = f_lrc[i].flatten(1).t()  # [P,C]
+            ref_tokens = f_ref[i].flatten(1).t()
+            k = self.k_up(lrc_tokens)  # [P,d]
+            # One attention pass over the positions gives both updates: V = [V_LRC | V_Ref].
+            v = torch.cat([self.v_up_lrc(lrc_tokens), self.v_up_ref(ref_tokens)], dim=1)
+            upd = attention(q, k, v, scale)  # [N,2d]
+            d_lrc = s * self.d_lrc + (1 - s) * upd[:, : self.dim]
+            d_ref = s * self.d_ref + (1 - s) * upd[:, self.dim :]
+            keys.append(self.k_learn(d_lrc))
+            values.append(self.v_learn(d_ref))
+        return Dictionaries(torch.stack(keys), torch.stack(values))
+
+    def learn(self, f_lr: torch.Tensor, dicts: Dictionaries, attention) -> torch.Tensor:
+        """F_Dict = softmax(Q_L K_L^T / sqrt d) V_L for every position of f_lr [B,C,H,W]."""
+        b, c, h, w = f_lr.shape
+        scale = 1.0 / math.sqrt(self.dim)
+        out = []
+        for i in range(b):
+            q = self.q_learn(f_lr[i].flatten(1).t())  # [HW,d]
+            out.append(attention(q, dicts.keys[i], dicts.values[i], scale).t().reshape(c, h, w))
+        return torch.stack(out)
