@@ -104,7 +104,7 @@ _INTERP = {
     "patch_match_fp32": Config({"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_D": 64}),
     "patch_warp": Config({"BLOCK_C": 16, "BLOCK_P": 256}),
     "attention": Config({"BLOCK_Q": 32, "BLOCK_K": 32}),
-    "deform_conv2d": Config({"BLOCK_P": 64, "BLOCK_N": 32, "BLOCK_C": 16}),
+    "deform_conv2d": Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_C": 32}),
 }
 
 

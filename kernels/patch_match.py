@@ -75,7 +75,7 @@ def _compact(desc: torch.Tensor, mask: torch.Tensor | None):
 
 def _scatter(n: int, q_pos, k_pos, score_c, index_c, device):
     """Place compacted results back on the full query grid; map key indices to original ones."""
-    if k_pos is not None:
+    if k_pos is not None and k_pos.numel():
         index_c = torch.where(index_c >= 0, k_pos[index_c.clamp_min(0)], index_c)
     if q_pos is None:
         return score_c, index_c
