@@ -265,7 +265,13 @@ def from_tensor(t: torch.Tensor, bit_depth: int = 8) -> np.ndarray:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_image(path: str | os.PathLike, array: np.ndarray, bit_depth: int | None = None) -> None:
+def write_image(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    bit_depth: int | None = None,
+    *,
+    jpeg_quality: int = 95,
+) -> None:
     """Write an RGB image atomically; the format comes from the suffix (png, jpg, jpeg, tif, tiff).
 
     `bit_depth` None keeps 16 bits for a uint16 array where the format allows it (PNG, TIFF) and
@@ -288,7 +294,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray, bit_depth: int | Non
 
     params: list[int] = []
     if suffix in (".jpg", ".jpeg"):
-        params = [cv2.IMWRITE_JPEG_QUALITY, 95]
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]
     ok, buf = cv2.imencode(suffix, np.ascontiguousarray(a[..., ::-1]), params)  # OpenCV wants BGR
     if not ok:
         raise OSError(f"cannot encode {str(p)!r} as {suffix}")
@@ -300,11 +306,19 @@ def write_image(path: str | os.PathLike, array: np.ndarray, bit_depth: int | Non
             f.write(buf.tobytes())
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would (or the old file's).
+        os.chmod(tmp, p.stat().st_mode & 0o7777 if p.exists() else 0o666 & ~_umask())
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _to_depth(a: np.ndarray, bit_depth: int) -> np.ndarray:
