@@ -61,7 +61,7 @@ class SpyNet(nn.Module):
             b_levels.insert(0, F.avg_pool2d(b_levels[0], 2, 2, count_include_pad=False))
         h0, w0 = a_levels[0].shape[-2:]
         flow = a.new_zeros(a.shape[0], 2, h0 // 2, w0 // 2)
-        for level, (al, bl) in enumerate(zip(a_levels, b_levels)):
+        for level, (al, bl) in enumerate(zip(a_levels, b_levels, strict=True)):
             up = 2.0 * F.interpolate(flow, scale_factor=2, mode="bilinear", align_corners=True)
             if up.shape[-2] != al.shape[-2]:
                 up = F.pad(up, (0, 0, 0, 1), mode="replicate")
@@ -74,7 +74,9 @@ class SpyNet(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a, b: [B,3,h,w] in [0,1] -> flow [B,2,h,w] as (dx, dy) in a's pixels."""
         h, w = a.shape[-2:]
-        hf, wf = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32
+        # The published code resizes to the next multiple of 32; at least 64 keeps the coarsest of
+        # the 6 levels non-empty for tiny LRC crops (where the published code fails).
+        hf, wf = max(math.ceil(h / 32) * 32, 64), max(math.ceil(w / 32) * 32, 64)
         a32 = F.interpolate(a, size=(hf, wf), mode="bilinear", align_corners=False)
         b32 = F.interpolate(b, size=(hf, wf), mode="bilinear", align_corners=False)
         flow = F.interpolate(

@@ -130,19 +130,26 @@ def dense_match_train(q_map, k_map, ref_feat, lr_mask, ksize: int = 9, stride: i
 def sparse_match(q_map, k_map, q_mask, k_mask, patch_match):
     """Inference form: per image, top-1 over active keys for active queries only.
 
-    Returns (confidence [B,1,hq,wq] fp32, index [B,hq,wq] int64 with -1 where inactive).
+    Returns (confidence [B,1,hq,wq] fp32, index [B,hq,wq] int64 with -1 where inactive, stats)
+    where stats counts the active positions and the (query, key) pairs actually evaluated.
     """
     scores, indices = [], []
+    stats = {"queries": 0, "keys": 0, "active_queries": 0, "active_keys": 0, "pairs_evaluated": 0}
     for i in range(q_map.shape[0]):
-        s, idx = patch_match(
+        s, idx, st = patch_match(
             q_map[i],
             k_map[i],
             None if q_mask is None else q_mask[i, 0],
             None if k_mask is None else k_mask[i, 0],
+            return_stats=True,
         )
         scores.append(s)
         indices.append(idx)
-    return torch.stack(scores)[:, None], torch.stack(indices)
+        stats["queries"] += q_map[i, 0].numel()
+        stats["keys"] += k_map[i, 0].numel()
+        for k in ("active_queries", "active_keys", "pairs_evaluated"):
+            stats[k] += st[k]
+    return torch.stack(scores)[:, None], torch.stack(indices), stats
 
 
 def warp_by_index(ref_feat, index, patch_warp, ksize: int = 9, stride: int = 4):

@@ -47,6 +47,7 @@ class MatchResult:
     index: torch.Tensor | None  # [B,hq,wq] (inference only)
     mask_logits: torch.Tensor | None  # [B,2,hq,wq] (SFM only)
     mask: torch.Tensor | None  # [B,1,hq,wq] (SFM only): hard Gumbel (train) or bool (eval)
+    stats: dict[str, int] = field(default_factory=dict)  # matching work (inference only)
 
 
 def _head(channels: int) -> nn.Sequential:
@@ -145,9 +146,11 @@ class DualLensSR(nn.Module):
             warp_sum, conf = dense_match_train(q_map, ctx.key_map, ctx.f_ref_align, mask)
             return MatchResult(warp_sum, conf, None, logits, mask)
         mask = MaskGenerator.hard_mask(logits) if logits is not None else None
-        conf, index = sparse_match(q_map, ctx.key_map, mask, ctx.key_mask, self.ops.patch_match)
+        conf, index, stats = sparse_match(
+            q_map, ctx.key_map, mask, ctx.key_mask, self.ops.patch_match
+        )
         warp_sum = warp_by_index(ctx.f_ref_align, index, self.ops.patch_warp)
-        return MatchResult(warp_sum, conf.to(warp_sum.dtype), index, logits, mask)
+        return MatchResult(warp_sum, conf.to(warp_sum.dtype), index, logits, mask, stats)
 
     def fusion_input(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
         hf = high_pass(m.warp_sum, self.alpha)
@@ -177,14 +180,15 @@ class DualLensSR(nn.Module):
         if not return_aux:
             return sr
         aux: dict[str, Any] = {
+            **ctx.taps,
+            "f_ref_align": ctx.f_ref_align,
+            "f_lr": f_lr,
             "confidence": m.confidence,
             "index": m.index,
+            "warp_sum": m.warp_sum,
             "fusion_block": block_out,
+            "match_stats": m.stats,
         }
-        aux.update(ctx.taps)
-        aux["f_ref_align"] = ctx.f_ref_align
-        aux["warp_sum"] = m.warp_sum
-        aux["f_lr"] = f_lr
         if m.mask_logits is not None:
             aux["mask_prob_lr"] = MaskGenerator.probability(m.mask_logits)
             aux["mask_lr"] = m.mask

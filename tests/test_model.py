@@ -1,0 +1,212 @@
+"""The networks in plain PyTorch: golden taps of the published code, shapes, both SFM forms."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sddusr_engine import build_model
+from sddusr_engine.kernels import get_ops
+from sddusr_engine.model.matching import dense_match_train, sparse_match, warp_by_index
+
+TINY = dict(
+    channels=16,
+    trunk_groups=1,
+    trunk_blocks=1,
+    encoder_blocks=1,
+    decoder_blocks=1,
+    tokens=8,
+    token_dim=16,
+    mask_hidden=8,
+)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def triplet(h=32, w=48, hc=16, wc=24, b=1):
+    lr = torch.rand(b, 3, h, w)
+    lrc = torch.rand(b, 3, hc, wc)
+    ref = torch.rand(b, 3, 2 * hc, 2 * wc)
+    return lr, lrc, ref
+
+
+@pytest.fixture(scope="module")
+def golden(request):
+    from tests.conftest import GOLDEN_DIR
+
+    if not GOLDEN_DIR.is_dir():
+        pytest.skip(f"golden vectors not found at {GOLDEN_DIR}")
+    weights = load_file(str(GOLDEN_DIR / "kedusr_random_weights.safetensors"))
+    io = load_file(str(GOLDEN_DIR / "kedusr_golden_io.safetensors"))
+    model = build_model("kedusr")
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    with torch.no_grad():
+        sr, aux = model(io["in_lr"], io["in_lrc"], io["in_ref"], return_aux=True)
+        trunk = model.lr_trunk(io["in_lr"])
+    return io, sr, aux, trunk
+
+
+@pytest.mark.parametrize(
+    "tap, ours",
+    [
+        ("trunk_out_crop64", lambda aux, trunk: trunk),
+        ("lr_fea_up_crop64", lambda aux, trunk: aux["f_lr"]),
+        ("lrc_fea_up_crop64", lambda aux, trunk: aux["f_lrc"]),
+        ("ref_fea_crop64", lambda aux, trunk: aux["f_ref"]),
+        ("flow_lrc_res", lambda aux, trunk: aux["flow"]),
+        ("ref_fea_align_crop64", lambda aux, trunk: aux["f_ref_align"]),
+        ("confidence", lambda aux, trunk: aux["confidence"]),
+        ("warp_sum_crop64", lambda aux, trunk: aux["warp_sum"]),
+        ("fusion_block_crop64", lambda aux, trunk: aux["fusion_block"]),
+    ],
+)
+def test_kedusr_reproduces_golden_taps(golden, tap, ours):
+    io, _, aux, trunk = golden
+    want = io[tap]
+    got = ours(aux, trunk)[..., : want.shape[-2], : want.shape[-1]]
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-4, tap
+
+
+def test_kedusr_reproduces_golden_output_and_index(golden):
+    io, sr, aux, _ = golden
+    assert sr.shape == io["out_sr"].shape == (1, 3, 256, 384)
+    assert rel_err(sr, io["out_sr"]) < 1e-4
+    assert torch.equal(aux["index"].reshape(1, -1), io["index"])
+
+
+def test_published_key_list_loads_strictly(golden_dir):
+    weights = load_file(str(golden_dir / "kedusr_random_weights.safetensors"))
+    model = build_model("kedusr")
+    assert len(weights) == 367
+    assert sorted(model.state_dict()) == sorted(weights)
+    assert sum(p.numel() for p in model.parameters()) == 5_625_039
+    model.load_state_dict(weights, strict=True)
+
+
+def test_kedusr_key_layout_without_golden_files():
+    # The same facts from the network alone, so a user's clone (no ../shared) still checks them.
+    model = build_model("kedusr")
+    sd = model.state_dict()
+    assert len(sd) == 367
+    assert sum(p.numel() for p in model.parameters()) == 5_625_039
+    assert sd["AdaFuison.conv1.weight"].shape == (128, 128, 3, 3)
+    assert sd["Ref_align.dcnpack.conv_offset.weight"].shape == (216, 64, 3, 3)
+    assert sd["spynet.basic_module.5.basic_module.8.weight"].shape == (2, 16, 7, 7)
+
+
+@pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
+@pytest.mark.parametrize("hw", [(31, 45), (44, 26), (27, 19)])
+def test_output_shapes_odd_and_portrait(variant, hw):
+    h, w = hw
+    model = build_model(variant, **TINY).eval()
+    lr, lrc, ref = triplet(h, w, hc=12, wc=10)
+    with torch.no_grad():
+        sr = model(lr, lrc, ref)
+    assert sr.shape == (1, 3, 2 * h, 2 * w)
+    assert torch.isfinite(sr).all()
+
+
+def test_pair_geometry_is_checked():
+    model = build_model("sddusr", **TINY).eval()
+    lr, lrc, _ = triplet()
+    with pytest.raises(ValueError, match="twice LRC"):
+        model(lr, lrc, torch.rand(1, 3, 30, 48))
+    with pytest.raises(ValueError, match="even"):
+        model(lr, torch.rand(1, 3, 15, 24), torch.rand(1, 3, 30, 48))
+
+
+def test_training_gradients_reach_mask_generator_and_dictionaries():
+    model = build_model("sddusr", **TINY).train()
+    lr, lrc, ref = triplet(b=2)
+    sr, aux = model(lr, lrc, ref, return_aux=True)
+    assert sr.shape == (2, 3, 64, 96)
+    loss = sr.square().mean() + aux["mask_prob_lr"].mean()
+    loss.backward()
+    for name in ("tdl.d_lrc", "tdl.d_ref", "tdl.s_logit", "mask_generator.body.0.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # the straight-through path alone (no mask loss) must also reach the mask generator
+    model.zero_grad()
+    sr = model(lr, lrc, ref)
+    sr.square().mean().backward()
+    assert model.mask_generator.body[0].weight.grad.abs().sum() > 0
+    # hard Gumbel mask: exactly 0 or 1
+    assert set(aux["mask_lr"].unique().tolist()) <= {0.0, 1.0}
+
+
+def _maps(seed=0, hq=(10, 14), hk=(6, 8), c=16, ch=8):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, c, *hq, generator=g)
+    k = torch.randn(1, c, *hk, generator=g)
+    ref = torch.randn(1, ch, 4 * hk[0], 4 * hk[1], generator=g)
+    return q, k, ref
+
+
+def test_all_ones_masks_equal_dense_matching_and_the_training_form():
+    q, k, ref = _maps()
+    ops = get_ops("torch")
+    ones_q = torch.ones(1, 1, *q.shape[-2:], dtype=torch.bool)
+    ones_k = torch.ones(1, 1, *k.shape[-2:], dtype=torch.bool)
+    conf_d, idx_d, _ = sparse_match(q, k, None, None, ops.patch_match)
+    conf_m, idx_m, _ = sparse_match(q, k, ones_q, ones_k, ops.patch_match)
+    assert torch.equal(idx_d, idx_m) and torch.equal(conf_d, conf_m)
+    warp = warp_by_index(ref, idx_d, ops.patch_warp)
+    warp_t, conf_t = dense_match_train(q, k, ref, ones_q.float())
+    torch.testing.assert_close(warp_t, warp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conf_t, conf_d, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_matching_computes_only_active_pairs():
+    q, k, ref = _maps(seed=1)
+    ops = get_ops("torch")
+    g = torch.Generator().manual_seed(3)
+    q_mask = torch.rand(1, 1, *q.shape[-2:], generator=g) > 0.6
+    k_mask = torch.rand(1, 1, *k.shape[-2:], generator=g) > 0.5
+    conf, idx, stats = sparse_match(q, k, q_mask, k_mask, ops.patch_match)
+    nq, nk = int(q_mask.sum()), int(k_mask.sum())
+    assert stats["active_queries"] == nq and stats["active_keys"] == nk
+    assert stats["pairs_evaluated"] == nq * nk < q[0, 0].numel() * k[0, 0].numel() / 3
+    # inactive queries: no match, zero confidence; active ones point at active keys only
+    assert (idx[~q_mask[:, 0]] == -1).all() and (conf[~q_mask] == 0).all()
+    active_keys = k_mask.flatten().nonzero().flatten()
+    assert torch.isin(idx[q_mask[:, 0]], active_keys).all()
+    # a masked-out LR position contributes no warped patch
+    warp = warp_by_index(ref, idx, ops.patch_warp)
+    dense = warp_by_index(ref, torch.where(q_mask[:, 0], idx, -1), ops.patch_warp)
+    assert torch.equal(warp, dense)
+
+
+def test_inference_masks_both_sides_and_reports_work():
+    model = build_model("sddusr", **TINY).eval()
+    with torch.no_grad():  # force roughly half the positions active on each side
+        model.mask_generator.body[-1].bias.copy_(torch.tensor([0.0, 0.0]))
+    lr, lrc, ref = triplet()
+    with torch.no_grad():
+        _, aux = model(lr, lrc, ref, return_aux=True)
+    st = aux["match_stats"]
+    assert st["active_queries"] == int(aux["mask_lr"].sum())
+    assert st["active_keys"] == int(aux["mask_lrc"].sum())
+    assert st["pairs_evaluated"] == st["active_queries"] * st["active_keys"]
+    assert (aux["confidence"][~aux["mask_lr"]] == 0).all()
+
+
+@pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
+def test_same_input_same_output(variant):
+    model = build_model(variant, **TINY).eval()
+    lr, lrc, ref = triplet()
+    with torch.no_grad():
+        a = model(lr, lrc, ref)
+        b = model(lr, lrc, ref)
+    assert torch.equal(a, b)
+
+
+def test_kedusr_training_form_equals_inference_form():
+    model = build_model("kedusr", **TINY)
+    lr, lrc, ref = triplet()
+    with torch.no_grad():
+        a = model.eval()(lr, lrc, ref)
+        b = model.train()(lr, lrc, ref)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
