@@ -220,3 +220,31 @@ def test_gpu_matches_reference(close, dtype):
             dtype,
             None if kmask is None else kmask.cpu(),
         )
+
+
+def test_get_ops_and_import_without_triton():
+    """The package imports and the references run where triton is missing (macOS)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from sddusr_engine.kernels import get_ops, HAS_TRITON\n"
+        "assert not HAS_TRITON\n"
+        "ops = get_ops('torch')\n"
+        "s, i = ops.patch_match(torch.randn(2, 4, 4), torch.randn(2, 5, 5))\n"
+        "assert i.dtype == torch.int64\n"
+        "try:\n"
+        "    get_ops('triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('ok', e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr
+    from sddusr_engine.kernels import KernelOps, get_ops
+
+    assert get_ops("torch").patch_match is patch_match_reference
+    assert isinstance(get_ops("triton"), KernelOps) and get_ops("triton").patch_match is patch_match
+    with pytest.raises(ValueError, match="backend"):
+        get_ops("cuda")
