@@ -180,7 +180,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if sixteen:
         # Pillow decodes 16-bit RGB as 8 bits; OpenCV keeps the 16 (but ignores EXIF: applied below).
         rgb = _cv2_16bit(data)
-        if rgb is not None:
+        if rgb is not None and fmt == "PNG":
+            # OpenCV's TIFF decoder applies the orientation tag itself; its PNG decoder does not.
             rgb = _apply_orientation(rgb, orientation)
     if rgb is None:
         try:

@@ -1,5 +1,8 @@
 """Image I/O: formats, bit depths, modes, EXIF orientation, damaged files, atomic writes."""
 
+import struct
+import zlib
+
 import cv2
 import numpy as np
 import pytest
@@ -131,6 +134,38 @@ def test_exif_orientation_rotates(tmp_path):
     assert b.shape == (30, 20, 3)
     np.testing.assert_array_equal(b, np.rot90(a, -1))
     assert read_image(tmp_path / "o.jpg").shape == (30, 20, 3)
+
+
+def _png_with_exif_orientation(png: bytes, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()
+    payload = payload[6:] if payload.startswith(b"Exif\x00\x00") else payload
+    body = b"eXIf" + payload
+    chunk = struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
+    i = png.index(b"IDAT") - 4
+    return png[:i] + chunk + png[i:]
+
+
+def test_exif_orientation_16bit_png_and_tiff(tmp_path):
+    a = _rgb16(20, 30)
+    ok, buf = cv2.imencode(".png", a[..., ::-1].copy())
+    (tmp_path / "e.png").write_bytes(_png_with_exif_orientation(buf.tobytes(), 6))
+    b = read_image(tmp_path / "e.png")
+    assert b.dtype == np.uint16
+    np.testing.assert_array_equal(b, np.rot90(a, -1))
+
+    g16 = (np.random.default_rng(0).integers(0, 256, (20, 30)) * 257).astype(np.uint16)
+    for o in (3, 6, 8):
+        for arr, name in ((g16, "16"), ((g16 // 257).astype(np.uint8), "8")):
+            im = Image.fromarray(arr)
+            exif = im.getexif()
+            exif[0x0112] = o
+            im.save(tmp_path / f"o{name}.tif", exif=exif)
+        r16, r8 = read_image(tmp_path / "o16.tif"), read_image(tmp_path / "o8.tif")
+        assert r16.dtype == np.uint16
+        np.testing.assert_array_equal(r16[..., 0], _apply_orientation(g16, o))
+        np.testing.assert_array_equal(r16 // 257, r8)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
