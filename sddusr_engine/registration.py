@@ -106,13 +106,25 @@ def _gray_u8(rgb01: np.ndarray) -> np.ndarray:
 
 
 def _half(img: np.ndarray) -> np.ndarray:
+    # Exact 2×2 block means on even sizes (Ref → LRC grid).
     h, w = img.shape[:2]
     return cv2.resize(img, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
 
 
-def _scale_matrix(s: float) -> np.ndarray:
-    # Pixel-centre convention: x_small = (x + 0.5)·s − 0.5.
-    return np.array([[s, 0, 0.5 * s - 0.5], [0, s, 0.5 * s - 0.5], [0, 0, 1.0]])
+def _scale_matrix(sx: float, sy: float | None = None) -> np.ndarray:
+    # Pixel-centre convention of cv2.resize: x_small = (x + 0.5)·s − 0.5.
+    sy = sx if sy is None else sy
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
+
+
+def _resize_to(img: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(resized image, its full→small pixel map) for a downscale by `scale` (≤ 1)."""
+    h, w = img.shape[:2]
+    if scale >= 1.0:
+        return img, np.eye(3)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    out = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    return out, _scale_matrix(nw / w, nh / h)
 
 
 def _corners(h: np.ndarray, tele_shape: tuple[int, int]) -> np.ndarray:
@@ -245,38 +257,44 @@ def register(
     max_rotation_deg: float = 10.0,
     refine: bool = True,
     ratio: float = 0.8,
+    max_side: int = 1600,
 ) -> Footprint:
     """Locate the telephoto in the wide image (arrays H×W×3, uint8/uint16/float in [0, 1]).
+
+    Matching and refinement run with the wide image downscaled to at most `max_side` pixels on its
+    long side (the telephoto to half that density); the homography is returned at full resolution.
 
     Raises `FootprintNotFoundError` with the reason when the pair does not match.
     """
     wide_rgb = _float_rgb(wide)
     tele_rgb = _float_rgb(tele)
     tele_shape = tele_rgb.shape[:2]
-    tele_half = _half(tele_rgb)
-    down = _scale_matrix(tele_half.shape[1] / tele_rgb.shape[1])  # telephoto -> half size
+    # Working resolution: the wide capped at `max_side`, the telephoto at half that density
+    # (about the wide's, since the zoom is about 2).
+    s_w = min(1.0, max_side / max(wide_rgb.shape[:2]))
+    wide_w, down_w = _resize_to(wide_rgb, s_w)
+    tele_w, down_t = _resize_to(tele_rgb, 0.5 * s_w)
+    up_w = np.linalg.inv(down_w)
 
-    h_half, n_in, n_match, n_kp = _sift_homography(
-        _gray_u8(wide_rgb), _gray_u8(tele_half), ratio, 2.0
-    )
+    h_w, n_in, n_match, n_kp = _sift_homography(_gray_u8(wide_w), _gray_u8(tele_w), ratio, 2.0)
     if n_kp < min_inliers:
         raise FootprintNotFoundError(
             f"{_NOT_FOUND}: the telephoto image has only {n_kp} distinctive features; it may be "
             "blank, out of focus or too dark to register."
         )
-    if h_half is None or n_in < min_inliers:
+    if h_w is None or n_in < min_inliers:
         raise FootprintNotFoundError(
             f"{_NOT_FOUND}: only {n_in} consistent feature matches (at least {min_inliers} needed); "
             "check that the two photos show the same scene."
         )
-    h = h_half @ down
+    h = up_w @ h_w @ down_t
     _check_geometry(h, tele_shape, wide_rgb.shape[:2], zoom_range, max_rotation_deg)
 
     refined, cc = False, 1.0
     if refine:
-        res = _ecc_refine(wide_rgb, tele_half, h_half)
+        res = _ecc_refine(wide_w, tele_w, h_w)
         if res is not None:
-            h, cc, refined = res[0] @ down, res[1], True
+            h, cc, refined = up_w @ res[0] @ down_t, res[1], True
     h = h / h[2, 2]
     corners = _corners(h, tele_shape)
     zoom, rot = _zoom_rotation(corners, tele_shape)
@@ -419,7 +437,11 @@ def align_reference(
         borderMode=cv2.BORDER_REPLICATE,
     )
     lrc01 = _float_rgb(lrc)
-    colour = fit_colour_transform(_half(ref), lrc01)
+    # Fit on low-passed images: the telephoto's extra detail is noise in the regressor and would
+    # bias the gains toward zero (errors-in-variables).
+    colour = fit_colour_transform(
+        cv2.GaussianBlur(_half(ref), (0, 0), 1.5), cv2.GaussianBlur(lrc01, (0, 0), 1.5)
+    )
     ref = _apply_colour(ref, colour)
     if lr.dtype == np.uint8:
         ref = np.rint(ref * 255.0).astype(np.uint8)

@@ -173,3 +173,14 @@ def test_sample_pair_matches_truth():
     np.testing.assert_allclose(
         _corners(h, tele.shape[:2]), truth["corners_tele_in_wide"], atol=1e-9
     )
+
+
+def test_working_resolution_cap_keeps_full_resolution_homography(hr):
+    # Matching at half the wide's size (max_side 300) still lands the corners within ~2 wide pixels.
+    wide, tele, h_true = make_synthetic_pair(
+        hr, 1.9, -1.5, (20.0, 10.0), GAIN, 0.0, np.random.default_rng(11), wide_shape=WIDE
+    )
+    fp = register(wide, tele, max_side=300)
+    err = _corner_errors(fp, h_true, tele.shape[:2])
+    assert err.max() <= 2.0, err
+    assert abs(fp.zoom - 1.9) < 0.03
