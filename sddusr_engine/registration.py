@@ -212,10 +212,13 @@ def _ecc_refine(
 ) -> tuple[np.ndarray, float] | None:
     """Refine H (half-size telephoto → wide) by ECC; None when ECC fails or drifts."""
     # Colour-match the telephoto to the wide on the coarse alignment first, so that gray levels agree.
-    wh, ww = wide_rgb.shape[:2]
     th, tw = tele_half_rgb.shape[:2]
     warped = cv2.warpPerspective(
-        wide_rgb, h_half, (tw, th), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderValue=-1
+        wide_rgb,
+        h_half,
+        (tw, th),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderValue=(-1.0, -1.0, -1.0),
     )
     valid = warped.min(-1) >= 0
     if valid.mean() < 0.5:
