@@ -91,17 +91,15 @@ class Config:
 # (no GPU was available when they were written); the interpreter entries only keep the number of
 # programs small, since each program costs ~0.4 ms there.
 _GPU = {
-    "patch_match": Config(
-        {"BLOCK_Q": 128, "BLOCK_K": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3
-    ),
-    "patch_match_fp32": Config({"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_D": 16}, num_warps=4),
+    "patch_match": Config({"BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    "patch_match_fp32": Config({"BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4),
     "patch_warp": Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=4),
     "attention": Config({"BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
     "deform_conv2d": Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_C": 32}, num_warps=4),
 }
 _INTERP = {
-    "patch_match": Config({"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_D": 64}),
-    "patch_match_fp32": Config({"BLOCK_Q": 64, "BLOCK_K": 64, "BLOCK_D": 64}),
+    "patch_match": Config({"BLOCK_Q": 64, "BLOCK_K": 64}),
+    "patch_match_fp32": Config({"BLOCK_Q": 64, "BLOCK_K": 64}),
     "patch_warp": Config({"BLOCK_C": 16, "BLOCK_P": 256}),
     "attention": Config({"BLOCK_Q": 32, "BLOCK_K": 32}),
     "deform_conv2d": Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_C": 32}),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._launch import dot_ieee, launch_config, require_triton, tl, triton
+from ._launch import dot_ieee, launch_config, next_pow2, require_triton, tl, triton
 
 __all__ = ["match_descriptors", "patch_descriptors", "patch_match", "patch_match_reference"]
 
@@ -145,15 +145,30 @@ def _patch_match_kernel(
     k_ptr, stride_k,
     NQ, NK, D,
     IEEE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
 ):  # fmt: skip
-    """score[i] = max_j <q_i, k_j>, index[i] = lowest argmax j; q, k rows are unit descriptors."""
-    # -- map the program to a block of queries ------------------------------------------------
+    """score[i] = max_j <q_i, k_j>, index[i] = lowest argmax j; q, k rows are unit descriptors.
+
+    The feature axis is split into a power-of-two part D_MAIN and a tail D_TAIL (0 or a power of
+    two >= 16; 144 = 128 + 16), so the query tile is loaded once and stays in registers while the
+    key blocks stream past.
+    """
+    # -- map the program to a block of queries; load its descriptors once -----------------------
     pid = tl.program_id(0).to(tl.int64)
     offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
     mask_q = offs_q < NQ
-    offs_d = tl.arange(0, BLOCK_D)
     offs_kb = tl.arange(0, BLOCK_K).to(tl.int64)
+    dm = tl.arange(0, D_MAIN)
+    q_main = tl.load(
+        q_ptr + offs_q[:, None] * stride_q + dm[None, :],
+        mask=mask_q[:, None] & (dm < D)[None, :], other=0.0,
+    )  # fmt: skip
+    if D_TAIL > 0:
+        dt = D_MAIN + tl.arange(0, D_TAIL)
+        q_tail = tl.load(
+            q_ptr + offs_q[:, None] * stride_q + dt[None, :],
+            mask=mask_q[:, None] & (dt < D)[None, :], other=0.0,
+        )  # fmt: skip
 
     best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_Q], -1, tl.int64)
@@ -162,22 +177,23 @@ def _patch_match_kernel(
     for k0 in range(0, NK, BLOCK_K):
         offs_k = k0 + offs_kb
         mask_k = offs_k < NK
-        acc = tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            mask_d = dd < D
-            q = tl.load(
-                q_ptr + offs_q[:, None] * stride_q + dd[None, :],
-                mask=mask_q[:, None] & mask_d[None, :], other=0.0,
-            )  # fmt: skip
-            kt = tl.load(
-                k_ptr + offs_k[None, :] * stride_k + dd[:, None],
-                mask=mask_k[None, :] & mask_d[:, None], other=0.0,
+        kt = tl.load(
+            k_ptr + offs_k[None, :] * stride_k + dm[:, None],
+            mask=mask_k[None, :] & (dm < D)[:, None], other=0.0,
+        )  # fmt: skip
+        if IEEE:
+            acc = tl.dot(q_main, kt, input_precision="ieee")
+        else:
+            acc = tl.dot(q_main, kt)
+        if D_TAIL > 0:
+            kt2 = tl.load(
+                k_ptr + offs_k[None, :] * stride_k + dt[:, None],
+                mask=mask_k[None, :] & (dt < D)[:, None], other=0.0,
             )  # fmt: skip
             if IEEE:
-                acc = tl.dot(q, kt, acc, input_precision="ieee")
+                acc = tl.dot(q_tail, kt2, acc, input_precision="ieee")
             else:
-                acc = tl.dot(q, kt, acc)
+                acc = tl.dot(q_tail, kt2, acc)
         acc = tl.where(mask_k[None, :], acc, float("-inf"))
         tile_best = tl.max(acc, axis=1)
         tile_idx = tl.argmax(acc, axis=1, tie_break_left=True).to(tl.int64) + k0
@@ -191,6 +207,19 @@ def _patch_match_kernel(
     tl.store(index_ptr + offs_q, best_idx, mask=mask_q)
 
 
+def _split_features(d: int) -> tuple[int, int]:
+    """(D_MAIN, D_TAIL): powers of two >= 16 (tail may be 0) covering d with little padding."""
+    dp = -(-d // 16) * 16
+    main = max(16, 1 << (dp.bit_length() - 1))
+    rest = dp - main
+    if rest <= 0:
+        return main, 0
+    tail = max(16, next_pow2(rest))
+    if tail >= main:  # e.g. 48 -> 32 + 16; 112 -> 64 + 64 would not beat one 128
+        return next_pow2(dp), 0
+    return main, tail
+
+
 def _match_triton(qd: torch.Tensor, kd: torch.Tensor):
     nq, nk = qd.shape[0], kd.shape[0]
     score = torch.zeros(nq, dtype=torch.float32, device=qd.device)
@@ -198,14 +227,14 @@ def _match_triton(qd: torch.Tensor, kd: torch.Tensor):
     if nq == 0 or nk == 0:
         return score, index
     cfg = launch_config("patch_match", qd.dtype)
-    bq, bk, bd = cfg.blocks["BLOCK_Q"], cfg.blocks["BLOCK_K"], cfg.blocks["BLOCK_D"]
+    bq, bk = cfg.blocks["BLOCK_Q"], cfg.blocks["BLOCK_K"]
     d = qd.shape[1]
-    bd = min(bd, max(16, 1 << (d - 1).bit_length()))  # K of the dot stays >= 16
+    d_main, d_tail = _split_features(d)  # every dot has K >= 16
     qd, kd = qd.contiguous(), kd.contiguous()
     grid = (triton.cdiv(nq, bq),)
     _patch_match_kernel[grid](
         score, index, qd, qd.stride(0), kd, kd.stride(0), nq, nk, d,
-        IEEE=dot_ieee(qd.dtype), BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=bd,
+        IEEE=dot_ieee(qd.dtype), BLOCK_Q=bq, BLOCK_K=bk, D_MAIN=d_main, D_TAIL=d_tail,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return score, index
