@@ -3,8 +3,11 @@
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sddusr_engine.io import read_image
 from sddusr_engine.registration import (
@@ -184,3 +187,34 @@ def test_working_resolution_cap_keeps_full_resolution_homography(hr):
     err = _corner_errors(fp, h_true, tele.shape[:2])
     assert err.max() <= 2.0, err
     assert abs(fp.zoom - 1.9) < 0.03
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    zoom=st.floats(1.5, 2.6),
+    rot=st.floats(-4.0, 4.0),
+    dx=st.floats(-40.0, 40.0),
+    dy=st.floats(-30.0, 30.0),
+    th=st.integers(60, 200),
+    tw=st.integers(60, 260),
+)
+def test_center_crop_box_invariants(zoom, rot, dx, dy, th, tw):
+    wide_shape = (th + 7, tw + 3)  # odd sizes too
+    h = true_homography((th, tw), wide_shape, zoom, rot, (dx, dy))
+    corners = _corners(h, (th, tw))
+    y0, y1, x0, x1 = center_crop_box(corners, wide_shape)
+    assert y0 % 2 == 0 and x0 % 2 == 0 and (y1 - y0) % 2 == 0 and (x1 - x0) % 2 == 0
+    assert 0 <= y0 < y1 <= wide_shape[0] and 0 <= x0 < x1 <= wide_shape[1]
+    poly = corners.astype(np.float32)
+    for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1)):
+        assert cv2.pointPolygonTest(poly, (x - 0.5, y - 0.5), False) >= 0
+
+
+def test_sample_pair_aligned_reference_is_colour_matched():
+    pair = align_reference(read_image(SAMPLE / "wide.jpg"), read_image(SAMPLE / "tele.jpg"))
+    y0, y1, x0, x1 = pair.box
+    assert (y1 - y0) % 2 == 0 and (x1 - x0) % 2 == 0 and y0 % 2 == 0 and x0 % 2 == 0
+    ref_down = pair.ref.astype(np.float64).reshape(y1 - y0, 2, x1 - x0, 2, 3).mean((1, 3))
+    diff = ref_down - pair.lrc.astype(np.float64)
+    assert np.abs(diff.mean((0, 1))).max() < 1.0, diff.mean((0, 1))
+    assert np.abs(diff).mean() < 5.0
