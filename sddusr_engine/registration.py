@@ -53,7 +53,8 @@ class Footprint:
         and the ECC correlation (1 when ECC was skipped).
     inliers / matches: RANSAC inliers among the ratio-test matches.
     corners: 4×2 float64, the telephoto's outer corners TL, TR, BR, BL in wide pixels.
-    zoom: sqrt(telephoto area / footprint area). rotation_deg: angle of the footprint's top edge.
+    zoom: sqrt(telephoto area / footprint area). rotation_deg: angle of the footprint's top edge
+        in the wide image, in degrees; positive turns clockwise on screen (y points down).
     tele_shape: (H, W) of the telephoto the homography refers to. refined: ECC succeeded.
     """
 
