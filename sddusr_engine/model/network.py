@@ -130,6 +130,17 @@ class DualLensSR(nn.Module):
         taps = {"f_lrc": f_lrc, "f_ref": f_ref, "flow": flow}
         return ReferenceContext(f_ref_align, key_map, key_mask, dicts, taps)
 
+    def empty_context(self, lr: torch.Tensor) -> ReferenceContext:
+        """A context with no reference: nothing matches (C = 0, no warp), TDL uses its learned
+        dictionaries without the per-pair update. The network "with the reference switched off"."""
+        b, n = lr.shape[0], self.config.channels
+        return ReferenceContext(
+            f_ref_align=lr.new_zeros(b, n, 4, 4),
+            key_map=lr.new_zeros(b, self.config.match_channels, 2, 2),
+            key_mask=torch.zeros(b, 1, 2, 2, dtype=torch.bool, device=lr.device),
+            dicts=self.tdl.learned(b) if self.config.use_tdl else None,
+        )
+
     # -- LR branch (streams in tiles) -----------------------------------------------------------
     def lr_trunk(self, lr: torch.Tensor) -> torch.Tensor:
         return self.SISR(lr)
@@ -168,10 +179,13 @@ class DualLensSR(nn.Module):
 
     # -- whole image ----------------------------------------------------------------------------
     def forward(self, lr, lrc, ref, return_aux: bool = False):
-        """lr [B,3,H,W], lrc [B,3,hc,wc], ref [B,3,2hc,2wc], in [0,1] -> [B,3,2H,2W]."""
+        """lr [B,3,H,W], lrc [B,3,hc,wc], ref [B,3,2hc,2wc], in [0,1] -> [B,3,2H,2W].
+
+        lrc = ref = None runs the network with the reference switched off (`empty_context`).
+        """
         h, w = lr.shape[-2:]
-        lr = _pad_to_even(lr)
-        ctx = self.reference_context(lrc, ref)
+        lr = pad_to_even(lr)
+        ctx = self.empty_context(lr) if lrc is None else self.reference_context(lrc, ref)
         f_lr = self.upsample(self.lr_trunk(lr))
         m = self.match(lr, ctx)
         fused = self.fusion_input(f_lr, m, ctx)
@@ -196,7 +210,7 @@ class DualLensSR(nn.Module):
         return sr, aux
 
 
-def _pad_to_even(x: torch.Tensor) -> torch.Tensor:
+def pad_to_even(x: torch.Tensor) -> torch.Tensor:
     """Odd sides get one replicated row/column, cropped from the output again."""
     ph, pw = x.shape[-2] % 2, x.shape[-1] % 2
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x

@@ -54,6 +54,11 @@ class TokenDictionary(nn.Module):
             values.append(self.v_learn(d_ref))
         return Dictionaries(torch.stack(keys), torch.stack(values))
 
+    def learned(self, batch: int = 1) -> Dictionaries:
+        """The dictionaries as trained, without a per-pair update (the reference switched off)."""
+        keys = self.k_learn(self.d_lrc).expand(batch, -1, -1)
+        return Dictionaries(keys, self.v_learn(self.d_ref).expand(batch, -1, -1))
+
     def learn(self, f_lr: torch.Tensor, dicts: Dictionaries, attention) -> torch.Tensor:
         """F_Dict = softmax(Q_L K_L^T / sqrt d) V_L for every position of f_lr [B,C,H,W]."""
         b, c, h, w = f_lr.shape
