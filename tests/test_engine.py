@@ -1,0 +1,201 @@
+"""The engine: tiles equal the whole image, channel order, images in and out, raw pairs, OOM."""
+
+import numpy as np
+import pytest
+import torch
+
+from sddusr_engine import build_model
+from sddusr_engine.engine import Engine, EngineError
+from sddusr_engine.registration import FootprintNotFoundError
+from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
+
+TINY = dict(
+    channels=16,
+    trunk_groups=1,
+    trunk_blocks=2,
+    encoder_blocks=1,
+    decoder_blocks=2,
+    tokens=8,
+    token_dim=16,
+    mask_hidden=8,
+)
+
+
+class _HalfMask(torch.nn.Module):
+    """A local (tile-safe) stand-in mask generator that marks about half the positions active."""
+
+    def forward(self, f_m):
+        s = torch.sin(97.0 * f_m.mean(dim=1, keepdim=True))
+        return torch.cat([s, torch.zeros_like(s)], dim=1)
+
+
+def tiny_model(variant: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(variant, **TINY).eval()
+    if model.config.use_sfm:  # untrained generators mark everything alike; exercise both paths
+        model.mask_generator.forward = _HalfMask().forward
+    return model
+
+
+def whole_image(model, lr, lrc, ref):
+    """The plain network on the whole image, with the engine's RGB-in/RGB-out convention."""
+    flip = model.config.channel_order == "bgr"
+    f = (lambda t: t.flip(1)) if flip else (lambda t: t)
+    with torch.no_grad():
+        return f(model(f(lr), f(lrc), f(ref))).clamp(0, 1)
+
+
+@pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
+@pytest.mark.parametrize("tile", [32, 48])
+def test_tiled_equals_whole_image(variant, tile):
+    model = tiny_model(variant)
+    lr, lrc, ref = torch.rand(1, 3, 90, 134), torch.rand(1, 3, 40, 60), torch.rand(1, 3, 80, 120)
+    want = whole_image(model, lr, lrc, ref)
+    calls = []
+    got, info = Engine(model, "cpu", "fp32", "torch", tile=tile).run(
+        lr, lrc, ref, return_info=True, progress=lambda d, t: calls.append((d, t))
+    )
+    assert got.shape == want.shape == (1, 3, 180, 268)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert info.tile == tile and calls[-1][0] == calls[-1][1] > 4  # several tiles, all reported
+    assert {"reference", "trunk", "matching", "decode"} <= set(info.timings)
+
+
+def test_odd_size_tiled_equals_whole_image():
+    model = tiny_model("sddusr", seed=1)
+    lr, lrc, ref = torch.rand(1, 3, 71, 53), torch.rand(1, 3, 30, 24), torch.rand(1, 3, 60, 48)
+    want = whole_image(model, lr, lrc, ref)
+    got = Engine(model, "cpu", "fp32", "torch", tile=32).run(lr, lrc, ref)
+    assert got.shape == (1, 3, 142, 106)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_sparse_statistics_are_reported():
+    model = tiny_model("sddusr")
+    lr, lrc, ref = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 32, 32), torch.rand(1, 3, 64, 64)
+    _, info = Engine(model, "cpu", "fp32", "torch", tile=0).run(
+        lr, lrc, ref, return_info=True, keep_maps=True
+    )
+    m = info.matching
+    assert m["queries"] == 32 * 32 and m["keys"] == 16 * 16
+    assert 0 < info.mask_fraction_lr < 1 and 0 < info.mask_fraction_lrc < 1
+    assert m["pairs_evaluated"] == m["active_queries"] * m["active_keys"]
+    assert m["work_saved"] == pytest.approx(1 - m["pairs_evaluated"] / m["pairs_dense"])
+    assert info.maps["mask_lr"].shape == info.maps["confidence"].shape == (32, 32)
+    assert (info.maps["index"][~info.maps["mask_lr"]] == -1).all()
+
+
+def test_arrays_in_arrays_out_with_bit_depth():
+    model = tiny_model("kedusr")
+    eng = Engine(model, "cpu", "fp32", "torch", tile=0)
+    rng = np.random.default_rng(0)
+    lr = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    lrc, ref = lr[10:30, 12:40], rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    out8 = eng.run(lr, lrc, ref)
+    assert out8.dtype == np.uint8 and out8.shape == (80, 104, 3)
+    out16 = eng.run(
+        lr.astype(np.uint16) * 257, lrc.astype(np.uint16) * 257, ref.astype(np.uint16) * 257
+    )
+    assert out16.dtype == np.uint16
+    # the same image at 16 bits gives the same result to within 8-bit rounding
+    assert np.abs(out16 / 257.0 - out8).max() <= 1.0
+
+
+def test_bgr_weights_see_bgr_but_callers_speak_rgb():
+    model = tiny_model("kedusr")
+    assert model.config.channel_order == "bgr"
+    lr, lrc, ref = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 16, 16), torch.rand(1, 3, 32, 32)
+    got = Engine(model, "cpu", "fp32", "torch", tile=0).run(lr, lrc, ref)
+    with torch.no_grad():
+        raw = model(lr, lrc, ref).clamp(0, 1)  # no flip: not what an RGB caller should get
+    assert (got - whole_image(model, lr, lrc, ref)).abs().max() <= 1e-6
+    assert (got - raw).abs().max() > 1e-3
+
+
+def test_reference_switched_off_differs_and_runs():
+    model = tiny_model("sddusr")
+    lr, lrc, ref = torch.rand(1, 3, 32, 40), torch.rand(1, 3, 16, 20), torch.rand(1, 3, 32, 40)
+    eng = Engine(model, "cpu", "fp32", "torch", tile=0)
+    with_ref, info = eng.run(lr, lrc, ref, return_info=True)
+    without, info0 = eng.run_without_reference(lr, return_info=True)
+    assert without.shape == with_ref.shape
+    assert info0.matching["pairs_evaluated"] == 0
+    assert (without - with_ref).abs().max() > 1e-4
+
+
+def _raw_pair(seed=0):
+    rng = np.random.default_rng(seed)
+    hr = procedural_image((480, 640), rng)
+    wide, tele, _ = make_synthetic_pair(
+        hr, zoom=2.0, rotation_deg=1.0, rng=rng, wide_shape=(120, 160), tele_shape=(120, 160)
+    )
+    return wide, tele
+
+
+def test_super_resolve_raw_pair_reports_footprint():
+    wide, tele = _raw_pair()
+    eng = Engine(tiny_model("sddusr"), "cpu", "fp32", "torch", tile=0)
+    out, info = eng.super_resolve(wide, tele, return_info=True)
+    assert out.shape == (2 * wide.shape[0], 2 * wide.shape[1], 3) and out.dtype == wide.dtype
+    y0, y1, x0, x1 = info.box
+    assert (y1 - y0) % 2 == 0 and (x1 - x0) % 2 == 0
+    assert 1.7 < info.footprint.zoom < 2.3
+    assert "registration" in info.timings
+    assert info.to_dict()["footprint"]["inliers"] >= 20
+
+
+def test_tele_not_found_errors_or_falls_back():
+    wide, _ = _raw_pair()
+    noise = np.random.default_rng(5).integers(0, 256, wide.shape, dtype=np.uint8)
+    eng = Engine(tiny_model("sddusr"), "cpu", "fp32", "torch", tile=0)
+    with pytest.raises(FootprintNotFoundError):
+        eng.super_resolve(wide, noise)
+    with pytest.warns(UserWarning, match="without the reference"):
+        out, info = eng.super_resolve(wide, noise, missing_reference="skip", return_info=True)
+    assert out.shape == (2 * wide.shape[0], 2 * wide.shape[1], 3)
+    assert info.footprint is None and info.warnings
+
+
+def test_out_of_memory_halves_the_tile(monkeypatch):
+    eng = Engine(tiny_model("kedusr"), "cpu", "fp32", "torch", tile=128)
+    real = Engine._forward
+    tiles = []
+
+    def flaky(self, lr, lrc, ref, tile, *args):
+        tiles.append(tile)
+        if tile > 32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, lr, lrc, ref, tile, *args)
+
+    monkeypatch.setattr(Engine, "_forward", flaky)
+    lr, lrc, ref = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 16, 16), torch.rand(1, 3, 32, 32)
+    out, info = eng.run(lr, lrc, ref, return_info=True)
+    assert tiles == [128, 64, 32] and info.tile == 32 and "out of memory" in info.warnings[0]
+
+    def always(self, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Engine, "_forward", always)
+    with pytest.raises(EngineError, match="ran out of memory"):
+        eng.run(lr, lrc, ref)
+
+
+def test_bad_options_are_clear():
+    model = tiny_model("kedusr")
+    with pytest.raises(EngineError, match="GPU only"):
+        Engine(model, "cpu", "fp16", "torch")
+    with pytest.raises(EngineError, match="unknown backend"):
+        Engine(model, "cpu", "fp32", "cuda-graphs")
+    with pytest.raises(EngineError, match="tile"):
+        Engine(model, "cpu", "fp32", "torch", tile=8)
+    eng = Engine(model, "cpu", "fp32", "torch", tile=0)
+    with pytest.raises(EngineError, match="twice"):
+        eng.run(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 16, 16), torch.rand(1, 3, 30, 32))
+
+
+def test_triton_backend_matches_torch_under_interpreter():
+    model = tiny_model("sddusr")
+    lr, lrc, ref = torch.rand(1, 3, 24, 32), torch.rand(1, 3, 12, 16), torch.rand(1, 3, 24, 32)
+    want = Engine(model, "cpu", "fp32", "torch", tile=0).run(lr, lrc, ref)
+    got = Engine(model, "cpu", "fp32", "triton", tile=0).run(lr, lrc, ref)
+    assert (got - want).abs().max().item() <= 1e-4
