@@ -106,7 +106,7 @@ def _user_message(e: BaseException) -> tuple[str, int] | None:
         if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
             msg = f"{msg} ({e.filename})"
         if name == "FootprintNotFoundError":
-            msg += " (pass --no-reference-ok to enlarge it without the telephoto)"
+            msg = msg.rstrip(".") + "; pass --no-reference-ok to enlarge the wide photo without it."
         code = 2 if name == "BatchUsageError" else 1
         return msg, code
     if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():

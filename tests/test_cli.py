@@ -1,0 +1,173 @@
+"""The `sddusr` command line through typer's runner (and one real subprocess): tiny random weights,
+tiny images, so that nothing needs the trained weights or a GPU."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sddusr_engine.cli import app
+from sddusr_engine.io import read_image, write_image
+from sddusr_engine.model.network import build_model
+from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
+from sddusr_engine.weights import save_weights
+
+TINY = dict(
+    channels=16,
+    trunk_groups=1,
+    trunk_blocks=1,
+    encoder_blocks=1,
+    decoder_blocks=1,
+    tokens=8,
+    token_dim=16,
+    mask_hidden=8,
+)
+COMMANDS = ("demo", "sr", "batch", "eval", "profile", "convert", "train")
+runner = CliRunner()
+
+
+def invoke(*args, **env):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **env})
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_weights(
+        build_model("sddusr", **TINY), tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    )
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    rng = np.random.default_rng(0)
+    wide, tele, _ = make_synthetic_pair(
+        procedural_image((160, 240), rng), rotation_deg=1.0, rng=rng
+    )
+    write_image(d / "wide.png", wide)
+    write_image(d / "tele.png", tele)
+    return d / "wide.png", d / "tele.png", wide.shape
+
+
+def assert_one_line_error(res, code=None):
+    assert res.exit_code != 0 if code is None else res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
+
+
+def test_help_lists_commands_and_every_help_has_an_example():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for cmd in COMMANDS:
+        assert cmd in res.output
+    for cmd in COMMANDS:
+        res = invoke(cmd, "--help")
+        assert res.exit_code == 0, (cmd, res.output)
+        assert f"Example: sddusr {cmd}" in res.output, (cmd, res.output)
+
+
+def test_sr_on_a_synthetic_pair_writes_output_maps_and_json(pair, tiny_weights, tmp_path):
+    wide, tele, shape = pair
+    out = tmp_path / "x2.png"
+    res = invoke(
+        "sr", wide, tele, "-o", out, "--weights", tiny_weights, "--device", "cpu",
+        "--save-maps", tmp_path / "maps", "--json",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)  # stdout holds the JSON only
+    assert read_image(out).shape == (2 * shape[0], 2 * shape[1], 3)
+    assert summary["output_size"] == [2 * shape[0], 2 * shape[1]]
+    assert {"registration", "reference", "decode"} <= set(summary["timings"])
+    assert len(summary["footprint"]["corners"]) == 4
+    assert 0.0 <= summary["matching"]["work_saved"] <= 1.0
+    assert summary["mask_fraction_lr"] is not None
+    for name in ("mask_lr", "mask_lrc", "confidence", "index"):
+        assert (tmp_path / "maps" / f"{name}.png").is_file()
+    assert read_image(tmp_path / "maps" / "confidence.png").shape[:2] == shape[:2]
+
+
+def test_demo_writes_sr_and_comparison(tiny_weights, tmp_path):
+    res = invoke("demo", "-o", tmp_path / "demo", "--shrink", 4, "--device", "cpu",
+                 SDDUSR_WEIGHTS=str(tiny_weights))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    sr = read_image(tmp_path / "demo" / "sr.png")
+    cmp = read_image(tmp_path / "demo" / "comparison.png")
+    assert sr.shape == (240, 320, 3)  # the 640x480 sample shrunk 4x, then x2
+    assert cmp.shape[0] == 240 and cmp.shape[1] > 2 * 320
+    assert "sr.png" in res.stdout and "comparison.png" in res.stdout
+
+
+def test_corrupt_weights_give_one_sentence_and_no_traceback(pair, tmp_path):
+    wide, tele, _ = pair
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    res = invoke("sr", wide, tele, "-o", tmp_path / "o.png", "--weights", bad)
+    assert_one_line_error(res, 1)
+    assert "bad.safetensors" in res.stderr
+    # the installed console script, for real: stderr only, no traceback
+    p = subprocess.run(
+        [sys.executable, "-m", "sddusr_engine.cli", "sr", str(wide), str(tele), "-o",
+         str(tmp_path / "o.png"), "--weights", str(bad)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr + p.stdout
+    assert p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_user_errors_are_one_sentence(pair, tiny_weights, tmp_path):
+    wide, tele, _ = pair
+    assert_one_line_error(invoke("sr", tmp_path / "nope.jpg", tele, "-o", tmp_path / "o.png"), 1)
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    assert_one_line_error(invoke("sr", wide, text, "-o", tmp_path / "o.png"), 1)
+    res = invoke("sr", wide, tele, "-o", tmp_path / "o.png", "--precision", "fp8")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    missing_default = invoke("sr", wide, tele, "-o", tmp_path / "o.png", SDDUSR_WEIGHTS=None)
+    if not (missing_default.exit_code == 0):  # the shipped weights may be installed by now
+        assert_one_line_error(missing_default, 1)
+        assert "--weights" in missing_default.stderr
+
+
+def test_footprint_not_found_is_a_user_error(pair, tiny_weights, tmp_path):
+    wide, _, shape = pair
+    flat = tmp_path / "flat.png"
+    write_image(flat, np.full(shape, 128, np.uint8))
+    res = invoke("sr", wide, flat, "-o", tmp_path / "o.png", "--weights", tiny_weights)
+    assert_one_line_error(res, 1)
+    assert "telephoto" in res.stderr and "--no-reference-ok" in res.stderr
+
+
+def test_profile_runs_on_the_cpu(tiny_weights, tmp_path):
+    res = invoke("profile", "--size", "32x48", "--repeats", 1, "--device", "cpu",
+                 "--weights", tiny_weights, "--json", tmp_path / "p.json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "no CUDA GPU" in res.stderr
+    data = json.loads((tmp_path / "p.json").read_text())
+    kernels = {r["name"] for r in data["rows"] if r["kind"] == "kernel"}
+    stages = {r["name"] for r in data["rows"] if r["kind"] == "stage"}
+    assert {"patch_match", "patch_warp", "deform_conv2d"} <= kernels
+    assert {"reference", "trunk", "matching", "decode", "total"} <= stages
+    assert all(r["ms"] > 0 for r in data["rows"] if r["name"] != "matching")
+    assert data["meta"]["gpu"] is False and data["meta"]["peaks"]["matmul_tflops"] > 0
+
+
+def test_convert_a_kedusr_state_dict(tmp_path):
+    model = build_model(
+        "kedusr",
+        **{k: v for k, v in TINY.items() if k not in ("tokens", "token_dim", "mask_hidden")},
+    )
+    torch.save({"params_ema": model.state_dict()}, tmp_path / "k.pth")
+    res = invoke("convert", tmp_path / "k.pth", tmp_path / "k.safetensors")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "k.safetensors").is_file() and "kedusr" in res.stdout
+    assert_one_line_error(
+        invoke("convert", tmp_path / "missing.pth", tmp_path / "x.safetensors"), 1
+    )
