@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: the CUDA-only tests, then the kernel benchmark (table printed last).
+# GPU check: the CUDA-only tests, the pipeline benchmark, then the kernel benchmark (table last).
 # Installs nothing. With OUT set, the benchmark rows go to $OUT/kernels.json.
 # Exits non-zero if any test or the benchmark fails.
 set -euo pipefail
@@ -15,4 +15,10 @@ if [[ -n "${OUT:-}" ]]; then
     mkdir -p "$OUT"
     json_args=(--json "$OUT/kernels.json")
 fi
+pipe_args=()
+if [[ -n "${OUT:-}" ]]; then
+    pipe_args=(--json "$OUT/pipeline.json")
+fi
+# Pipeline first, kernels last, so the kernel table is the last thing printed.
+python bench/bench_pipeline.py --precision fp16 --backend triton ${pipe_args[@]+"${pipe_args[@]}"}
 python bench/bench_kernels.py ${json_args[@]+"${json_args[@]}"}
