@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         eng = Engine(model, device, precision, backend, tile=args.tile)
         infos = []
 
-        def run():
+        def run(eng=eng, infos=infos):
             out, info = eng.run(lr, lrc, ref, return_info=True)
             infos.append(info)
             return out
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             base_model = build_model(variant).to(device).eval()
             base_model.load_state_dict(model.state_dict())
 
-            def baseline():
+            def baseline(base_model=base_model):
                 with torch.no_grad():
                     return base_model(lr.to(device), lrc.to(device), ref.to(device))
 

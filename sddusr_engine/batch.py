@@ -93,7 +93,9 @@ def _by_stem(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
-def _pick(name: str, paths: list[Path] | None, what: str, folder: Path) -> tuple[Path | None, str | None]:
+def _pick(
+    name: str, paths: list[Path] | None, what: str, folder: Path
+) -> tuple[Path | None, str | None]:
     if not paths:
         return None, f"no {what} image named {name}.* in {folder}"
     if len(paths) > 1:
@@ -176,7 +178,9 @@ def discover_pairs(root: str | os.PathLike) -> tuple[str, list[PairJob]]:
         else:
             box = boxes.get(name)
             if box is None and problem is None:
-                problem = f"no LR_center/ folder and no centre box for {name} in a JSON file of {root}"
+                problem = (
+                    f"no LR_center/ folder and no centre box for {name} in a JSON file of {root}"
+                )
         jobs.append(PairJob(name, "triplet", inputs, box=box, problem=problem))
     return "published", jobs
 
@@ -257,7 +261,9 @@ def _read(job: PairJob) -> dict[str, np.ndarray]:
         y0, y1, x0, x1 = job.box  # type: ignore[misc]
         lrc = np.ascontiguousarray(lr[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2])
         if lrc.size == 0:
-            raise ValueError(f"centre box {job.box} lies outside the {lr.shape[0]}x{lr.shape[1]} LR image")
+            raise ValueError(
+                f"centre box {job.box} lies outside the {lr.shape[0]}x{lr.shape[1]} LR image"
+            )
     return {"lr": lr, "lrc": lrc, "ref": ref}
 
 
@@ -288,7 +294,9 @@ def run_batch(
     once per job as soon as its outcome is known (from the writer thread for written pairs).
     """
     if ext.lstrip(".").lower() not in OUTPUT_SUFFIXES:
-        raise BatchUsageError(f"unknown output format {ext!r}; use one of {', '.join(OUTPUT_SUFFIXES)}")
+        raise BatchUsageError(
+            f"unknown output format {ext!r}; use one of {', '.join(OUTPUT_SUFFIXES)}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: list[PairResult] = []

@@ -97,7 +97,9 @@ def find_dataset(
     root = Path(root)
     if not root.is_dir():
         raise EvalError(f"dataset folder {str(root)!r} does not exist or is not a directory.")
-    d = next((c for c in (root / "test", root) if (c / "LR").is_dir() and (c / "HR").is_dir()), None)
+    d = next(
+        (c for c in (root / "test", root) if (c / "LR").is_dir() and (c / "HR").is_dir()), None
+    )
     if d is None:
         raise EvalError(
             f"{str(root)!r} is not in the published layout: expected test/LR/ and test/HR/ "
@@ -136,7 +138,9 @@ def bicubic_x2(lr: torch.Tensor) -> torch.Tensor:
 
 def _to_255(t: torch.Tensor) -> np.ndarray:
     # [1,3,H,W] in [0,1] -> H×W×3 float64 in [0,255], not rounded (KeDuSR evaluates float output).
-    return t.detach().float().clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy().astype(np.float64) * 255.0
+    return (
+        t.detach().float().clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy().astype(np.float64) * 255.0
+    )
 
 
 def _load(item: EvalItem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
@@ -190,9 +194,7 @@ def evaluate(
         rows.append(row)
         if progress is not None:
             progress(i + 1, len(items), item.name)
-    mean = {
-        m: {k: _mean([r[m][k] for r in rows]) for k in METRICS} for m in methods
-    }
+    mean = {m: {k: _mean([r[m][k] for r in rows]) for k in METRICS} for m in methods}
     return {"count": len(rows), "methods": list(methods), "images": rows, "mean": mean}
 
 
