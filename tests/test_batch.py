@@ -1,0 +1,166 @@
+"""`sddusr batch`: good pairs written, bad ones listed, reruns skip, --overwrite redoes, and two
+torchrun ranks (gloo, CPU) split the pairs so that each is done exactly once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sddusr_engine.batch import PairJob, discover_pairs, shard
+from sddusr_engine.cli import app
+from sddusr_engine.io import read_image, write_image
+from sddusr_engine.model.network import build_model
+from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
+from sddusr_engine.weights import save_weights
+
+TINY = dict(
+    channels=16,
+    trunk_groups=1,
+    trunk_blocks=1,
+    encoder_blocks=1,
+    decoder_blocks=1,
+    tokens=8,
+    token_dim=16,
+    mask_hidden=8,
+)
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_weights(
+        build_model("sddusr", **TINY), tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    )
+
+
+@pytest.fixture(scope="module")
+def raw_folder(tmp_path_factory):
+    """Two good pairs, a truncated JPEG, a text file named .png, a pair missing its telephoto."""
+    root = tmp_path_factory.mktemp("raw")
+    (root / "wide").mkdir()
+    (root / "tele").mkdir()
+    for i in range(2):
+        rng = np.random.default_rng(i)
+        wide, tele, _ = make_synthetic_pair(procedural_image((160, 240), rng), rng=rng)
+        write_image(root / "wide" / f"good{i}.png", wide)
+        write_image(root / "tele" / f"good{i}.jpg", tele)
+    write_image(root / "wide" / "truncated.jpg", wide)
+    write_image(root / "tele" / "truncated.jpg", tele)
+    data = (root / "tele" / "truncated.jpg").read_bytes()
+    (root / "tele" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "wide" / "text.png").write_text("this is not an image")
+    write_image(root / "tele" / "text.png", tele)
+    write_image(root / "wide" / "lonely.png", wide)
+    (root / "wide" / "notes.txt").write_text("ignored: not an image suffix")
+    return root
+
+
+def published_folder(root, n, size=(32, 48)):
+    """n pre-aligned triplets in the published layout (with HR/, which batch ignores)."""
+    rng = np.random.default_rng(1)
+    h, w = size
+    for sub in ("LR", "LR_center", "Ref_SIFT", "HR"):
+        (root / "test" / sub).mkdir(parents=True)
+    for i in range(n):
+        lr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        lrc = lr[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2]
+        write_image(root / "test" / "LR" / f"{i:04d}.png", lr)
+        write_image(root / "test" / "LR_center" / f"{i:04d}.png", lrc)
+        write_image(
+            root / "test" / "Ref_SIFT" / f"{i:04d}.png", np.kron(lrc, np.ones((2, 2, 1), np.uint8))
+        )
+        write_image(
+            root / "test" / "HR" / f"{i:04d}.png", np.kron(lr, np.ones((2, 2, 1), np.uint8))
+        )
+    return root
+
+
+def test_discovery_reports_missing_partners(raw_folder):
+    layout, jobs = discover_pairs(raw_folder)
+    assert layout == "wide/tele"
+    by_name = {j.name: j for j in jobs}
+    assert sorted(by_name) == ["good0", "good1", "lonely", "text", "truncated"]
+    assert "telephoto" in by_name["lonely"].problem
+    assert by_name["good0"].problem is None and by_name["truncated"].problem is None
+
+
+def test_batch_writes_good_pairs_lists_bad_ones_and_resumes(raw_folder, tiny_weights, tmp_path):
+    out = tmp_path / "out"
+    args = ("batch", raw_folder, "-o", out, "--weights", tiny_weights, "--device", "cpu")
+    res = invoke(*args, "--report", tmp_path / "r.json")
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    for i in range(2):
+        assert read_image(out / f"good{i}.png").shape == (128, 192, 3)
+    assert sorted(p.name for p in out.iterdir()) == ["good0.png", "good1.png"]  # no temp files
+    for bad in ("lonely", "text", "truncated"):
+        assert bad in res.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    status = {r["name"]: r["status"] for r in report["results"]}
+    assert status == {"good0": "written", "good1": "written", "lonely": "failed",
+                      "text": "failed", "truncated": "failed"}  # fmt: skip
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    res = invoke(*args, "--report", tmp_path / "r2.json")
+    assert res.exit_code == 1  # the bad pairs still fail
+    status = {
+        r["name"]: r["status"] for r in json.loads((tmp_path / "r2.json").read_text())["results"]
+    }
+    assert status["good0"] == status["good1"] == "skipped"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+    res = invoke(*args, "--overwrite", "--report", tmp_path / "r3.json")
+    status = {
+        r["name"]: r["status"] for r in json.loads((tmp_path / "r3.json").read_text())["results"]
+    }
+    assert status["good0"] == status["good1"] == "written"
+    assert all((out / n).stat().st_mtime_ns != t for n, t in mtimes.items())
+
+
+def test_batch_usage_errors_exit_2(tmp_path, tiny_weights):
+    res = invoke("batch", tmp_path / "missing", "-o", tmp_path / "o", "--weights", tiny_weights)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    (tmp_path / "empty").mkdir()
+    res = invoke("batch", tmp_path / "empty", "-o", tmp_path / "o", "--weights", tiny_weights)
+    assert res.exit_code == 2 and "published layout" in res.stderr
+
+
+def test_shard_covers_each_pair_once():
+    jobs = [PairJob(f"{i:03d}", "raw", {}) for i in (5, 3, 9, 1, 7, 2, 8)]
+    parts = [shard(jobs, r, 3) for r in range(3)]
+    names = sorted(j.name for p in parts for j in p)
+    assert names == sorted(j.name for j in jobs)
+
+
+def test_torchrun_two_cpu_ranks_split_the_pairs(tmp_path, tiny_weights):
+    root = published_folder(tmp_path / "data", 4)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "sddusr_engine.cli", "batch", str(root), "-o", str(out),
+        "--weights", str(tiny_weights), "--device", "cpu", "--report", str(tmp_path / "rep.json"),
+    ]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    names = [f"{i:04d}" for i in range(4)]
+    assert sorted(q.name for q in out.iterdir()) == [f"{n}.png" for n in names]
+    combined = json.loads((tmp_path / "rep.json").read_text())
+    assert combined["world"] == 2
+    assert sorted(r["name"] for r in combined["results"]) == names  # each pair exactly once
+    assert all(r["status"] == "written" for r in combined["results"])
+    for rank in range(2):
+        mine = json.loads((tmp_path / f"rep.rank{rank}.json").read_text())
+        assert mine["world"] == 2 and mine["rank"] == rank
+        assert [r["name"] for r in mine["results"]] == names[rank::2]
+        assert all(r["rank"] == rank and r["status"] == "written" for r in mine["results"])
