@@ -135,6 +135,8 @@ class Engine:
         if tile and tile < self.MIN_TILE:
             raise EngineError(f"tile must be 0 (whole image) or at least {self.MIN_TILE} pixels.")
         self.tile = int(tile) // 4 * 4
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed tile shapes: pick the fastest conv once
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.use_kernels(self.backend)
         self.config = model.config
