@@ -1,0 +1,74 @@
+"""GPU-only engine checks (bench/gpu_check.sh runs them): precisions against fp32 on the sample
+pair, and the Triton backend against the torch backend on a full-width network."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sddusr_engine import build_model
+from sddusr_engine.engine import Engine
+from sddusr_engine.io import read_image
+from sddusr_engine.metrics import psnr
+from sddusr_engine.weights import DEFAULT_WEIGHTS
+
+pytestmark = pytest.mark.gpu
+SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "sample"
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights not present")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precisions_within_a_tenth_of_a_db_of_fp32(precision):
+    wide, tele = read_image(SAMPLE / "wide.jpg"), read_image(SAMPLE / "tele.jpg")
+    ref32 = Engine.from_pretrained(device="cuda", dtype="fp32", backend="torch").super_resolve(
+        wide, tele
+    )
+    out = Engine.from_pretrained(device="cuda", dtype=precision, backend="triton").super_resolve(
+        wide, tele
+    )
+    # PSNR of each against the fp32 output's own bicubic-free reference: compare to fp32 directly
+    hr_like = ref32.astype(np.float64)
+    assert psnr(out.astype(np.float64), hr_like) > 40.0  # the two outputs are close overall
+    # the drop in PSNR against a common target (the fp32 output blurred) is under 0.1 dB
+    import cv2
+
+    target = cv2.GaussianBlur(ref32, (0, 0), 1.0).astype(np.float64)
+    assert abs(psnr(out.astype(np.float64), target) - psnr(hr_like, target)) < 0.1
+
+
+@pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
+def test_triton_backend_matches_torch_backend_fp32(variant):
+    torch.manual_seed(0)
+    model = build_model(variant)
+    lr, lrc, ref = (
+        torch.rand(1, 3, 200, 264),
+        torch.rand(1, 3, 100, 132),
+        torch.rand(1, 3, 200, 264),
+    )
+    a = Engine(model, "cuda", "fp32", "torch", tile=0).run(lr, lrc, ref)
+    b = Engine(model, "cuda", "fp32", "triton", tile=96).run(lr, lrc, ref)
+    assert (a - b).abs().max().item() < 1e-3
+
+
+def test_tiled_memory_grows_only_by_the_stored_lr_maps():
+    """With a fixed reference, a larger wide image adds only the LR-resolution maps the engine
+    keeps whole (trunk output, 64 channels; matching map and index at 1/2 resolution), not
+    anything at the 2x resolution, whose work is tiled."""
+    torch.manual_seed(0)
+    model = build_model("kedusr")
+    eng = Engine(model, "cuda", "fp16", "triton", tile=128)
+    lrc, ref = torch.rand(1, 3, 128, 192), torch.rand(1, 3, 256, 384)
+    peaks = {}
+    for h in (512, 1024):
+        lr = torch.rand(1, 3, h, 768)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        eng.run(lr, lrc, ref)
+        peaks[h] = torch.cuda.max_memory_allocated() - base
+    grown_pixels = (1024 - 512) * 768
+    stored_per_pixel = (
+        64 * 2 + 3 * 2 + (16 * 2 + 8 + 4) / 4 + 3 * 4 * 4
+    )  # trunk, LR in, 1/2-res maps, fp32 output
+    assert peaks[1024] - peaks[512] < 1.5 * stored_per_pixel * grown_pixels + 32 * 2**20
