@@ -17,6 +17,7 @@ import os
 import runpy
 import sys
 import time
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -363,9 +364,11 @@ def demo(
     )
     with _progress(err) as prog:
         task = prog.add_task("super-resolving", total=None, note="")
-        sr, info = eng.super_resolve(
-            wide, tele, return_info=True, progress=_tile_progress(prog, task)
-        )
+        with warnings.catch_warnings():  # printed below from info.warnings
+            warnings.simplefilter("ignore")
+            sr, info = eng.super_resolve(
+                wide, tele, return_info=True, progress=_tile_progress(prog, task)
+            )
     outdir.mkdir(parents=True, exist_ok=True)
     sr_path, cmp_path = outdir / "sr.png", outdir / "comparison.png"
     write_image(sr_path, sr)
@@ -414,7 +417,8 @@ def sr(
         eng = _load_engine(weights, device, precision, backend, tile)
     if not as_json:
         err.print(f"[dim]{_engine_line(eng, weights)}[/dim]")
-    with _progress(err) as prog:
+    with _progress(err) as prog, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the engine's warnings are printed from info.warnings
         task = prog.add_task("super-resolving", total=None, note="")
         result, info = eng.super_resolve(
             wide_a,
@@ -605,7 +609,7 @@ def _batch_summary(results, wall: float) -> None:
     counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
     done = [r for r in results if r.status == "written"]
     if any(r.status != "skipped" for r in results):
-        t = Table(title="batch: pairs not simply written" if done else "batch")
+        t = Table(title="failed pairs")
         t.add_column("pair")
         t.add_column("status")
         t.add_column("s", justify="right")

@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -378,7 +379,7 @@ def run_batch(
                 continue
             t0 = time.perf_counter()
             try:
-                sr, timings = _compute(engine, job, data, missing_reference)
+                sr, timings, notes = _compute(engine, job, data, missing_reference)
             except Exception as e:  # noqa: BLE001 - per-pair error capture
                 if type(e).__name__ == "OutOfMemoryError":
                     _empty_cache()
@@ -388,6 +389,7 @@ def run_batch(
                 continue
             res.seconds = time.perf_counter() - t0
             res.timings = timings
+            res.message = "; ".join(notes) or None
             write_q.put((job, sr, res))
     finally:
         stop.set()
@@ -400,14 +402,18 @@ def run_batch(
 
 def _compute(
     engine: Any, job: PairJob, data: dict[str, np.ndarray], missing_reference: str
-) -> tuple[np.ndarray, dict[str, float]]:
+) -> tuple[np.ndarray, dict[str, float], list[str]]:
+    """(SR image, stage timings in ms, warnings such as a reference-free fallback)."""
     if job.kind == "raw":
-        sr, info = engine.super_resolve(
-            data["wide"], data["tele"], missing_reference=missing_reference, return_info=True
-        )
+        with warnings.catch_warnings():  # the engine's warnings come back in info.warnings
+            warnings.simplefilter("ignore")
+            sr, info = engine.super_resolve(
+                data["wide"], data["tele"], missing_reference=missing_reference, return_info=True
+            )
         timings = dict(getattr(info, "timings", {}) or {})
-        return sr, {k: float(v) for k, v in timings.items()}
-    return engine.run(data["lr"], data["lrc"], data["ref"]), {}
+        notes = [str(w) for w in getattr(info, "warnings", []) or []]
+        return sr, {k: float(v) for k, v in timings.items()}, notes
+    return engine.run(data["lr"], data["lrc"], data["ref"]), {}, []
 
 
 def _empty_cache() -> None:

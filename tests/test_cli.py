@@ -143,6 +143,11 @@ def test_footprint_not_found_is_a_user_error(pair, tiny_weights, tmp_path):
     res = invoke("sr", wide, flat, "-o", tmp_path / "o.png", "--weights", tiny_weights)
     assert_one_line_error(res, 1)
     assert "telephoto" in res.stderr and "--no-reference-ok" in res.stderr
+    res = invoke("sr", wide, flat, "-o", tmp_path / "o.png", "--weights", tiny_weights,
+                 "--no-reference-ok", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "warning:" in res.stderr and json.loads(res.stdout)["warnings"]
+    assert read_image(tmp_path / "o.png").shape == (2 * shape[0], 2 * shape[1], 3)
 
 
 def test_profile_runs_on_the_cpu(tiny_weights, tmp_path):
