@@ -1,0 +1,450 @@
+"""Training loop (paper 4.1): Adam, cosine decay of the learning rate from `lr` to `lr_min` over
+the run, random LR crops, batch 4, L_rec + 1e-3 L_mask (perceptual and adversarial terms optional).
+
+- Resumes from `out/checkpoint.pt` (model, optimizer, scheduler, step, RNG states; discriminator
+  too when adversarial): the resumed run reproduces the uninterrupted one, because the training
+  sample k is a pure function of (seed, k) (see `data.DualLensDataset`) and the torch RNG (Gumbel
+  noise of the mask) is restored.
+- Logs every `log_every` steps to stdout and `out/log.jsonl`; validation PSNR (full image, vs the
+  bicubic x2 of the LR) on the held-out `test` split every `val_every` steps.
+- Runs on any torch device (`device="cuda"` on a GPU). `torch.use_deterministic_algorithms` is on
+  (warn-only: ops without a deterministic kernel warn instead of failing).
+- Exports the final weights with `weights.save_weights` (safetensors, config in the metadata).
+
+Entry point: `python -m sddusr_engine.train --data DIR --out DIR --steps N [...]`, or `train(cfg)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .config import ModelConfig, get_config
+from .data import DualLensDataset, Triplet, load_pairs, to_tensor
+from .losses import LossWeights, SDDuSRLoss
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (recorded in each checkpoint and in the log's first line)."""
+
+    data: str
+    out: str
+    steps: int = 1000
+    batch_size: int = 4
+    crop: int = 128  # LR crop side
+    ctx: int | None = None  # LRC context side (Ref = 2x); default = crop
+    p_center: float = 0.8  # share of crops overlapping the LRC context
+    lr: float = 1e-4
+    lr_min: float = 1e-6
+    warmup: int = 0  # linear warm-up steps before the cosine
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None  # torch.set_num_threads on CPU
+    workers: int = 0
+    variant: str = "sddusr"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
+    mask_weight: float = 1e-3
+    vgg19: str | None = None  # VGG19 weights file: turns the perceptual term on
+    perceptual_weight: float = 1e-3
+    adversarial: bool = False
+    adversarial_weight: float = 1e-4
+    log_every: int = 10
+    val_every: int = 500  # 0: never during training
+    val_limit: int | None = None  # at most this many held-out pairs per validation
+    val_split: str = "test"
+    ckpt_every: int = 200
+    resume: bool = True  # continue from out/checkpoint.pt when it exists
+    export: str | None = None  # final weights; default out/weights.safetensors
+    train_limit: int | None = None  # use only the first N training pairs (tests)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    st = np.random.get_state()
+    s = {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            st[0],
+            torch.from_numpy(st[1].astype(np.int64)),
+            int(st[2]),
+            int(st[3]),
+            float(st[4]),
+        ],
+        "python": list(random.getstate()[1]),
+        "python_gauss": random.getstate()[2],
+    }
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate((3, tuple(s["python"]), s["python_gauss"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def cosine_lambda(cfg: TrainConfig):
+    """Multiplier of cfg.lr at each step: linear warm-up, then cosine down to lr_min at `steps`."""
+    floor = cfg.lr_min / cfg.lr
+    span = max(1, cfg.steps - cfg.warmup)
+
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        t = min(1.0, (step - cfg.warmup) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [0,1] (computed on [0,255], no border shave)."""
+    mse = F.mse_loss(a.clamp(0, 1).double() * 255, b.double() * 255).item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def bicubic_x2(lr: torch.Tensor) -> torch.Tensor:
+    """The baseline: bicubic x2 (align_corners=False), clamped to [0,1]."""
+    return F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, pairs: Sequence[Triplet], device: str) -> dict[str, float]:
+    """Mean full-image PSNR of SR and of bicubic over `pairs` (eval mode: the inference SFM)."""
+    was_training = model.training
+    model.eval()
+    sr_db, bic_db, act = [], [], []
+    for t in pairs:
+        lr, hr = to_tensor(t.lr)[None].to(device), to_tensor(t.hr)[None].to(device)
+        lrc, ref = to_tensor(t.lrc)[None].to(device), to_tensor(t.ref)[None].to(device)
+        sr, aux = model(lr, lrc, ref, return_aux=True)
+        sr_db.append(psnr(sr, hr))
+        bic_db.append(psnr(bicubic_x2(lr), hr))
+        if aux.get("mask_lr") is not None:
+            act.append(aux["mask_lr"].float().mean().item())
+    model.train(was_training)
+    out = {"val_psnr": float(np.mean(sr_db)), "val_psnr_bicubic": float(np.mean(bic_db))}
+    out["val_gain_db"] = out["val_psnr"] - out["val_psnr_bicubic"]
+    if act:
+        out["val_mask_active"] = float(np.mean(act))
+    return out
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint (weights_only: only tensors and plain Python values inside)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_config_of(cfg: TrainConfig) -> ModelConfig:
+    return get_config(cfg.variant, **cfg.model)
+
+
+def train(cfg: TrainConfig, on_log=None) -> Path:
+    """Run (or resume) the training described by `cfg`; return the exported weights' path.
+
+    `on_log(record: dict)`, if given, receives every log record (tests use it).
+    """
+    from . import build_model
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_flush_denormal(True)  # denormals in fresh nets make CPU steps several times slower
+    _seed_all(cfg.seed)
+
+    mcfg = model_config_of(cfg)
+    model = build_model(cfg.variant, **cfg.model).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg))
+    loss_fn = SDDuSRLoss(
+        vgg19_weights_path=cfg.vgg19,
+        adversarial=cfg.adversarial,
+        weights=LossWeights(cfg.mask_weight, cfg.perceptual_weight, cfg.adversarial_weight),
+    ).to(device)
+    d_opt = None
+    if loss_fn.discriminator is not None:
+        d_opt = torch.optim.Adam(
+            loss_fn.discriminator.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)
+        )
+
+    step = 0
+    ckpt_path = out / CHECKPOINT
+    if cfg.resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if ck["model_config"] != mcfg.to_dict():
+            raise ValueError(
+                f"{ckpt_path} was made with another model config: {ck['model_config']}"
+            )
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if d_opt is not None and "discriminator" in ck:
+            loss_fn.discriminator.load_state_dict(ck["discriminator"])
+            d_opt.load_state_dict(ck["d_optimizer"])
+        step = int(ck["step"])
+        _set_rng_state(ck["rng"])
+
+    log_path = out / "log.jsonl"
+    logf = log_path.open("a")
+
+    def log(rec: dict[str, Any]) -> None:
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        print(
+            " ".join(
+                f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+            ),
+            flush=True,
+        )
+        if on_log:
+            on_log(rec)
+
+    log(
+        {
+            "event": "start",
+            "step": step,
+            "config": json.dumps(dataclasses.asdict(cfg)),
+            "model_config": json.dumps(mcfg.to_dict()),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+    )
+
+    pairs = load_pairs(cfg.data, "train", limit=cfg.train_limit)
+    ds = DualLensDataset(pairs, crop=cfg.crop, ctx=cfg.ctx, seed=cfg.seed, p_center=cfg.p_center)
+    val_pairs = []
+    if cfg.val_every and (Path(cfg.data) / cfg.val_split / "LR").is_dir():
+        val_pairs = load_pairs(cfg.data, cfg.val_split, limit=cfg.val_limit)
+    B = cfg.batch_size
+    loader = DataLoader(
+        ds,
+        batch_size=B,
+        sampler=range(step * B, cfg.steps * B),
+        num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        persistent_workers=False,
+    )
+
+    def checkpoint() -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "rng": _rng_state(),
+            "model_config": mcfg.to_dict(),
+            "train_config": json.dumps(dataclasses.asdict(cfg)),
+        }
+        if d_opt is not None:
+            state["discriminator"] = loss_fn.discriminator.state_dict()
+            state["d_optimizer"] = d_opt.state_dict()
+        _save_checkpoint(ckpt_path, state)
+
+    t_run = time.perf_counter()
+    t_last, acc, n_acc = t_run, {}, 0
+    for batch in loader:
+        lr, hr = batch["lr"].to(device), batch["hr"].to(device)
+        lrc, ref = batch["lrc"].to(device), batch["ref"].to(device)
+        sr, aux = model(lr, lrc, ref, return_aux=True)
+        loss, terms = loss_fn(sr, hr, aux.get("mask_prob_lr"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        opt.step()
+        if d_opt is not None:
+            d_loss = loss_fn.discriminator_loss(sr, hr)
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            terms["adv_d"] = float(d_loss)
+        sched.step()
+        step += 1
+        if aux.get("mask_lr") is not None:
+            terms["mask_active"] = float(aux["mask_lr"].detach().float().mean())
+        for k, v in terms.items():
+            acc[k] = acc.get(k, 0.0) + v
+        n_acc += 1
+        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+            now = time.perf_counter()
+            rec = {"step": step, "lr": sched.get_last_lr()[0], "loss": terms["total"]}
+            rec.update({f"avg_{k}": v / n_acc for k, v in acc.items()})
+            rec["step_s"] = (now - t_last) / n_acc
+            rec["elapsed_s"] = now - t_run
+            log(rec)
+            t_last, acc, n_acc = now, {}, 0
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpoint()
+        if val_pairs and (step % cfg.val_every == 0 or step == cfg.steps):
+            t0 = time.perf_counter()
+            rec = {"step": step, **validate(model, val_pairs, str(device))}
+            rec["val_s"] = time.perf_counter() - t0
+            log(rec)
+            t_last += rec["val_s"]
+    logf.close()
+    export = Path(cfg.export) if cfg.export else out / "weights.safetensors"
+    return _export(model, export, mcfg)
+
+
+def _export(model: torch.nn.Module, path: Path, mcfg: ModelConfig) -> Path:
+    try:
+        from .weights import save_weights
+    except ImportError:  # weights.py not there: write the same format directly
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(
+            state,
+            str(path),
+            metadata={"config": json.dumps(mcfg.to_dict()), "format": "sddusr-engine"},
+        )
+        return path
+    return save_weights(model, path, mcfg)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    out: dict[str, Any] = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or k not in types:
+            raise SystemExit(f"--model expects KEY=VALUE with KEY a ModelConfig field, got {it!r}")
+        t = str(types[k])
+        if "bool" in t:
+            out[k] = v.lower() in ("1", "true", "yes", "on")
+        elif "int" in t:
+            out[k] = int(v)
+        elif "float" in t:
+            out[k] = float(v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m sddusr_engine.train", description=__doc__.split("\n")[0]
+    )
+    d = TrainConfig(data="", out="")
+    ap.add_argument("--data", required=True, help="dataset root in the KeDuSR layout")
+    ap.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, weights")
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--crop", type=int, default=d.crop)
+    ap.add_argument("--ctx", type=int, default=None)
+    ap.add_argument("--p-center", type=float, default=d.p_center)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--lr-min", type=float, default=d.lr_min)
+    ap.add_argument("--warmup", type=int, default=d.warmup)
+    ap.add_argument("--grad-clip", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--device", default=d.device)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=d.workers)
+    ap.add_argument("--variant", default=d.variant, choices=("sddusr", "kedusr"))
+    ap.add_argument(
+        "--model",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ModelConfig overrides, e.g. channels=32 trunk_groups=2",
+    )
+    ap.add_argument("--mask-weight", type=float, default=d.mask_weight)
+    ap.add_argument("--vgg19", default=None, help="VGG19 weights file: turns on L_per")
+    ap.add_argument("--adversarial", action="store_true", help="turn on the RaGAN term")
+    ap.add_argument("--log-every", type=int, default=d.log_every)
+    ap.add_argument("--val-every", type=int, default=d.val_every)
+    ap.add_argument("--val-limit", type=int, default=None)
+    ap.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--export", default=None)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    a = build_parser().parse_args(argv)
+    cfg = TrainConfig(
+        data=a.data,
+        out=a.out,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        crop=a.crop,
+        ctx=a.ctx,
+        p_center=a.p_center,
+        lr=a.lr,
+        lr_min=a.lr_min,
+        warmup=a.warmup,
+        grad_clip=a.grad_clip,
+        seed=a.seed,
+        device=a.device,
+        threads=a.threads,
+        workers=a.workers,
+        variant=a.variant,
+        model=_parse_overrides(a.model),
+        mask_weight=a.mask_weight,
+        vgg19=a.vgg19,
+        adversarial=a.adversarial,
+        log_every=a.log_every,
+        val_every=a.val_every,
+        val_limit=a.val_limit,
+        ckpt_every=a.ckpt_every,
+        resume=not a.no_resume,
+        export=a.export,
+    )
+    path = train(cfg)
+    print(f"weights: {path}", file=sys.stderr)
+    return path
+
+
+if __name__ == "__main__":
+    main()

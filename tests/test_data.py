@@ -1,0 +1,215 @@
+"""Data: licence lookup, photo fetching (from a locally built .deb), pair maker, both layouts,
+the training Dataset. Tiny synthetic images only; nothing is downloaded."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sddusr_engine.data import (
+    BOX_FILE,
+    DualLensDataset,
+    fetch_photos,
+    license_for,
+    load_pairs,
+    make_pair,
+    parse_dep5,
+    prepare_pairs,
+)
+
+COPYRIGHT = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: test
+
+Files: *
+Copyright: The Authors
+License: BSD-3-clause
+
+Files: 16.04/Bridge_by_Someone.jpg
+Copyright: 2018, Someone
+License: CC-BY-SA-4.0
+
+Files: nature/*.jpg
+Copyright: 2008, A Person <a@b.c>
+           2009, Another
+License: GPL-2+
+ This program is free software.
+"""
+
+
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth random image with some texture: float32 [h,w,3] in [0,1]."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 1, size=(h // 16 + 2, w // 16 + 2, 3)).astype(np.float32)
+    img = np.asarray(Image.fromarray((base * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC))
+    img = img.astype(np.float32) / 255.0
+    return np.clip(img + 0.15 * rng.standard_normal((h, w, 3)).astype(np.float32), 0, 1)
+
+
+def test_dep5_licence_lookup():
+    st = parse_dep5(COPYRIGHT)
+    assert [s.license for s in st] == ["BSD-3-clause", "CC-BY-SA-4.0", "GPL-2+"]
+    assert st[2].copyright == "2008, A Person <a@b.c>\n2009, Another"
+    # source path 16.04/X installed as usr/share/backgrounds/X: matched by file name
+    assert license_for(st, "usr/share/backgrounds/Bridge_by_Someone.jpg").license == "CC-BY-SA-4.0"
+    assert license_for(st, "usr/share/backgrounds/mate/nature/Aqua.jpg").license == "GPL-2+"
+    assert license_for(st, "usr/share/x/flower.png").license == "BSD-3-clause"
+    assert license_for(parse_dep5("Files: a.jpg\nLicense: MIT\n"), "b.jpg") is None
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_fetch_photos_from_a_local_deb(tmp_path):
+    pkg = "sddusr-test-photos"
+    root = tmp_path / "build" / pkg
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN/control").write_text(
+        f"Package: {pkg}\nVersion: 1.0-1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: t\n"
+    )
+    (root / "usr/share/backgrounds/nature").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "usr/share/backgrounds/nature/a.jpg")
+    (root / f"usr/share/doc/{pkg}").mkdir(parents=True)
+    (root / f"usr/share/doc/{pkg}/copyright").write_text(COPYRIGHT)
+    cache = tmp_path / "cache"
+    (cache / "debs").mkdir(parents=True)
+    deb = cache / "debs" / f"{pkg}_1.0-1_all.deb"
+    subprocess.run(["dpkg-deb", "--build", str(root), str(deb)], check=True, capture_output=True)
+    m = json.loads(fetch_photos(cache, packages=[pkg]).read_text())
+    assert m["packages"][pkg]["version"] == "1.0-1"
+    (ph,) = m["photos"]
+    assert ph["id"] == f"{pkg}/a.jpg" and ph["license"] == "GPL-2+"
+    assert ph["path"].endswith("usr/share/backgrounds/nature/a.jpg")
+
+
+def test_make_pair_geometry_and_determinism():
+    src = _photo(300, 420)
+    a = make_pair(src, np.random.default_rng(5))
+    b = make_pair(src, np.random.default_rng(5))
+    H, W = a["hr"].shape[:2]
+    assert (H, W) == (144, 208)  # (150, 210) floored to multiples of 8
+    assert a["lr"].shape == (H // 2, W // 2, 3)
+    y0, y1, x0, x1 = a["box"]
+    assert (y1 - y0) % 4 == 0 and (x1 - x0) % 4 == 0 and y0 % 2 == 0 and x0 % 2 == 0
+    assert a["lrc"].shape[:2] == ((y1 - y0) // 2, (x1 - x0) // 2)
+    assert a["lrc"].shape[0] % 2 == 0 and a["lrc"].shape[1] % 2 == 0
+    np.testing.assert_array_equal(a["lrc"], a["lr"][y0 // 2 : y1 // 2, x0 // 2 : x1 // 2])
+    assert a["ref"].shape[:2] == (y1 - y0, x1 - x0)
+    for k in ("hr", "lr", "ref", "tele"):
+        np.testing.assert_array_equal(a[k], b[k])
+    p = a["params"]
+    assert 1.9 <= p.tele_zoom <= 2.1 and abs(p.residual_rot_deg) <= 1.0
+    # Ref shows the centre of the scene: it correlates with the HR centre far better than with
+    # the centre mirrored, and it is not the HR itself.
+    c = a["hr"][y0:y1, x0:x1].astype(np.float64)
+    r = a["ref"].astype(np.float64)
+    corr = lambda u, v: np.corrcoef(u.ravel(), v.ravel())[0, 1]
+    assert corr(c, r) > 0.6
+    assert corr(c, r) > corr(c[::-1, ::-1], r) + 0.3
+    assert np.abs(c - r).mean() > 1.0
+
+
+def _fake_photo_manifest(tmp_path, n=5):
+    photos = []
+    for i in range(n):
+        p = tmp_path / "photos" / f"p{i}.png"
+        p.parent.mkdir(exist_ok=True, parents=True)
+        Image.fromarray((_photo(200 + 8 * i, 264, seed=i) * 255).astype(np.uint8)).save(p)
+        photos.append(
+            {"id": f"pkg/p{i}.png", "package": "pkg", "path": str(p), "license": "CC0-1.0"}
+        )
+    pm = tmp_path / "photos.json"
+    pm.write_text(json.dumps({"photos": photos, "packages": {"pkg": {"version": "1"}}}))
+    return pm
+
+
+def test_prepare_pairs_layout_split_and_reader(tmp_path):
+    pm = _fake_photo_manifest(tmp_path)
+    out = tmp_path / "pairs"
+    man = json.loads(prepare_pairs(pm, out, seed=3, train_crops=1, crop_hr=(48, 64)).read_text())
+    assert [p["split"] for p in man["photos"]] == ["train", "train", "test", "train", "train"]
+    assert all(p["license"] == "CC0-1.0" for p in man["photos"])
+    test_names = sorted(p.name for p in (out / "test" / "HR").iterdir())
+    assert test_names == ["p2_0.png"]
+    assert len(list((out / "train" / "HR").iterdir())) == 8  # 4 photos x (whole + 1 crop)
+    boxes = json.loads((out / BOX_FILE).read_text())
+    assert set(boxes) == {p["name"] for p in man["pairs"]}
+    for split in ("train", "test"):
+        for sub in ("LR", "HR", "LR_center", "Ref_SIFT"):
+            assert (out / split / sub).is_dir()
+    (t,) = load_pairs(out, "test")
+    assert t.name == "p2_0.png" and t.box == boxes["p2_0.png"]
+    y0, y1, x0, x1 = t.box
+    np.testing.assert_array_equal(t.lrc, t.lr[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2])
+    assert t.ref.shape[:2] == (y1 - y0, x1 - x0) and t.hr.shape[0] == 2 * t.lr.shape[0]
+    # same seed, same data
+    out2 = tmp_path / "pairs2"
+    prepare_pairs(pm, out2, seed=3, train_crops=1, crop_hr=(48, 64))
+    a = np.asarray(Image.open(out / "test" / "Ref_SIFT" / "p2_0.png"))
+    b = np.asarray(Image.open(out2 / "test" / "Ref_SIFT" / "p2_0.png"))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_published_train_layout(tmp_path):
+    """KeDuSR train layout: LR, HR, Ref_full (not on the 2xLRC grid) + a JSON of boxes."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "DuSR" / "train"
+    for sub in ("LR", "HR", "Ref_full"):
+        (d / sub).mkdir(parents=True)
+    lr = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(lr).save(d / "LR" / "0001.png")
+    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(d / "HR" / "0001.png")
+    Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(
+        d / "Ref_full" / "0001.png"
+    )
+    (tmp_path / "DuSR" / "train_center.json").write_text(json.dumps({"0001.png": [16, 48, 24, 72]}))
+    (tmp_path / "DuSR" / "notes.json").write_text(json.dumps({"about": "not boxes"}))
+    (t,) = load_pairs(tmp_path / "DuSR", "train")
+    np.testing.assert_array_equal(t.lrc, lr[8:24, 12:36])
+    assert t.ref.shape == (32, 48, 3)
+    with pytest.raises(FileNotFoundError, match="LR/ and HR/"):
+        load_pairs(tmp_path / "DuSR", "test")
+
+
+def test_dataset_crops(tmp_path):
+    pm = _fake_photo_manifest(tmp_path, n=3)
+    prepare_pairs(pm, tmp_path / "pairs", seed=0, train_crops=0)
+    pairs = load_pairs(tmp_path / "pairs", "train")
+    ds = DualLensDataset(pairs, crop=24, ctx=16, seed=7, p_center=1.0, augment=False)
+    a, b = ds[11], ds[11]
+    assert a["lr"].shape == (3, 24, 24) and a["hr"].shape == (3, 48, 48)
+    assert a["lrc"].shape == (3, 16, 16) and a["ref"].shape == (3, 32, 32)
+    assert a["lr"].is_contiguous() and a["lr"].dtype == torch.float32
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert not torch.equal(ds[12]["lr"], a["lr"])
+    # with p_center=1 and no augmentation the context crop lies inside... the LR crop overlaps it:
+    # find the LRC crop inside the LR crop's image by brute force on one sample
+    t = pairs[0]
+    ds1 = DualLensDataset([t], crop=24, ctx=16, seed=1, p_center=1.0, augment=False)
+    for k in range(5):
+        it = ds1[k]
+        lr = (it["lr"] * 255).round().byte().permute(1, 2, 0).numpy()
+        lrc = (it["lrc"] * 255).round().byte().permute(1, 2, 0).numpy()
+        H, W = t.lr.shape[:2]
+        hits = [
+            (y, x)
+            for y in range(H - 23)
+            for x in range(W - 23)
+            if np.array_equal(t.lr[y : y + 24, x : x + 24], lr)
+        ]
+        chits = [
+            (y, x)
+            for y in range(H - 15)
+            for x in range(W - 15)
+            if np.array_equal(t.lr[y : y + 16, x : x + 16], lrc)
+        ]
+        (y, x), (cy, cx) = hits[0], chits[0]
+        assert min(y + 24, cy + 16) - max(y, cy) >= 8 and min(x + 24, cx + 16) - max(x, cx) >= 8
+    aug = DualLensDataset(pairs, crop=24, ctx=16, seed=7)
+    assert aug[3]["hr"].shape == (3, 48, 48)
+    with pytest.raises(ValueError, match="smaller than"):
+        DualLensDataset(pairs, crop=4096)
+    with pytest.raises(ValueError, match="even"):
+        DualLensDataset(pairs, crop=24, ctx=15)
