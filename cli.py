@@ -119,6 +119,11 @@ def _user_message(e: BaseException) -> tuple[str, int] | None:
 _STATE = {"debug": False}  # set by the root callback for the command that follows
 
 
+def _describe(e: BaseException) -> str:
+    known = _user_message(e)
+    return known[0] if known else f"{type(e).__name__}: {e}"
+
+
 def guarded(fn):
     """Turn the project's user errors into one red sentence on stderr and a non-zero exit."""
 
@@ -516,6 +521,7 @@ def batch(
         close_dist,
         discover_pairs,
         dist_context,
+        first_error,
         gather_results,
         run_batch,
         shard,
@@ -538,8 +544,20 @@ def batch(
                 dev = f"cuda:{ctx.local_rank}"
         lead = ctx.rank == 0
         console = err if lead else Console(stderr=True, quiet=True)
+        eng, load_error = None, None
         with console.status("loading the network..."):
-            eng = _load_engine(weights, dev, precision, backend, tile)
+            try:
+                eng = _load_engine(weights, dev, precision, backend, tile)
+            except Exception as e:  # noqa: BLE001 - shared with the other ranks below
+                if ctx.world <= 1:
+                    raise
+                load_error = e
+        # Under torchrun a rank that cannot load must not leave the others waiting in a gather.
+        problem = first_error(ctx, None if load_error is None else _describe(load_error))
+        if problem is not None:
+            if load_error is not None:
+                raise load_error
+            raise CLIError(f"another rank could not start: {problem}")
         where = (
             f" (rank {ctx.rank}/{ctx.world}: {len(mine)} of {len(jobs)} pairs)"
             if ctx.world > 1

@@ -40,6 +40,7 @@ __all__ = [
     "PairResult",
     "discover_pairs",
     "dist_context",
+    "first_error",
     "find_boxes",
     "gather_results",
     "run_batch",
@@ -232,6 +233,17 @@ def gather_results(results: list[PairResult], ctx: DistContext) -> list[PairResu
     dist.all_gather_object(parts, [r.to_dict() for r in results])
     merged = [PairResult(**d) for part in parts for d in (part or [])]
     return sorted(merged, key=lambda r: r.name)
+
+
+def first_error(ctx: DistContext, error: str | None) -> str | None:
+    """Every rank says whether it hit `error`; returns the lowest rank's error, or None."""
+    if ctx.world <= 1:
+        return error
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * ctx.world
+    dist.all_gather_object(parts, error)
+    return next((p for p in parts if p), None)
 
 
 def close_dist(ctx: DistContext) -> None:
