@@ -310,7 +310,10 @@ def _map_images(info, lr_shape) -> dict[str, Any]:
             wk = max(1, (info.box[3] - info.box[2]) // 2)
         wk = max(wk, 1)
         valid = idx >= 0
-        hk = max(1, int(idx.max()) // wk + 1) if valid.any() else 1
+        if info.box is not None:
+            hk = max(1, (info.box[1] - info.box[0]) // 2)
+        else:
+            hk = max(1, int(idx.max()) // wk + 1) if valid.any() else 1
         rgb = np.zeros((*idx.shape, 3), np.uint8)
         # red = matched key's x, green = its y across the LRC grid, blue = 128 where matched
         rgb[..., 0] = np.where(valid, np.rint(255 * (idx % wk) / max(wk - 1, 1)), 0)
