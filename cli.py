@@ -406,7 +406,11 @@ def sr(
     backend: BackendOpt = Backend.auto,
     tile: TileOpt = 256,
     no_reference_ok: Annotated[
-        bool, typer.Option(help="If the telephoto cannot be located, enlarge without it (warns).")
+        bool,
+        typer.Option(
+            "--no-reference-ok",
+            help="If the telephoto cannot be located, enlarge without it (warns).",
+        ),
     ] = False,
     save_maps: Annotated[
         Path | None, typer.Option(help="Folder for mask_lr/mask_lrc/confidence/index PNGs.")
@@ -506,10 +510,15 @@ def batch(
     precision: PrecisionOpt = Precision.auto,
     backend: BackendOpt = Backend.auto,
     tile: TileOpt = 256,
-    overwrite: Annotated[bool, typer.Option(help="Redo pairs whose output exists.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo pairs whose output exists.")
+    ] = False,
     ext: Annotated[str, typer.Option(help="Output format: png, tif or jpg.")] = "png",
     no_reference_ok: Annotated[
-        bool, typer.Option(help="Enlarge pairs whose telephoto cannot be located without it.")
+        bool,
+        typer.Option(
+            "--no-reference-ok", help="Enlarge pairs whose telephoto cannot be located without it."
+        ),
     ] = False,
     report: Annotated[
         Path | None,
