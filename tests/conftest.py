@@ -17,8 +17,7 @@ if not _has_cuda:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from support import GOLDEN_DIR  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +43,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A tiny random `sddusr` network saved as this project's safetensors."""
+    from support import TINY
+
+    from sddusr_engine.model.network import build_model
+    from sddusr_engine.weights import save_weights
+
+    torch.manual_seed(0)
+    return save_weights(
+        build_model("sddusr", **TINY), tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    )

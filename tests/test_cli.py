@@ -8,38 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from support import TINY, invoke
 
-from sddusr_engine.cli import app
 from sddusr_engine.io import read_image, write_image
 from sddusr_engine.model.network import build_model
 from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
-from sddusr_engine.weights import save_weights
 
-TINY = dict(
-    channels=16,
-    trunk_groups=1,
-    trunk_blocks=1,
-    encoder_blocks=1,
-    decoder_blocks=1,
-    tokens=8,
-    token_dim=16,
-    mask_hidden=8,
-)
 COMMANDS = ("demo", "sr", "batch", "eval", "profile", "convert", "train")
-runner = CliRunner()
-
-
-def invoke(*args, **env):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **env})
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_weights(
-        build_model("sddusr", **TINY), tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    )
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,18 @@
 import numpy as np
 import pytest
 import torch
+from support import TINY as _SHARED_TINY
 
 from sddusr_engine import build_model
 from sddusr_engine.engine import Engine, EngineError
 from sddusr_engine.registration import FootprintNotFoundError
 from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
 
-TINY = dict(
-    channels=16,
-    trunk_groups=1,
-    trunk_blocks=2,
-    encoder_blocks=1,
-    decoder_blocks=2,
-    tokens=8,
-    token_dim=16,
-    mask_hidden=8,
-)
+TINY = {
+    **_SHARED_TINY,
+    "trunk_blocks": 2,
+    "decoder_blocks": 2,
+}  # deeper than the shared one: halos and group counts
 
 
 class _HalfMask(torch.nn.Module):

@@ -9,38 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
+from support import invoke
 
-from sddusr_engine.cli import app
 from sddusr_engine.engine import Engine
 from sddusr_engine.io import to_tensor, write_image
-from sddusr_engine.model.network import build_model
-from sddusr_engine.weights import save_weights
 
-TINY = dict(
-    channels=16,
-    trunk_groups=1,
-    trunk_blocks=1,
-    encoder_blocks=1,
-    decoder_blocks=1,
-    tokens=8,
-    token_dim=16,
-    mask_hidden=8,
-)
 BOX = [16, 48, 24, 72]  # HR pixels: y0, y1, x0, x1 (LRC = LR[8:24, 12:36])
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_weights(
-        build_model("sddusr", **TINY), tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    )
 
 
 @pytest.fixture(scope="module")

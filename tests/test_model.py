@@ -3,21 +3,11 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import GOLDEN_DIR, TINY
 
 from sddusr_engine import build_model
 from sddusr_engine.kernels import get_ops
 from sddusr_engine.model.matching import dense_match_train, sparse_match, warp_by_index
-
-TINY = dict(
-    channels=16,
-    trunk_groups=1,
-    trunk_blocks=1,
-    encoder_blocks=1,
-    decoder_blocks=1,
-    tokens=8,
-    token_dim=16,
-    mask_hidden=8,
-)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,9 +22,7 @@ def triplet(h=32, w=48, hc=16, wc=24, b=1):
 
 
 @pytest.fixture(scope="module")
-def golden(request):
-    from tests.conftest import GOLDEN_DIR
-
+def golden():
     if not GOLDEN_DIR.is_dir():
         pytest.skip(f"golden vectors not found at {GOLDEN_DIR}")
     weights = load_file(str(GOLDEN_DIR / "kedusr_random_weights.safetensors"))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from support import TINY as _SHARED_TINY
 
 from sddusr_engine import build_model
 from sddusr_engine.engine import Engine
@@ -16,16 +17,11 @@ from sddusr_engine.weights import (
     save_weights,
 )
 
-TINY = dict(
-    channels=16,
-    trunk_groups=2,
-    trunk_blocks=2,
-    encoder_blocks=1,
-    decoder_blocks=1,
-    tokens=8,
-    token_dim=16,
-    mask_hidden=8,
-)
+TINY = {
+    **_SHARED_TINY,
+    "trunk_groups": 2,
+    "trunk_blocks": 2,
+}  # deeper than the shared one: halos and group counts
 
 
 def _inputs():
