@@ -189,9 +189,10 @@ def test_bad_options_are_clear():
         eng.run(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 16, 16), torch.rand(1, 3, 30, 32))
 
 
-def test_triton_backend_matches_torch_under_interpreter():
+@pytest.mark.parametrize("tile", [0, 32])
+def test_triton_backend_matches_torch_under_interpreter(tile):
     model = tiny_model("sddusr")
-    lr, lrc, ref = torch.rand(1, 3, 24, 32), torch.rand(1, 3, 12, 16), torch.rand(1, 3, 24, 32)
+    lr, lrc, ref = torch.rand(1, 3, 40, 44), torch.rand(1, 3, 12, 16), torch.rand(1, 3, 24, 32)
     want = Engine(model, "cpu", "fp32", "torch", tile=0).run(lr, lrc, ref)
-    got = Engine(model, "cpu", "fp32", "triton", tile=0).run(lr, lrc, ref)
+    got = Engine(model, "cpu", "fp32", "triton", tile=tile).run(lr, lrc, ref)
     assert (got - want).abs().max().item() <= 1e-4
