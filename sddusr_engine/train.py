@@ -173,6 +173,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _zero_output_conv(model: torch.nn.Module) -> None:
+    """With `global_skip` the output is bicubic(LR) + decoder: zeroing the decoder's last conv
+    makes the untrained network exactly bicubic, so training starts from the baseline."""
+    tail = getattr(model, "decoder_tail", None)
+    convs = [m for m in tail.modules() if isinstance(m, torch.nn.Conv2d)] if tail else []
+    if convs:
+        with torch.no_grad():
+            convs[-1].weight.zero_()
+            if convs[-1].bias is not None:
+                convs[-1].bias.zero_()
+
+
 def model_config_of(cfg: TrainConfig) -> ModelConfig:
     return get_config(cfg.variant, **cfg.model)
 
@@ -198,6 +210,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
 
     mcfg = model_config_of(cfg)
     model = build_model(cfg.variant, **cfg.model).to(device).train()
+    if getattr(mcfg, "global_skip", False):
+        _zero_output_conv(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg))
