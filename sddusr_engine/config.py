@@ -32,6 +32,10 @@ class ModelConfig:
     tokens: int = 128  # N
     token_dim: int = 64  # d
     scale: int = 2
+    # Add bicubic(LR) to the decoder's output (the last conv starts at zero, so an untrained
+    # network is bicubic). Not in the paper or the published code (both False); the project's
+    # shipped weights use it because it makes a short CPU training budget useful.
+    global_skip: bool = False
     # Channel order the weights were trained with: KeDuSR's release was trained on BGR images.
     channel_order: str = "rgb"
 

@@ -31,7 +31,13 @@ import torch
 from . import io as imageio
 from .kernels import HAS_TRITON
 from .model.matching import MaskGenerator, sparse_match, warp_by_index
-from .model.network import DualLensSR, MatchResult, ReferenceContext, pad_to_even
+from .model.network import (
+    DualLensSR,
+    MatchResult,
+    ReferenceContext,
+    pad_to_even,
+    upsample_bicubic,
+)
 from .weights import load_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -343,7 +349,9 @@ class Engine:
             with timer("fusion_statistics"):
                 acc = torch.zeros(m.config.fusion_channels, device=self.device, dtype=torch.float32)
                 for ys, xs in out_spans:
-                    fused, _, inner = self._fusion_input(feat, ctx, conf, index, ys, xs, halo)
+                    fused, _, _, inner = self._fusion_input(
+                        lr, feat, ctx, conf, index, ys, xs, halo
+                    )
                     gated = m.AdaFuison.gated(fused)[inner]
                     acc += gated.float().sum(dim=(0, 2, 3))
                     tick()
@@ -352,36 +360,40 @@ class Engine:
         with timer("decode"):
             sr = torch.empty(1, 3, 2 * hp, 2 * wp, dtype=self.dtype, device=self.device)
             for ys, xs in out_spans:
-                fused, f_lr, inner = self._fusion_input(feat, ctx, conf, index, ys, xs, halo)
-                out = m.decode(m.AdaFuison(fused, pooled), f_lr)
+                fused, f_lr, lr_up, inner = self._fusion_input(
+                    lr, feat, ctx, conf, index, ys, xs, halo
+                )
+                out = m.decode(m.AdaFuison(fused, pooled), f_lr, lr_up)
                 sr[..., ys[0] : ys[1], xs[0] : xs[1]] = out[inner]
                 tick()
 
         self._record(info, stats, q_mask, ctx, conf, index, keep_maps)
         return sr[..., : 2 * h, : 2 * w]
 
-    def _fusion_input(self, feat, ctx: ReferenceContext, conf, index, ys, xs, halo):
+    def _fusion_input(self, lr, feat, ctx: ReferenceContext, conf, index, ys, xs, halo):
         """The fusion block's input for output rows ys, cols xs (+ halo, clipped to the image).
 
-        Returns (fused, f_lr, inner) where `inner` slices the requested span out of the region.
+        Returns (fused, f_lr, lr_up, inner): `lr_up` is the bicubic x2 of LR for `global_skip`
+        (else None) and `inner` slices the requested span out of the region.
         """
         m = self.model
         hp, wp = feat.shape[-2:]
         # region in output pixels, aligned to 4 (one matching cell = 4 output pixels)
         y0, y1 = max(ys[0] - halo, 0), min(ys[1] + halo, 2 * hp)
         x0, x1 = max(xs[0] - halo, 0), min(xs[1] + halo, 2 * wp)
-        # the upsampler's 3x3 conv needs one LR pixel of context around the region
-        a0, a1 = max(y0 // 2 - 1, 0), min(y1 // 2 + 1, hp)
-        b0, b1 = max(x0 // 2 - 1, 0), min(x1 // 2 + 1, wp)
-        f_lr = m.upsample(feat[..., a0:a1, b0:b1])
-        f_lr = f_lr[..., y0 - 2 * a0 : y1 - 2 * a0, x0 - 2 * b0 : x1 - 2 * b0]
+        # the upsampler's 3x3 conv needs one LR pixel of context, bicubic x2 two
+        a0, a1 = max(y0 // 2 - 2, 0), min(y1 // 2 + 2, hp)
+        b0, b1 = max(x0 // 2 - 2, 0), min(x1 // 2 + 2, wp)
+        crop = (..., slice(y0 - 2 * a0, y1 - 2 * a0), slice(x0 - 2 * b0, x1 - 2 * b0))
+        f_lr = m.upsample(feat[..., a0:a1, b0:b1])[crop]
+        lr_up = upsample_bicubic(lr[..., a0:a1, b0:b1])[crop] if m.config.global_skip else None
         cells = (slice(y0 // 4, y1 // 4), slice(x0 // 4, x1 // 4))
         idx = index[:, cells[0], cells[1]]
         warp_sum = warp_by_index(ctx.f_ref_align, idx, m.ops.patch_warp)
         match = MatchResult(warp_sum, conf[:, :, cells[0], cells[1]], idx, None, None)
         fused = m.fusion_input(f_lr, match, ctx)
         inner = (..., slice(ys[0] - y0, ys[1] - y0), slice(xs[0] - x0, xs[1] - x0))
-        return fused, f_lr, inner
+        return fused, f_lr, lr_up, inner
 
     def _record(self, info: RunInfo, stats, q_mask, ctx, conf, index, keep_maps) -> None:
         dense = stats["queries"] * stats["keys"]

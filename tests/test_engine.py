@@ -196,3 +196,18 @@ def test_triton_backend_matches_torch_under_interpreter(tile):
     want = Engine(model, "cpu", "fp32", "torch", tile=0).run(lr, lrc, ref)
     got = Engine(model, "cpu", "fp32", "triton", tile=tile).run(lr, lrc, ref)
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_global_skip_starts_at_bicubic_and_tiles_exactly():
+    torch.manual_seed(0)
+    model = build_model("sddusr", global_skip=True, **TINY).eval()
+    model.mask_generator.forward = _HalfMask().forward
+    lr, lrc, ref = torch.rand(1, 3, 70, 90), torch.rand(1, 3, 30, 40), torch.rand(1, 3, 60, 80)
+    bicubic = torch.nn.functional.interpolate(lr, scale_factor=2, mode="bicubic").clamp(0, 1)
+    whole = Engine(model, "cpu", "fp32", "torch", tile=0).run(lr, lrc, ref)
+    assert (whole - bicubic).abs().max().item() < 1e-6  # zero-initialised last conv
+    with torch.no_grad():  # make the learned part non-zero, then compare tiled with whole
+        model.decoder_tail[-1].weight.normal_(0, 0.05)
+    want = whole_image(model, lr, lrc, ref)
+    got = Engine(model, "cpu", "fp32", "torch", tile=32).run(lr, lrc, ref)
+    assert (got - want).abs().max().item() <= 1e-4

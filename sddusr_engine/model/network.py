@@ -98,6 +98,9 @@ class DualLensSR(nn.Module):
         self.fusion_tail = nn.Sequential(conv3x3(config.fusion_channels, n), nn.LeakyReLU(0.2))
         self.decoder = ResList(n, config.decoder_blocks)
         self.decoder_tail = nn.Sequential(conv3x3(n, n // 2), nn.LeakyReLU(0.2), conv3x3(n // 2, 3))
+        if config.global_skip:  # start as exactly bicubic
+            nn.init.zeros_(self.decoder_tail[-1].weight)
+            nn.init.zeros_(self.decoder_tail[-1].bias)
 
     # -- kernels --------------------------------------------------------------------------------
     def use_kernels(self, backend: str) -> DualLensSR:
@@ -173,9 +176,11 @@ class DualLensSR(nn.Module):
         f_dict = self.tdl.learn(f_lr, ctx.dicts, self.ops.attention)
         return torch.cat([f_lr, gate * hf, f_dict], dim=1)  # paper eq. 1
 
-    def decode(self, fused: torch.Tensor, f_lr: torch.Tensor) -> torch.Tensor:
+    def decode(self, fused: torch.Tensor, f_lr: torch.Tensor, lr_up: torch.Tensor | None = None):
+        """Fused features -> image; `lr_up` (bicubic x2 of LR) is added with `global_skip`."""
         x = self.fusion_tail(fused)
-        return self.decoder_tail(self.decoder(x) + f_lr)
+        out = self.decoder_tail(self.decoder(x) + f_lr)
+        return out + lr_up if self.config.global_skip else out
 
     # -- whole image ----------------------------------------------------------------------------
     def forward(self, lr, lrc, ref, return_aux: bool = False):
@@ -190,7 +195,8 @@ class DualLensSR(nn.Module):
         m = self.match(lr, ctx)
         fused = self.fusion_input(f_lr, m, ctx)
         block_out = self.AdaFuison(fused)
-        sr = self.decode(block_out, f_lr)[..., : 2 * h, : 2 * w]
+        lr_up = upsample_bicubic(lr) if self.config.global_skip else None
+        sr = self.decode(block_out, f_lr, lr_up)[..., : 2 * h, : 2 * w]
         if not return_aux:
             return sr
         aux: dict[str, Any] = {
@@ -208,6 +214,10 @@ class DualLensSR(nn.Module):
             aux["mask_lr"] = m.mask
             aux["mask_lrc"] = ctx.key_mask
         return sr, aux
+
+
+def upsample_bicubic(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
 
 
 def pad_to_even(x: torch.Tensor) -> torch.Tensor:
