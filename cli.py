@@ -872,38 +872,24 @@ def _kernel_rows(device, dtype, lr_hw, repeats: int, backends: list[str], peaks)
     return rows
 
 
-@contextlib.contextmanager
 def _per_stage_counts(fc, device, flops: dict, memory: dict):
-    """While active, the engine's stage timer also records each stage's FLOPs (from the counter
-    `fc`) and, on CUDA, its peak memory. Best effort: the timer is an engine internal."""
+    """A stage hook for `Engine.run`: records each stage's FLOPs (from the counter `fc`) and, on
+    CUDA, its peak memory."""
     import torch
 
-    from sddusr_engine import engine as engine_mod
-
-    timer = getattr(engine_mod, "_StageTimer", None)
-    if timer is None:
-        yield
-        return
-    original = timer.__call__
-
     @contextlib.contextmanager
-    def counting(self, stage):
+    def hook(stage):
         f0 = fc.get_total_flops()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        with original(self, stage):
-            yield
+        yield
         flops[stage] = flops.get(stage, 0) + fc.get_total_flops() - f0
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**20
             memory[stage] = max(memory.get(stage, 0.0), peak)
 
-    timer.__call__ = counting
-    try:
-        yield
-    finally:
-        timer.__call__ = original
+    return hook
 
 
 def _pipeline_rows(eng, lr_hw, repeats: int, peaks) -> tuple[list[dict], dict]:
@@ -940,8 +926,8 @@ def _pipeline_rows(eng, lr_hw, repeats: int, peaks) -> tuple[list[dict], dict]:
     for p in eng.model.parameters():
         p.requires_grad_(False)
     try:
-        with FlopCounterMode(display=False) as fc, _per_stage_counts(fc, dev, flops, memory):
-            eng.run(lr, lrc, ref)
+        with FlopCounterMode(display=False) as fc:
+            eng.run(lr, lrc, ref, stage_hook=_per_stage_counts(fc, dev, flops, memory))
         total_flops = float(fc.get_total_flops())
     except Exception:  # noqa: BLE001 - the FLOP counter is best effort
         flops, total_flops = {}, 0.0

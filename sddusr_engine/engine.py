@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -78,16 +78,23 @@ class RunInfo:
         return d
 
 
+StageHook = Callable[[str], AbstractContextManager]
+
+
 class _StageTimer:
-    def __init__(self, device: torch.device, timings: dict[str, float]):
-        self.device, self.timings = device, timings
+    """Times each stage (synchronising the device); `hook(stage)`, if given, wraps the stage too
+    (the profiler counts FLOPs and peak memory per stage with it)."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float], hook: StageHook | None):
+        self.device, self.timings, self.hook = device, timings, hook
 
     @contextmanager
     def __call__(self, stage: str):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        yield
+        with self.hook(stage) if self.hook is not None else nullcontext():
+            yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[stage] = self.timings.get(stage, 0.0) + 1e3 * (time.perf_counter() - t0)
@@ -175,11 +182,13 @@ class Engine:
         progress: Progress | None = None,
         return_info: bool = False,
         keep_maps: bool = False,
+        stage_hook: StageHook | None = None,
     ):
         """Super-resolve a pre-aligned triplet (LR, its centre crop LRC, Ref at 2x LRC's size).
 
         Images as PIL images or RGB uint8/uint16 arrays give an array of LR's bit depth; RGB
         float tensors [1,3,H,W] in [0,1] give a tensor. lrc = ref = None switches the reference off.
+        `stage_hook(stage)` returns a context manager entered around each stage (for profilers).
         """
         if (lrc is None) != (ref is None):
             raise EngineError("give both LRC and Ref, or neither (to run without the reference).")
@@ -201,7 +210,7 @@ class Engine:
                     f"Ref must be exactly twice the size of LRC and LRC's sides even: LRC is "
                     f"{hc}x{wc}, Ref is {tensors[2].shape[-2]}x{tensors[2].shape[-1]}."
                 )
-        sr, info = self._run_tensors(*tensors, progress=progress, keep_maps=keep_maps)
+        sr, info = self._run_tensors(*tensors, progress, keep_maps, stage_hook)
         out = sr if as_tensor else imageio.from_tensor(sr, bit_depth)
         return (out, info) if return_info else out
 
@@ -252,7 +261,7 @@ class Engine:
         return (out, info) if return_info else out
 
     # -- internals ------------------------------------------------------------------------------
-    def _run_tensors(self, lr, lrc, ref, progress, keep_maps):
+    def _run_tensors(self, lr, lrc, ref, progress, keep_maps, stage_hook):
         flip = self.config.channel_order == "bgr"  # KeDuSR's release was trained on BGR images
 
         def prep(t):
@@ -265,7 +274,9 @@ class Engine:
         while True:
             info = RunInfo(tile=tile)
             try:
-                sr = self._forward(prep(lr), prep(lrc), prep(ref), tile, progress, keep_maps, info)
+                sr = self._forward(
+                    prep(lr), prep(lrc), prep(ref), tile, progress, keep_maps, stage_hook, info
+                )
                 break
             except torch.cuda.OutOfMemoryError:
                 if self.device.type == "cuda":
@@ -293,12 +304,14 @@ class Engine:
         return 2 + c.trunk_groups * (2 * c.trunk_blocks + 1)
 
     @torch.inference_mode()
-    def _forward(self, lr, lrc, ref, tile, progress, keep_maps, info: RunInfo) -> torch.Tensor:
+    def _forward(
+        self, lr, lrc, ref, tile, progress, keep_maps, stage_hook, info: RunInfo
+    ) -> torch.Tensor:
         m = self.model
         h, w = lr.shape[-2:]
         lr = pad_to_even(lr)
         hp, wp = lr.shape[-2:]
-        timer = _StageTimer(self.device, info.timings)
+        timer = _StageTimer(self.device, info.timings, stage_hook)
         whole = tile == 0 or (hp <= tile and wp <= tile)
         lr_tile = max(hp, wp) if whole else tile
 

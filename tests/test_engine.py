@@ -1,5 +1,7 @@
 """The engine: tiles equal the whole image, channel order, images in and out, raw pairs, OOM."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -211,3 +213,31 @@ def test_global_skip_starts_at_bicubic_and_tiles_exactly():
     want = whole_image(model, lr, lrc, ref)
     got = Engine(model, "cpu", "fp32", "torch", tile=32).run(lr, lrc, ref)
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_stage_hook_wraps_every_stage_in_order():
+    seen = []
+
+    @contextlib.contextmanager
+    def hook(stage):
+        seen.append(("enter", stage))
+        yield
+        seen.append(("exit", stage))
+
+    eng = Engine(tiny_model("kedusr"), "cpu", "fp32", "torch", tile=32)
+    lr, lrc, ref = torch.rand(1, 3, 48, 40), torch.rand(1, 3, 16, 16), torch.rand(1, 3, 32, 32)
+    _, info = eng.run(lr, lrc, ref, return_info=True, stage_hook=hook)
+    stages = [s for kind, s in seen if kind == "enter"]
+    assert (
+        stages
+        == list(info.timings)
+        == [
+            "reference",
+            "trunk",
+            "match_features",
+            "matching",
+            "fusion_statistics",
+            "decode",
+        ]
+    )
+    assert [s for kind, s in seen if kind == "exit"] == stages
