@@ -76,6 +76,7 @@ class TrainConfig:
     resume: bool = True  # continue from out/checkpoint.pt when it exists
     export: str | None = None  # final weights; default out/weights.safetensors
     train_limit: int | None = None  # use only the first N training pairs (tests)
+    zero_flow_init: bool = True  # fresh start: SpyNet predicts zero flow (see _zero_flow)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +186,20 @@ def _zero_output_conv(model: torch.nn.Module) -> None:
                 convs[-1].bias.zero_()
 
 
+def _zero_flow(model: torch.nn.Module) -> None:
+    """No pretrained SpyNet can be downloaded here, and a random one predicts a shift of about a
+    pixel everywhere. The Ref arrives coarsely aligned, so zero flow is the better start: zero the
+    last conv of every pyramid level (each level then passes the coarser flow through)."""
+    spynet = getattr(model, "spynet", None)
+    for level in getattr(spynet, "basic_module", []):
+        convs = [m for m in level.modules() if isinstance(m, torch.nn.Conv2d)]
+        if convs:
+            with torch.no_grad():
+                convs[-1].weight.zero_()
+                if convs[-1].bias is not None:
+                    convs[-1].bias.zero_()
+
+
 def model_config_of(cfg: TrainConfig) -> ModelConfig:
     return get_config(cfg.variant, **cfg.model)
 
@@ -212,6 +227,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
     model = build_model(cfg.variant, **cfg.model).to(device).train()
     if getattr(mcfg, "global_skip", False):
         _zero_output_conv(model)
+    if cfg.zero_flow_init:
+        _zero_flow(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg))
@@ -421,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-limit", type=int, default=None)
     ap.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument(
+        "--no-zero-flow-init", action="store_true", help="keep SpyNet's random initial flow"
+    )
     ap.add_argument("--export", default=None)
     return ap
 
@@ -453,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         val_limit=a.val_limit,
         ckpt_every=a.ckpt_every,
         resume=not a.no_resume,
+        zero_flow_init=not a.no_zero_flow_init,
         export=a.export,
     )
     path = train(cfg)
