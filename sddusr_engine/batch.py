@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, read_image, write_image
+from .io import IMAGE_SUFFIXES, atomic_output, read_image, write_image
 
 __all__ = [
     "BatchUsageError",
@@ -442,6 +442,5 @@ def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write a JSON report atomically."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, p)
+    with atomic_output(p) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str))

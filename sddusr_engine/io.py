@@ -22,6 +22,7 @@ import io as _io
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -300,13 +301,23 @@ def write_image(
     if not ok:
         raise OSError(f"cannot encode {str(p)!r} as {suffix}")
 
+    with atomic_output(p) as tmp, open(tmp, "wb") as f:
+        f.write(buf.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in `path`'s folder; when the block succeeds, give it the mode a plain
+    open() would (or the old file's) and rename it over `path`. On failure nothing is left behind
+    and an existing file is untouched: nothing is ever half-written."""
+    p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         # mkstemp creates 0600; give the file the mode a plain open() would (or the old file's).
         os.chmod(tmp, p.stat().st_mode & 0o7777 if p.exists() else 0o666 & ~_umask())
         os.replace(tmp, p)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, get_config
+from .io import atomic_output
 
 FORMAT_TAG = "sddusr-engine"
 _CONTAINER_KEYS = ("params_ema", "params", "state_dict", "model", "net", "generator")
@@ -207,14 +207,8 @@ def save_weights(
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"format": FORMAT_TAG, "config": json.dumps(config.to_dict())}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

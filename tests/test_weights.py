@@ -124,3 +124,12 @@ def test_non_finite_weights_are_refused(tmp_path):
     path = save_weights(sd, tmp_path / "nan.safetensors", model.config)
     with pytest.raises(WeightsError, match="non-finite"):
         load_model(path)
+
+
+def test_saved_weights_get_normal_file_permissions(tmp_path):
+    import os
+
+    path = save_weights(build_model("sddusr", **TINY), tmp_path / "w.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
