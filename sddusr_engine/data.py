@@ -50,6 +50,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .io import read_image
+
 # Package -> glob(s) of the photo files it ships (relative to the unpacked root).
 PHOTO_PACKAGES: dict[str, tuple[str, ...]] = {
     "lomiri-wallpapers-16.04": ("usr/share/backgrounds/*.jpg",),
@@ -477,11 +479,6 @@ class Triplet:
     box: list[int]
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def _find_image(folder: Path, name: str) -> Path | None:
     stem = Path(name).stem
     for ext in IMAGE_EXTS:
@@ -532,15 +529,15 @@ def load_pairs(root: Path | str, split: str = "train", limit: int | None = None)
         y0, y1, x0, x1 = box
         if (y1 - y0) % 4 or (x1 - x0) % 4 or y0 % 2 or x0 % 2:
             raise ValueError(f"{name}: box {box} must give an even-sized LRC (sides % 4 == 0)")
-        lr = _read_rgb(d / "LR" / name)
+        lr = read_image(d / "LR" / name)
         hr_p = _find_image(d / "HR", name)
         if hr_p is None:
             raise FileNotFoundError(f"{d / 'HR'} has no image for {name}")
-        hr = _read_rgb(hr_p)
+        hr = read_image(hr_p)
         if hr.shape[0] != 2 * lr.shape[0] or hr.shape[1] != 2 * lr.shape[1]:
             raise ValueError(f"{name}: HR {hr.shape[:2]} is not twice LR {lr.shape[:2]}")
         lrc_p = _find_image(d / "LR_center", name) if (d / "LR_center").is_dir() else None
-        lrc = _read_rgb(lrc_p) if lrc_p else lr[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2]
+        lrc = read_image(lrc_p) if lrc_p else lr[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2]
         ref_p = None
         for sub in ("Ref_SIFT", "Ref_full", "Ref"):
             if (d / sub).is_dir():
@@ -549,7 +546,7 @@ def load_pairs(root: Path | str, split: str = "train", limit: int | None = None)
                     break
         if ref_p is None:
             raise FileNotFoundError(f"no Ref_SIFT/, Ref_full/ or Ref/ image for {name} in {d}")
-        ref = _read_rgb(ref_p)
+        ref = read_image(ref_p)
         rh, rw = 2 * lrc.shape[0], 2 * lrc.shape[1]
         if ref.shape[:2] != (rh, rw):
             ref = cv2.resize(ref, (rw, rh), interpolation=cv2.INTER_CUBIC)

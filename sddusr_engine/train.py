@@ -174,18 +174,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _zero_output_conv(model: torch.nn.Module) -> None:
-    """With `global_skip` the output is bicubic(LR) + decoder: zeroing the decoder's last conv
-    makes the untrained network exactly bicubic, so training starts from the baseline."""
-    tail = getattr(model, "decoder_tail", None)
-    convs = [m for m in tail.modules() if isinstance(m, torch.nn.Conv2d)] if tail else []
-    if convs:
-        with torch.no_grad():
-            convs[-1].weight.zero_()
-            if convs[-1].bias is not None:
-                convs[-1].bias.zero_()
-
-
 def _zero_flow(model: torch.nn.Module) -> None:
     """No pretrained SpyNet can be downloaded here, and a random one predicts a shift of about a
     pixel everywhere. The Ref arrives coarsely aligned, so zero flow is the better start: zero the
@@ -225,8 +213,6 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
 
     mcfg = model_config_of(cfg)
     model = build_model(cfg.variant, **cfg.model).to(device).train()
-    if getattr(mcfg, "global_skip", False):
-        _zero_output_conv(model)
     if cfg.zero_flow_init:
         _zero_flow(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -364,19 +350,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
 
 
 def _export(model: torch.nn.Module, path: Path, mcfg: ModelConfig) -> Path:
-    try:
-        from .weights import save_weights
-    except ImportError:  # weights.py not there: write the same format directly
-        from safetensors.torch import save_file
+    from .weights import save_weights
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(
-            state,
-            str(path),
-            metadata={"config": json.dumps(mcfg.to_dict()), "format": "sddusr-engine"},
-        )
-        return path
     return save_weights(model, path, mcfg)
 
 
