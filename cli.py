@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import runpy
 import sys
 import time
 import warnings
@@ -1111,29 +1110,23 @@ def convert(
 @guarded
 def train(ctx: typer.Context) -> None:
     """Train a network (arguments go to `python -m sddusr_engine.train`; see its --help)."""
-    import importlib.util
+    from sddusr_engine import train as trainer
 
     args = list(ctx.args)
     if any(a in ("-h", "--help") for a in args):
         out.print("Train a network; every argument goes to `python -m sddusr_engine.train`.")
         out.print("Example: sddusr train --data data/pairs --out runs/sddusr")
         out.print("The trainer's own options:\n")
-    if importlib.util.find_spec("sddusr_engine.train") is None:
-        raise CLIError(
-            "training is not available: the module sddusr_engine.train is not installed."
-        )
-    saved = sys.argv
-    sys.argv = ["sddusr train", *args]
+    parser = trainer.build_parser()
+    parser.prog = "sddusr train"
     try:
-        runpy.run_module("sddusr_engine.train", run_name="__main__", alter_sys=False)
-    except SystemExit as e:
+        trainer.main(args, parser=parser)
+    except SystemExit as e:  # argparse: --help, or a usage error (already printed)
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
             err.print(Text(e.code, style="red"), soft_wrap=True)
         if code:
             raise typer.Exit(code) from None
-    finally:
-        sys.argv = saved
 
 
 # ----------------------------------------------------------------------------- entry point

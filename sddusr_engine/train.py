@@ -420,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    a = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Path:
+    a = (parser or build_parser()).parse_args(argv)
     cfg = TrainConfig(
         data=a.data,
         out=a.out,
