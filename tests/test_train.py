@@ -8,20 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import TINY as SHARED_TINY
 
 from sddusr_engine.data import BOX_FILE, make_pair
 from sddusr_engine.train import TrainConfig, cosine_lambda, load_checkpoint, train
 
-TINY = dict(
-    channels=16,
-    trunk_groups=1,
-    trunk_blocks=1,
-    encoder_blocks=1,
-    decoder_blocks=1,
-    tokens=8,
-    token_dim=8,
-    mask_hidden=8,
-)
+TINY = {**SHARED_TINY, "token_dim": 8}
 
 
 @pytest.fixture(scope="module")

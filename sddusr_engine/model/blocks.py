@@ -5,6 +5,9 @@ Module and parameter names follow the published KeDuSR code so that its state di
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,11 +68,13 @@ class ResBlock(nn.Module):
 
 
 class ResList(nn.Module):
-    """A list of residual blocks, a tail conv, plus the list's input."""
+    """Residual blocks, a tail conv, plus the list's input (encoders, decoder, trunk groups)."""
 
-    def __init__(self, channels: int, num_blocks: int):
+    def __init__(
+        self, channels: int, num_blocks: int, block: Callable[[int], nn.Module] = ResBlock
+    ):
         super().__init__()
-        self.RBs = nn.ModuleList(ResBlock(channels) for _ in range(num_blocks))
+        self.RBs = nn.ModuleList(block(channels) for _ in range(num_blocks))
         self.conv_tail = conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,23 +101,6 @@ class TrunkBlock(nn.Module):
         return x + lrelu(self.conv2(y))
 
 
-class TrunkGroup(nn.Module):
-    """Trunk blocks, a tail conv, plus the group input."""
-
-    def __init__(self, channels: int, num_blocks: int, reduction: int, use_attention: bool):
-        super().__init__()
-        self.RBs = nn.ModuleList(
-            TrunkBlock(channels, reduction, use_attention) for _ in range(num_blocks)
-        )
-        self.conv_tail = conv3x3(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        for block in self.RBs:
-            y = block(y)
-        return x + self.conv_tail(y)
-
-
 class Trunk(nn.Module):
     """The LR feature trunk: head conv, groups, tail conv, plus the head output (runs at LR)."""
 
@@ -121,12 +109,13 @@ class Trunk(nn.Module):
     ):
         super().__init__()
         self.head = conv3x3(3, channels)
-        for i in range(groups):
-            self.add_module(f"body{i + 1}", TrunkGroup(channels, blocks, reduction, use_attention))
+        block = partial(TrunkBlock, reduction=reduction, use_attention=use_attention)
+        for i in range(groups):  # a group: trunk blocks, a tail conv, plus the group input
+            self.add_module(f"body{i + 1}", ResList(channels, blocks, block))
         self.num_groups = groups
         self.tail = conv3x3(channels, channels)
 
-    def groups(self) -> list[TrunkGroup]:
+    def groups(self) -> list[ResList]:
         return [getattr(self, f"body{i + 1}") for i in range(self.num_groups)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
