@@ -36,6 +36,10 @@ class ModelConfig:
     # network is bicubic). Not in the paper or the published code (both False); the project's
     # shipped weights use it because it makes a short CPU training budget useful.
     global_skip: bool = False
+    # Temperature of the training-form softmax over the LRC axis (paper eq. 3 uses the plain
+    # softmax, i.e. 1). Cosines lie in [-1, 1], so at 1 the softmax over thousands of keys is
+    # nearly uniform and the straight-through gradient barely shapes the matching features.
+    match_temperature: float = 1.0
     # Channel order the weights were trained with: KeDuSR's release was trained on BGR images.
     channel_order: str = "rgb"
 

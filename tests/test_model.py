@@ -198,3 +198,17 @@ def test_kedusr_training_form_equals_inference_form():
         a = model.eval()(lr, lrc, ref)
         b = model.train()(lr, lrc, ref)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_match_temperature_changes_gradients_not_the_forward_pass():
+    q, k, ref = _maps(seed=4)
+    outs, grads = [], []
+    for t in (1.0, 0.05):
+        qq = q.clone().requires_grad_(True)
+        warp, conf = dense_match_train(qq, k, ref, torch.ones(1, 1, *q.shape[-2:]), temperature=t)
+        (warp.square().mean() + conf.mean()).backward()
+        outs.append((warp.detach(), conf.detach()))
+        grads.append(qq.grad)
+    # the forward pass is the one-hot either way (up to the rounding of onehot + soft - soft)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    assert grads[1].abs().sum() > 2 * grads[0].abs().sum()  # sharper softmax, stronger signal

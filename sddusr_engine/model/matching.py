@@ -107,7 +107,9 @@ def fold_patches(cols: torch.Tensor, out_hw: tuple[int, int], ksize: int = 9, st
     return F.fold(cols, out_hw, ksize, padding=(ksize - 1) // 2, stride=stride)
 
 
-def dense_match_train(q_map, k_map, ref_feat, lr_mask, ksize: int = 9, stride: int = 4):
+def dense_match_train(
+    q_map, k_map, ref_feat, lr_mask, ksize: int = 9, stride: int = 4, temperature: float = 1.0
+):
     """Training form of SFM (paper eq. 2-5), differentiable through the straight-through one-hot.
 
     q_map [B,c,hq,wq] (LR), k_map [B,c,hk,wk] (LRC), ref_feat [B,C,4hk,4wk]... on the Ref grid,
@@ -117,7 +119,7 @@ def dense_match_train(q_map, k_map, ref_feat, lr_mask, ksize: int = 9, stride: i
     q = patch_descriptors(q_map)  # [B,Mq,d]
     k = patch_descriptors(k_map)  # [B,Mk,d]
     sim = q @ k.transpose(1, 2)  # [B,Mq,Mk]
-    soft = sim.softmax(dim=-1)
+    soft = (sim / temperature).softmax(dim=-1)
     onehot = F.one_hot(sim.argmax(dim=-1), sim.shape[-1]).to(sim.dtype)
     select = onehot + soft - soft.detach()  # forward: one-hot; backward: softmax's gradient
     mask = lr_mask.reshape(b, 1, hq * wq)

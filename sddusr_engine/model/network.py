@@ -157,7 +157,10 @@ class DualLensSR(nn.Module):
                 mask = MaskGenerator.gumbel_mask(logits)
             else:
                 mask = q_map.new_ones(q_map.shape[0], 1, *q_map.shape[-2:])
-            warp_sum, conf = dense_match_train(q_map, ctx.key_map, ctx.f_ref_align, mask)
+            warp_sum, conf = dense_match_train(
+                q_map, ctx.key_map, ctx.f_ref_align, mask,
+                temperature=self.config.match_temperature,
+            )  # fmt: skip
             return MatchResult(warp_sum, conf, None, logits, mask)
         mask = MaskGenerator.hard_mask(logits) if logits is not None else None
         conf, index, stats = sparse_match(
