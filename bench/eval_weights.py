@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
+from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
 from sddusr_engine.weights import load_model  # noqa: E402
 
 
@@ -49,10 +50,6 @@ def _mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
 def _psnr(mse: float) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def _bicubic(lr: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def _load(weights: str | None, device: str) -> torch.nn.Module:
@@ -102,7 +99,7 @@ def evaluate(
         sr, aux = model(lr, lrc, ref, return_aux=True)
         dt = time.perf_counter() - t0
         sr_wrong = model(lr, lrc, wrong)
-        bic = _bicubic(lr)
+        bic = bicubic_x2(lr)
         row = {
             "name": t.name,
             "lr_hw": list(t.lr.shape[:2]),

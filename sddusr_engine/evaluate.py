@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .batch import find_boxes
 from .io import IMAGE_SUFFIXES, read_image, to_tensor
 from .metrics import region_metrics
+from .model.network import upsample_bicubic
 
 __all__ = [
     "METHODS",
@@ -133,7 +133,7 @@ def find_dataset(
 
 def bicubic_x2(lr: torch.Tensor) -> torch.Tensor:
     """[1,3,H,W] in [0,1] -> [1,3,2H,2W], PyTorch bicubic (align_corners=False), clamped."""
-    return F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
+    return upsample_bicubic(lr).clamp(0, 1)
 
 
 def _to_255(t: torch.Tensor) -> np.ndarray:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from .config import ModelConfig, get_config
 from .data import DualLensDataset, Triplet, load_pairs, to_tensor
+from .evaluate import bicubic_x2
 from .losses import LossWeights, SDDuSRLoss
 
 CHECKPOINT = "checkpoint.pt"
@@ -134,11 +135,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [0,1] (computed on [0,255], no border shave)."""
     mse = F.mse_loss(a.clamp(0, 1).double() * 255, b.double() * 255).item()
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def bicubic_x2(lr: torch.Tensor) -> torch.Tensor:
-    """The baseline: bicubic x2 (align_corners=False), clamped to [0,1]."""
-    return F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 @torch.no_grad()
