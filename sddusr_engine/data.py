@@ -565,9 +565,11 @@ class DualLensDataset(Dataset):
     """Random training crops, deterministic in (seed, index): sample `k` is always the same.
 
     Each item: `lr` [3,crop,crop], `hr` [3,2crop,2crop], `lrc` [3,ctx,ctx] (a crop of the LRC)
-    and `ref` [3,2ctx,2ctx] (the matching Ref crop), all float in [0,1]. With probability
-    `p_center` the LR crop overlaps the LRC context crop by at least half of it in each axis,
-    so the reference carries the detail the network should learn to use; the rest are anywhere.
+    and `ref` [3,2ctx,2ctx] (the matching Ref crop), all float in [0,1]; and `offset` (int64
+    [2]), where the LRC crop's origin lies in the LR crop's pixels (possibly outside the crop).
+    With probability `p_center` the LR crop overlaps the LRC context crop by at least half of it
+    in each axis, so the reference carries the detail the network should learn to use; the rest
+    are anywhere.
     Random flips and transposes are applied to all four consistently. `length` is nominal
     (the sampler decides how many items are drawn).
     """
@@ -621,14 +623,23 @@ class DualLensDataset(Dataset):
         lrc = t.lrc[cy : cy + x, cx : cx + x]
         ref = t.ref[2 * cy : 2 * (cy + x), 2 * cx : 2 * (cx + x)]
         arrs = [lr, hr, lrc, ref]
+        # LRC is an exact crop of LR, so LRC-crop pixel (a, b) is LR-crop pixel (a + dy, b + dx):
+        # the ground truth of the matching (see losses.matching_loss). Flips and the transpose
+        # move it with the pixels.
+        dy, dx = ly0 + cy - y, lx0 + cx - xx
         if self.augment:
             if rng.uniform() < 0.5:
                 arrs = [a[:, ::-1] for a in arrs]
+                dx = c - x - dx
             if rng.uniform() < 0.5:
                 arrs = [a[::-1] for a in arrs]
+                dy = c - x - dy
             if rng.uniform() < 0.5:
                 arrs = [a.transpose(1, 0, 2) for a in arrs]
-        return dict(zip(("lr", "hr", "lrc", "ref"), (to_tensor(a) for a in arrs), strict=True))
+                dy, dx = dx, dy
+        item = dict(zip(("lr", "hr", "lrc", "ref"), (to_tensor(a) for a in arrs), strict=True))
+        item["offset"] = torch.tensor([dy, dx], dtype=torch.int64)
+        return item
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@
   downloaded; without a file the term is simply off.
 - `Discriminator` (ESRGAN's VGG-style discriminator, adaptive pooling so any input size works)
   and `relativistic_gan_losses` (RaGAN with BCE-with-logits).
+- `matching_loss` (not in the paper; weight 0 by default): cross-entropy of the patch-matching
+  softmax against the known correspondence of synthetic pairs, whose LRC is an exact crop of LR.
+  Without it the from-scratch matching descriptors stay nearly uniform (weights/MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ __all__ = [
     "charbonnier",
     "mask_label",
     "mask_loss",
+    "matching_loss",
+    "matching_targets",
     "relativistic_gan_losses",
 ]
 
@@ -212,6 +217,59 @@ def relativistic_gan_losses(
 
 
 # --------------------------------------------------------------------------------------------
+# Matching supervision
+# --------------------------------------------------------------------------------------------
+
+
+def _cell_overlap(n_q: int, n_k: int, offset: torch.Tensor) -> torch.Tensor:
+    """One axis: [B, n_q, n_k], the share of query cell i's two pixels that fall in key cell j.
+
+    Matching cells are 2 pixels wide (the features are pooled 2x2). Query cell i covers LR-crop
+    pixels 2i, 2i+1, i.e. LRC-crop pixels 2i - o, 2i + 1 - o; key cell j covers 2j, 2j + 1. An even
+    offset gives one key with weight 1, an odd one two keys with 1/2 each.
+    """
+    px = 2 * torch.arange(n_q, device=offset.device)[None, :, None] - offset.view(-1, 1, 1)
+    kx = 2 * torch.arange(n_k, device=offset.device)[None, None, :]
+    hits = ((px >= kx) & (px <= kx + 1)).float() + ((px + 1 >= kx) & (px + 1 <= kx + 1)).float()
+    return hits / 2
+
+
+def matching_targets(
+    q_hw: tuple[int, int], k_hw: tuple[int, int], offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft correspondence of query cells to key cells, and which queries have one.
+
+    offset [B,2] (LR-crop pixels of the LRC crop's origin) -> (target [B, hq*wq, hk*wk] summing
+    to 1 on valid rows, valid bool [B, hq*wq]: the query's pixels lie wholly inside the LRC crop).
+    """
+    wy = _cell_overlap(q_hw[0], k_hw[0], offset[:, 0])  # [B,hq,hk]
+    wx = _cell_overlap(q_hw[1], k_hw[1], offset[:, 1])  # [B,wq,wk]
+    b = offset.shape[0]
+    target = torch.einsum("bik,bjl->bijkl", wy, wx).reshape(b, q_hw[0] * q_hw[1], -1)
+    valid = (wy.sum(-1) == 1)[:, :, None] & (wx.sum(-1) == 1)[:, None, :]
+    return target, valid.reshape(b, -1)
+
+
+def matching_loss(
+    q_map: torch.Tensor, k_map: torch.Tensor, offset: torch.Tensor, temperature: float = 0.07
+) -> torch.Tensor:
+    """Mean cross-entropy of softmax(cos / temperature) over all keys against the true cells.
+
+    q_map [B,c,hq,wq] (LR crop), k_map [B,c,hk,wk] (LRC crop): the matching maps, descriptors as
+    the network forms them (3x3 neighbourhoods, L2-normalised). Only queries whose true match lies
+    inside the LRC crop count; a batch with none gives 0 (still attached to the graph).
+    """
+    from .model.matching import patch_descriptors
+
+    target, valid = matching_targets(q_map.shape[-2:], k_map.shape[-2:], offset.to(q_map.device))
+    sim = patch_descriptors(q_map.float()) @ patch_descriptors(k_map.float()).transpose(1, 2)
+    nll = -(target * (sim / temperature).log_softmax(dim=-1)).sum(dim=-1)  # [B,Mq]
+    if not bool(valid.any()):
+        return sim.sum() * 0.0
+    return nll[valid].mean()
+
+
+# --------------------------------------------------------------------------------------------
 # The total
 # --------------------------------------------------------------------------------------------
 
@@ -221,6 +279,8 @@ class LossWeights:
     mask: float = 1e-3
     perceptual: float = 1e-3
     adversarial: float = 1e-4
+    match: float = 0.0  # matching_loss; not in the paper, needs pairs with known geometry
+    match_temperature: float = 0.07
 
 
 class SDDuSRLoss(nn.Module):
@@ -228,7 +288,8 @@ class SDDuSRLoss(nn.Module):
 
     The perceptual term is on only when `vgg19_weights_path` is given; the adversarial term only
     with `adversarial=True` (then `self.discriminator` exists and `discriminator_loss` trains it).
-    `forward(sr, hr, mask_prob=None)` returns (total, dict of the detached terms).
+    `forward(sr, hr, mask_prob=None, match=None)` returns (total, dict of the detached terms);
+    `match` = (query map, key map, offset) adds `w.match * matching_loss` when `w.match` > 0.
     """
 
     def __init__(
@@ -244,7 +305,11 @@ class SDDuSRLoss(nn.Module):
         self.discriminator = Discriminator() if adversarial else None
 
     def forward(
-        self, sr: torch.Tensor, hr: torch.Tensor, mask_prob: torch.Tensor | None = None
+        self,
+        sr: torch.Tensor,
+        hr: torch.Tensor,
+        mask_prob: torch.Tensor | None = None,
+        match: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         rec = charbonnier(sr, hr, self.eps)
         total = rec
@@ -253,6 +318,10 @@ class SDDuSRLoss(nn.Module):
             lm = mask_loss(mask_prob, hr)
             total = total + self.w.mask * lm
             terms["mask"] = lm.detach()
+        if match is not None and self.w.match:
+            lmatch = matching_loss(*match, temperature=self.w.match_temperature)
+            total = total + self.w.match * lmatch
+            terms["match"] = lmatch.detach()
         if self.perceptual is not None and self.w.perceptual:
             lp = self.perceptual(sr, hr)
             total = total + self.w.perceptual * lp

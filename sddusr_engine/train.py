@@ -65,6 +65,8 @@ class TrainConfig:
     variant: str = "sddusr"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
     mask_weight: float = 1e-3
+    match_weight: float = 0.0  # losses.matching_loss (not in the paper): supervised matching
+    match_temperature: float = 0.07
     vgg19: str | None = None  # VGG19 weights file: turns the perceptual term on
     perceptual_weight: float = 1e-3
     adversarial: bool = False
@@ -78,6 +80,7 @@ class TrainConfig:
     export: str | None = None  # final weights; default out/weights.safetensors
     train_limit: int | None = None  # use only the first N training pairs (tests)
     zero_flow_init: bool = True  # fresh start: SpyNet predicts zero flow (see _zero_flow)
+    init: str | None = None  # weights file to start from (fine-tuning); see init_from
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,23 +140,37 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def _channel_order(x: torch.Tensor, bgr: bool) -> torch.Tensor:
+    """The data is RGB; a model configured for BGR (KeDuSR's convention) gets BGR tensors."""
+    return x.flip(-3) if bgr else x
+
+
 @torch.no_grad()
 def validate(model: torch.nn.Module, pairs: Sequence[Triplet], device: str) -> dict[str, float]:
-    """Mean full-image PSNR of SR and of bicubic over `pairs` (eval mode: the inference SFM)."""
+    """Mean PSNR over `pairs` in eval mode (the inference SFM): full image, SR and bicubic; and
+    in the centre box, SR minus the same network with the reference switched off (the reference
+    gain: 0 while the network ignores the telephoto)."""
     was_training = model.training
     model.eval()
-    sr_db, bic_db, act = [], [], []
+    sr_db, bic_db, ref_gain, act = [], [], [], []
+    bgr = model.config.channel_order == "bgr"
     for t in pairs:
-        lr, hr = to_tensor(t.lr)[None].to(device), to_tensor(t.hr)[None].to(device)
-        lrc, ref = to_tensor(t.lrc)[None].to(device), to_tensor(t.ref)[None].to(device)
+        lr, hr, lrc, ref = (
+            _channel_order(to_tensor(a)[None].to(device), bgr) for a in (t.lr, t.hr, t.lrc, t.ref)
+        )
         sr, aux = model(lr, lrc, ref, return_aux=True)
         sr_db.append(psnr(sr, hr))
         bic_db.append(psnr(bicubic_x2(lr), hr))
+        y0, y1, x0, x1 = t.box
+        centre = (..., slice(y0, y1), slice(x0, x1))
+        no_ref = model(lr, None, None)
+        ref_gain.append(psnr(sr[centre], hr[centre]) - psnr(no_ref[centre], hr[centre]))
         if aux.get("mask_lr") is not None:
             act.append(aux["mask_lr"].float().mean().item())
     model.train(was_training)
     out = {"val_psnr": float(np.mean(sr_db)), "val_psnr_bicubic": float(np.mean(bic_db))}
     out["val_gain_db"] = out["val_psnr"] - out["val_psnr_bicubic"]
+    out["val_ref_gain_db"] = float(np.mean(ref_gain))
     if act:
         out["val_mask_active"] = float(np.mean(act))
     return out
@@ -182,6 +199,39 @@ def _zero_flow(model: torch.nn.Module) -> None:
                 convs[-1].weight.zero_()
                 if convs[-1].bias is not None:
                     convs[-1].bias.zero_()
+
+
+def init_from(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Copy every tensor of the weights file at `path` whose name and shape match `model`'s.
+
+    A different configuration is allowed (e.g. a KeDuSR `.pth` into `sddusr`: the shared parts
+    load, SFM and TDL start fresh); what was skipped is reported. Raises `WeightsError` for an
+    unreadable file and ValueError when nothing matches.
+    """
+    from .weights import read_weights
+
+    state, src_cfg = read_weights(path)
+    want = model.config.channel_order
+    if src_cfg.channel_order != want:
+        # Every layer that sees pixels (heads, SpyNet, matching features) would get its input
+        # channels swapped; training feeds `want`-ordered images.
+        raise ValueError(
+            f"{path} was trained on {src_cfg.channel_order.upper()} images and this model on "
+            f"{want.upper()}: set channel_order={src_cfg.channel_order} in --model to fine-tune it"
+        )
+    own = model.state_dict()
+    loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not loaded:
+        raise ValueError(f"{path}: no tensor matches this model's names and shapes")
+    with torch.no_grad():
+        for k, v in loaded.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return {
+        "init": str(path),
+        "loaded": len(loaded),
+        "fresh": sorted(set(own) - set(loaded)),
+        "ignored": sorted(set(state) - set(loaded)),
+    }
 
 
 def model_config_of(cfg: TrainConfig) -> ModelConfig:
@@ -217,7 +267,13 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
     loss_fn = SDDuSRLoss(
         vgg19_weights_path=cfg.vgg19,
         adversarial=cfg.adversarial,
-        weights=LossWeights(cfg.mask_weight, cfg.perceptual_weight, cfg.adversarial_weight),
+        weights=LossWeights(
+            cfg.mask_weight,
+            cfg.perceptual_weight,
+            cfg.adversarial_weight,
+            cfg.match_weight,
+            cfg.match_temperature,
+        ),
     ).to(device)
     d_opt = None
     if loss_fn.discriminator is not None:
@@ -226,6 +282,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         )
 
     step = 0
+    init_report: dict[str, Any] | None = None
     ckpt_path = out / CHECKPOINT
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
@@ -241,6 +298,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             d_opt.load_state_dict(ck["d_optimizer"])
         step = int(ck["step"])
         _set_rng_state(ck["rng"])
+    elif cfg.init:
+        init_report = init_from(model, cfg.init)
 
     log_path = out / "log.jsonl"
     logf = log_path.open("a")
@@ -268,6 +327,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             "torch": torch.__version__,
         }
     )
+    if init_report:
+        log({"event": "init", **init_report})
 
     pairs = load_pairs(cfg.data, "train", limit=cfg.train_limit)
     ds = DualLensDataset(pairs, crop=cfg.crop, ctx=cfg.ctx, seed=cfg.seed, p_center=cfg.p_center)
@@ -302,10 +363,15 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
     t_run = time.perf_counter()
     t_last, acc, n_acc = t_run, {}, 0
     for batch in loader:
-        lr, hr = batch["lr"].to(device), batch["hr"].to(device)
-        lrc, ref = batch["lrc"].to(device), batch["ref"].to(device)
+        bgr = mcfg.channel_order == "bgr"
+        lr, hr, lrc, ref = (
+            _channel_order(batch[k].to(device), bgr) for k in ("lr", "hr", "lrc", "ref")
+        )
         sr, aux = model(lr, lrc, ref, return_aux=True)
-        loss, terms = loss_fn(sr, hr, aux.get("mask_prob_lr"))
+        match = None
+        if "offset" in batch and aux.get("query_map") is not None:
+            match = (aux["query_map"], aux["key_map"], batch["offset"])
+        loss, terms = loss_fn(sr, hr, aux.get("mask_prob_lr"), match)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -402,6 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="ModelConfig overrides, e.g. channels=32 trunk_groups=2",
     )
     ap.add_argument("--mask-weight", type=float, default=d.mask_weight)
+    ap.add_argument(
+        "--match-weight",
+        type=float,
+        default=d.match_weight,
+        help="weight of the supervised matching loss (synthetic pairs; 0 = off, the paper)",
+    )
+    ap.add_argument("--match-temperature", type=float, default=d.match_temperature)
+    ap.add_argument(
+        "--init", default=None, help="weights file to start from (tensors matching by name+shape)"
+    )
     ap.add_argument("--vgg19", default=None, help="VGG19 weights file: turns on L_per")
     ap.add_argument("--adversarial", action="store_true", help="turn on the RaGAN term")
     ap.add_argument("--log-every", type=int, default=d.log_every)
@@ -437,6 +513,9 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         variant=a.variant,
         model=_parse_overrides(a.model),
         mask_weight=a.mask_weight,
+        match_weight=a.match_weight,
+        match_temperature=a.match_temperature,
+        init=a.init,
         vgg19=a.vgg19,
         adversarial=a.adversarial,
         log_every=a.log_every,

@@ -209,6 +209,19 @@ def test_dataset_crops(tmp_path):
         assert min(y + 24, cy + 16) - max(y, cy) >= 8 and min(x + 24, cx + 16) - max(x, cx) >= 8
     aug = DualLensDataset(pairs, crop=24, ctx=16, seed=7)
     assert aug[3]["hr"].shape == (3, 48, 48)
+    # `offset` places the LRC crop inside the LR crop, through every flip and transpose
+    overlapping = 0
+    for k in range(40):
+        it = aug[k]
+        dy, dx = it["offset"].tolist()
+        ys = range(max(0, -dy), min(16, 24 - dy))
+        xs = range(max(0, -dx), min(16, 24 - dx))
+        if len(ys) and len(xs):
+            overlapping += 1
+            lrc = it["lrc"][:, ys.start : ys.stop, xs.start : xs.stop]
+            lr = it["lr"][:, ys.start + dy : ys.stop + dy, xs.start + dx : xs.stop + dx]
+            torch.testing.assert_close(lr, lrc, rtol=0, atol=0)
+    assert overlapping >= 30
     with pytest.raises(ValueError, match="smaller than"):
         DualLensDataset(pairs, crop=4096)
     with pytest.raises(ValueError, match="even"):

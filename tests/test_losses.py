@@ -8,6 +8,7 @@ import torch
 from sddusr_engine.losses import (
     CONV5_4,
     Discriminator,
+    LossWeights,
     PerceptualLoss,
     SDDuSRLoss,
     _vgg19_features,
@@ -15,8 +16,11 @@ from sddusr_engine.losses import (
     hr_detail,
     mask_label,
     mask_loss,
+    matching_loss,
+    matching_targets,
     relativistic_gan_losses,
 )
+from sddusr_engine.model.matching import patch_descriptors
 
 
 def test_charbonnier_values():
@@ -144,3 +148,64 @@ def test_total_loss_terms_and_gradients():
     d_loss = crit.discriminator_loss(sr, hr)
     d_loss.backward()
     assert any(p.grad is not None for p in crit.discriminator.parameters())
+
+
+def _matching_brute_force(q_hw, k_hw, dy, dx):
+    """Per query cell, the share of its 2x2 LR-crop pixels lying in each key cell, by counting."""
+    t = torch.zeros(q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
+    for i in range(q_hw[0]):
+        for j in range(q_hw[1]):
+            for py in (2 * i, 2 * i + 1):
+                for px in (2 * j, 2 * j + 1):
+                    ky, kx = (py - dy) // 2, (px - dx) // 2  # LRC pixel -> key cell
+                    if 0 <= py - dy < 2 * k_hw[0] and 0 <= px - dx < 2 * k_hw[1]:
+                        t[i * q_hw[1] + j, ky * k_hw[1] + kx] += 0.25
+    return t
+
+
+@pytest.mark.parametrize("dy,dx", [(0, 0), (4, -6), (3, 2), (-5, 7), (1, -1), (30, 0)])
+def test_matching_targets_count_shared_pixels(dy, dx):
+    q_hw, k_hw = (6, 7), (5, 4)
+    target, valid = matching_targets(q_hw, k_hw, torch.tensor([[dy, dx]]))
+    want = _matching_brute_force(q_hw, k_hw, dy, dx)
+    torch.testing.assert_close(target[0], want, rtol=0, atol=0)
+    # valid = all four pixels inside the LRC crop; such rows are distributions
+    torch.testing.assert_close(valid[0], want.sum(1) == 1)
+    if valid.any():
+        torch.testing.assert_close(target[valid].sum(-1), torch.ones(int(valid.sum())))
+    if dy % 2 == 0 and dx % 2 == 0:  # even offsets: exactly one key per valid query
+        assert ((target[valid] == 1).sum(-1) == 1).all()
+
+
+def test_matching_loss_rewards_the_true_correspondence():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 8, 20, 20, generator=g)
+    offset = torch.tensor([[4, 6], [2, 0]])
+    q_map = image[..., :12, :12]
+    k_map = torch.stack([image[0, :, 4:14, 6:16], image[1, :, 2:12, 0:10]])
+    # the key map is the query map shifted by offset/2 cells: descriptors away from the border
+    # coincide, so the true key has cosine 1 and is (almost always) the argmax
+    loss_true = matching_loss(q_map, k_map, offset * 2, temperature=0.05)
+    loss_shuffled = matching_loss(q_map, k_map.flip(-1), offset * 2, temperature=0.05)
+    assert loss_true < 0.5 * loss_shuffled
+    target, valid = matching_targets(q_map.shape[-2:], k_map.shape[-2:], offset * 2)
+    sim = patch_descriptors(q_map) @ patch_descriptors(k_map).transpose(1, 2)
+    interior = valid.view(2, 12, 12)[:, 1:-1, 1:-1].reshape(2, -1)
+    hits = target.gather(2, sim.argmax(-1, keepdim=True))[..., 0].view(2, 12, 12)
+    assert (hits[:, 1:-1, 1:-1].reshape(2, -1)[interior] == 1).float().mean() > 0.95
+    # it trains the maps, and a batch without any valid query gives a 0 that backpropagates
+    q = q_map.clone().requires_grad_(True)
+    matching_loss(q, k_map, offset * 2).backward()
+    assert q.grad.abs().sum() > 0
+    far = matching_loss(q, k_map, torch.tensor([[100, 100], [-100, 0]]))
+    assert far.item() == 0 and far.requires_grad
+
+
+def test_total_loss_adds_the_matching_term_only_when_weighted():
+    sr, hr = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    maps = (torch.rand(1, 4, 8, 8), torch.rand(1, 4, 6, 6), torch.tensor([[2, 2]]))
+    _, terms = SDDuSRLoss()(sr, hr, None, maps)
+    assert "match" not in terms
+    total, terms = SDDuSRLoss(weights=LossWeights(match=0.5))(sr, hr, None, maps)
+    assert terms["match"] > 0
+    assert terms["total"] == pytest.approx(terms["rec"] + 0.5 * terms["match"], rel=1e-6)

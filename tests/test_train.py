@@ -11,7 +11,7 @@ from PIL import Image
 from support import TINY as SHARED_TINY
 
 from sddusr_engine.data import BOX_FILE, make_pair
-from sddusr_engine.train import TrainConfig, cosine_lambda, load_checkpoint, train
+from sddusr_engine.train import TrainConfig, cosine_lambda, init_from, load_checkpoint, train
 
 TINY = {**SHARED_TINY, "token_dim": 8}
 
@@ -116,3 +116,30 @@ def test_resume_matches_uninterrupted(tiny_data, tmp_path):
     # a checkpoint from another model config is refused
     with pytest.raises(ValueError, match="another model config"):
         train(_cfg(tiny_data, tmp_path / "b", steps=9, model={**TINY, "channels": 32}))
+
+
+def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
+    """--match-weight logs and lowers the matching term; --init starts from a weights file."""
+    recs = []
+    first = train(
+        _cfg(tiny_data, tmp_path / "a", steps=30, match_weight=1.0, match_temperature=0.1),
+        on_log=recs.append,
+    )
+    match = [r["avg_match"] for r in recs if "avg_match" in r]
+    assert len(match) == 30 and np.mean(match[-5:]) < np.mean(match[:5]), match
+    # fine-tune: the run starts from the file's tensors (step-1 loss far below a fresh start's)
+    fresh, tuned = [], []
+    train(_cfg(tiny_data, tmp_path / "b", steps=1), on_log=fresh.append)
+    train(_cfg(tiny_data, tmp_path / "c", steps=1, init=str(first)), on_log=tuned.append)
+    init = [r for r in tuned if r.get("event") == "init"]
+    assert len(init) == 1 and init[0]["fresh"] == [] and init[0]["ignored"] == []
+    assert tuned[-1]["avg_rec"] < fresh[-1]["avg_rec"]
+    # into another configuration, the tensors that fit load and the rest are listed
+    from sddusr_engine import build_model
+
+    other = build_model("sddusr", **{**TINY, "tokens": TINY["tokens"] * 2})
+    report = init_from(other, first)
+    assert report["loaded"] > 0 and any("tdl" in k for k in report["fresh"])
+    bgr = build_model("sddusr", **{**TINY, "channel_order": "bgr"})
+    with pytest.raises(ValueError, match="RGB images and this model on BGR"):
+        init_from(bgr, first)

@@ -48,6 +48,7 @@ class MatchResult:
     mask_logits: torch.Tensor | None  # [B,2,hq,wq] (SFM only)
     mask: torch.Tensor | None  # [B,1,hq,wq] (SFM only): hard Gumbel (train) or bool (eval)
     stats: dict[str, int] = field(default_factory=dict)  # matching work (inference only)
+    query_map: torch.Tensor | None = None  # [B,m,hq,wq] the LR matching map (for its loss)
 
 
 def _head(channels: int) -> nn.Sequential:
@@ -161,13 +162,15 @@ class DualLensSR(nn.Module):
                 q_map, ctx.key_map, ctx.f_ref_align, mask,
                 temperature=self.config.match_temperature,
             )  # fmt: skip
-            return MatchResult(warp_sum, conf, None, logits, mask)
+            return MatchResult(warp_sum, conf, None, logits, mask, query_map=q_map)
         mask = MaskGenerator.hard_mask(logits) if logits is not None else None
         conf, index, stats = sparse_match(
             q_map, ctx.key_map, mask, ctx.key_mask, self.ops.patch_match
         )
         warp_sum = warp_by_index(ctx.f_ref_align, index, self.ops.patch_warp)
-        return MatchResult(warp_sum, conf.to(warp_sum.dtype), index, logits, mask, stats)
+        return MatchResult(
+            warp_sum, conf.to(warp_sum.dtype), index, logits, mask, stats, query_map=q_map
+        )
 
     def fusion_input(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
         hf = high_pass(m.warp_sum, self.alpha)
@@ -211,6 +214,8 @@ class DualLensSR(nn.Module):
             "warp_sum": m.warp_sum,
             "fusion_block": block_out,
             "match_stats": m.stats,
+            "query_map": m.query_map,
+            "key_map": ctx.key_map,
         }
         if m.mask_logits is not None:
             aux["mask_prob_lr"] = MaskGenerator.probability(m.mask_logits)
