@@ -81,6 +81,7 @@ class TrainConfig:
     train_limit: int | None = None  # use only the first N training pairs (tests)
     zero_flow_init: bool = True  # fresh start: SpyNet predicts zero flow (see _zero_flow)
     init: str | None = None  # weights file to start from (fine-tuning); see init_from
+    calibrate_reference: bool = False  # see calibrate_reference_path (fresh or --init runs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,6 +235,58 @@ def init_from(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]
     }
 
 
+@torch.no_grad()
+def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Give the warped-reference input of the fusion the magnitude of the LR features, without
+    changing what the network computes.
+
+    The fusion sees gate * hf, with hf = 2 alpha (warp - lowpass(warp)) and gate = alphaConf2X(C).
+    From scratch, hf is ~50x smaller than F_LR and the gate ~0.03, so the warp enters the fusion
+    ~1000x weaker than F_LR. Adam moves every weight by about the learning rate per step, so
+    the scalar alpha and the gate's weights would need tens of thousands of steps to open the
+    path, and the fusion weights reading it learn equally slowly. This multiplies the gate's
+    last conv (a positive factor passes through its leaky ReLU) and alpha so that on `batch` the
+    mean |gate| over positions with a warp is 1 and rms(gate * hf) = rms(F_LR), and divides the
+    fusion weights that read gate * hf (the fusion block's first conv and, through its
+    residual, the fusion tail) by the same total factor: the output is unchanged (to rounding),
+    and the weights reading the path become as trainable as those reading F_LR. Returns the
+    factors applied.
+    """
+    from .model.matching import high_pass
+
+    was_training = model.training
+    model.train()
+    lr, lrc, ref = (batch[k].to(next(model.parameters()).device) for k in ("lr", "lrc", "ref"))
+    _, aux = model(lr, lrc, ref, return_aux=True)
+    model.train(was_training)
+    conf_up = F.interpolate(aux["confidence"], scale_factor=4, mode="bicubic", align_corners=False)
+    gate = model.alphaConf2X(conf_up)
+    hf = high_pass(aux["warp_sum"], model.alpha)
+    has_warp = (aux["warp_sum"].abs().sum(1, keepdim=True) > 0).expand_as(gate)
+    if not bool(has_warp.any()):
+        raise ValueError("calibration batch has no matched position: nothing to calibrate")
+    k_gate = 1.0 / float(gate[has_warp].abs().mean().clamp_min(1e-12))
+    k_alpha = float(aux["f_lr"].square().mean().sqrt()) / float(
+        (k_gate * gate * hf).square().mean().sqrt().clamp_min(1e-12)
+    )
+    last = [m for m in model.alphaConf2X if isinstance(m, torch.nn.Conv2d)][-1]
+    last.weight.mul_(k_gate)
+    last.bias.mul_(k_gate)
+    model.alpha.mul_(k_alpha)
+    n = model.config.channels
+    group = slice(n, 2 * n) if model.config.variant == "sddusr" else slice(0, n)
+    total = k_gate * k_alpha
+    fusion = model.AdaFuison
+    fusion.conv1.weight[:, group] /= total
+    # The block adds lrelu(conv2(...)) to its input, channel by channel: scale those output
+    # channels up too (lrelu is positively homogeneous), so that the fusion tail, divided by
+    # `total` on this group, sees exactly what it saw before.
+    fusion.conv2.weight[group] *= total
+    fusion.conv2.bias[group] *= total
+    model.fusion_tail[0].weight[:, group] /= total
+    return {"gate_factor": k_gate, "alpha_factor": k_alpha, "fusion_divisor": total}
+
+
 def model_config_of(cfg: TrainConfig) -> ModelConfig:
     return get_config(cfg.variant, **cfg.model)
 
@@ -367,6 +420,9 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         lr, hr, lrc, ref = (
             _channel_order(batch[k].to(device), bgr) for k in ("lr", "hr", "lrc", "ref")
         )
+        if step == 0 and cfg.calibrate_reference:
+            factors = calibrate_reference_path(model, {"lr": lr, "lrc": lrc, "ref": ref})
+            log({"event": "calibrate_reference", **factors})
         sr, aux = model(lr, lrc, ref, return_aux=True)
         match = None
         if "offset" in batch and aux.get("query_map") is not None:
@@ -478,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--init", default=None, help="weights file to start from (tensors matching by name+shape)"
     )
+    ap.add_argument(
+        "--calibrate-reference",
+        action="store_true",
+        help="before step 1, scale the warped-reference path up to the LR features' magnitude "
+        "(output unchanged; the path then learns at the LR path's pace)",
+    )
     ap.add_argument("--vgg19", default=None, help="VGG19 weights file: turns on L_per")
     ap.add_argument("--adversarial", action="store_true", help="turn on the RaGAN term")
     ap.add_argument("--log-every", type=int, default=d.log_every)
@@ -516,6 +578,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         match_weight=a.match_weight,
         match_temperature=a.match_temperature,
         init=a.init,
+        calibrate_reference=a.calibrate_reference,
         vgg19=a.vgg19,
         adversarial=a.adversarial,
         log_every=a.log_every,

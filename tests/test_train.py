@@ -11,7 +11,14 @@ from PIL import Image
 from support import TINY as SHARED_TINY
 
 from sddusr_engine.data import BOX_FILE, make_pair
-from sddusr_engine.train import TrainConfig, cosine_lambda, init_from, load_checkpoint, train
+from sddusr_engine.train import (
+    TrainConfig,
+    calibrate_reference_path,
+    cosine_lambda,
+    init_from,
+    load_checkpoint,
+    train,
+)
 
 TINY = {**SHARED_TINY, "token_dim": 8}
 
@@ -122,9 +129,18 @@ def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
     """--match-weight logs and lowers the matching term; --init starts from a weights file."""
     recs = []
     first = train(
-        _cfg(tiny_data, tmp_path / "a", steps=30, match_weight=1.0, match_temperature=0.1),
+        _cfg(
+            tiny_data,
+            tmp_path / "a",
+            steps=30,
+            match_weight=1.0,
+            match_temperature=0.1,
+            calibrate_reference=True,
+        ),
         on_log=recs.append,
     )
+    calibrated = [r for r in recs if r.get("event") == "calibrate_reference"]
+    assert len(calibrated) == 1 and calibrated[0]["fusion_divisor"] > 0
     match = [r["avg_match"] for r in recs if "avg_match" in r]
     assert len(match) == 30 and np.mean(match[-5:]) < np.mean(match[:5]), match
     # fine-tune: the run starts from the file's tensors (step-1 loss far below a fresh start's)
@@ -143,3 +159,39 @@ def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
     bgr = build_model("sddusr", **{**TINY, "channel_order": "bgr"})
     with pytest.raises(ValueError, match="RGB images and this model on BGR"):
         init_from(bgr, first)
+
+
+@pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
+def test_reference_calibration_keeps_the_output(variant):
+    """The warped-reference path is scaled up to F_LR's magnitude; the network's output is not."""
+    from sddusr_engine import build_model
+    from sddusr_engine.model.matching import high_pass
+
+    torch.manual_seed(0)
+    tiny = TINY if variant == "sddusr" else {k: TINY[k] for k in ("channels",)}
+    model = build_model(variant, **tiny)
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "lr": torch.rand(2, 3, 32, 32, generator=g),
+        "lrc": torch.rand(2, 3, 16, 16, generator=g),
+        "ref": torch.rand(2, 3, 32, 32, generator=g),
+    }
+    model.eval()
+    with torch.no_grad():
+        before = model(batch["lr"], batch["lrc"], batch["ref"])
+    factors = calibrate_reference_path(model, batch)
+    assert factors["fusion_divisor"] == pytest.approx(
+        factors["gate_factor"] * factors["alpha_factor"]
+    )
+    assert factors["fusion_divisor"] > 1
+    with torch.no_grad():
+        after, aux = model(batch["lr"], batch["lrc"], batch["ref"], return_aux=True)
+        conf = torch.nn.functional.interpolate(
+            aux["confidence"], scale_factor=4, mode="bicubic", align_corners=False
+        )
+        gated = model.alphaConf2X(conf) * high_pass(aux["warp_sum"], model.alpha)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    # the path now enters the fusion about as strongly as the LR features (eval masks differ
+    # from the calibration batch's Gumbel masks, hence the loose bound)
+    ratio = gated.square().mean().sqrt() / aux["f_lr"].square().mean().sqrt()
+    assert 0.2 < float(ratio) < 5
