@@ -12,6 +12,8 @@
 - `matching_loss` (not in the paper; weight 0 by default): cross-entropy of the patch-matching
   softmax against the known correspondence of synthetic pairs, whose LRC is an exact crop of LR.
   Without it the from-scratch matching descriptors stay nearly uniform (weights/MODEL_CARD.md).
+- `flow_photometric_loss` (not in the paper; weight 0 by default): unsupervised alignment for a
+  SpyNet trained from scratch (colour-standardised warp error plus flow smoothness).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "PerceptualLoss",
     "SDDuSRLoss",
     "charbonnier",
+    "flow_photometric_loss",
     "mask_label",
     "mask_loss",
     "matching_loss",
@@ -269,6 +272,41 @@ def matching_loss(
     return nll[valid].mean()
 
 
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """Per image and channel: zero mean, unit deviation (removes exposure and white balance)."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    return (x - mean) / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+
+
+def flow_photometric_loss(
+    lrc: torch.Tensor,
+    ref: torch.Tensor,
+    flow: torch.Tensor,
+    border: int = 2,
+    smooth_weight: float = 0.1,
+    eps: float = 1e-3,
+) -> torch.Tensor:
+    """Unsupervised alignment loss for SpyNet (not in the paper; weight 0 by default).
+
+    The flow [B,2,h,w] warps the Ref, average-pooled onto LRC's grid, onto LRC [B,3,h,w]; after
+    per-channel standardisation (the telephoto's exposure and colour differ) the two should agree:
+    Charbonnier of the difference, `border` pixels left out, plus `smooth_weight` times the mean
+    absolute flow gradient (in pixels). No pretrained SpyNet can be had here, and a random one
+    leaves the Ref as misaligned as registration left it.
+    """
+    from .model.flow import flow_warp
+
+    pooled = F.avg_pool2d(ref, 2)
+    warped = flow_warp(pooled, flow, padding_mode="border")
+    inner = (..., slice(border, -border or None), slice(border, -border or None))
+    diff = _standardise(warped[inner]) - _standardise(lrc[inner])
+    photo = torch.sqrt(diff.square() + eps * eps).mean()
+    smooth = (flow[..., 1:, :] - flow[..., :-1, :]).abs().mean() + (
+        flow[..., :, 1:] - flow[..., :, :-1]
+    ).abs().mean()
+    return photo + smooth_weight * smooth
+
+
 # --------------------------------------------------------------------------------------------
 # The total
 # --------------------------------------------------------------------------------------------
@@ -281,6 +319,7 @@ class LossWeights:
     adversarial: float = 1e-4
     match: float = 0.0  # matching_loss; not in the paper, needs pairs with known geometry
     match_temperature: float = 0.07
+    flow: float = 0.0  # flow_photometric_loss; not in the paper
 
 
 class SDDuSRLoss(nn.Module):
@@ -289,7 +328,8 @@ class SDDuSRLoss(nn.Module):
     The perceptual term is on only when `vgg19_weights_path` is given; the adversarial term only
     with `adversarial=True` (then `self.discriminator` exists and `discriminator_loss` trains it).
     `forward(sr, hr, mask_prob=None, match=None)` returns (total, dict of the detached terms);
-    `match` = (query map, key map, offset) adds `w.match * matching_loss` when `w.match` > 0.
+    `match` = (query map, key map, offset) adds `w.match * matching_loss` when `w.match` > 0;
+    `flow` = (LRC, Ref, flow) adds `w.flow * flow_photometric_loss` when `w.flow` > 0.
     """
 
     def __init__(
@@ -310,6 +350,7 @@ class SDDuSRLoss(nn.Module):
         hr: torch.Tensor,
         mask_prob: torch.Tensor | None = None,
         match: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        flow: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         rec = charbonnier(sr, hr, self.eps)
         total = rec
@@ -322,6 +363,10 @@ class SDDuSRLoss(nn.Module):
             lmatch = matching_loss(*match, temperature=self.w.match_temperature)
             total = total + self.w.match * lmatch
             terms["match"] = lmatch.detach()
+        if flow is not None and self.w.flow:
+            lflow = flow_photometric_loss(*flow)
+            total = total + self.w.flow * lflow
+            terms["flow"] = lflow.detach()
         if self.perceptual is not None and self.w.perceptual:
             lp = self.perceptual(sr, hr)
             total = total + self.w.perceptual * lp

@@ -82,6 +82,8 @@ class TrainConfig:
     zero_flow_init: bool = True  # fresh start: SpyNet predicts zero flow (see _zero_flow)
     init: str | None = None  # weights file to start from (fine-tuning); see init_from
     calibrate_reference: bool = False  # see calibrate_reference_path (fresh or --init runs)
+    reset_alignment: bool = False  # with --init: SpyNet and the DCN offsets back to zero flow
+    flow_weight: float = 0.0  # losses.flow_photometric_loss (not in the paper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +289,17 @@ def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str,
     return {"gate_factor": k_gate, "alpha_factor": k_alpha, "fusion_divisor": total}
 
 
+def _zero_alignment(model: torch.nn.Module) -> None:
+    """Back to the alignment's starting point: SpyNet predicts zero flow (`_zero_flow`) and the
+    deformable conv adds no learned offset to it. For fine-tuning weights whose alignment went
+    wrong (the first shipped weights' SpyNet had drifted to flows of ~1000 px)."""
+    _zero_flow(model)
+    offset_conv = model.Ref_align.dcnpack.conv_offset
+    with torch.no_grad():
+        offset_conv.weight.zero_()
+        offset_conv.bias.zero_()
+
+
 def model_config_of(cfg: TrainConfig) -> ModelConfig:
     return get_config(cfg.variant, **cfg.model)
 
@@ -326,6 +339,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             cfg.adversarial_weight,
             cfg.match_weight,
             cfg.match_temperature,
+            cfg.flow_weight,
         ),
     ).to(device)
     d_opt = None
@@ -353,6 +367,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         _set_rng_state(ck["rng"])
     elif cfg.init:
         init_report = init_from(model, cfg.init)
+        if cfg.reset_alignment:
+            _zero_alignment(model)
 
     log_path = out / "log.jsonl"
     logf = log_path.open("a")
@@ -427,7 +443,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         match = None
         if "offset" in batch and aux.get("query_map") is not None:
             match = (aux["query_map"], aux["key_map"], batch["offset"])
-        loss, terms = loss_fn(sr, hr, aux.get("mask_prob_lr"), match)
+        flow = (lrc, ref, aux["flow"]) if "flow" in aux else None
+        loss, terms = loss_fn(sr, hr, aux.get("mask_prob_lr"), match, flow)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -535,6 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--init", default=None, help="weights file to start from (tensors matching by name+shape)"
     )
     ap.add_argument(
+        "--reset-alignment",
+        action="store_true",
+        help="with --init: restart SpyNet and the deformable offsets from zero flow",
+    )
+    ap.add_argument(
+        "--flow-weight",
+        type=float,
+        default=d.flow_weight,
+        help="weight of the unsupervised alignment loss on SpyNet's flow (0 = off, the paper)",
+    )
+    ap.add_argument(
         "--calibrate-reference",
         action="store_true",
         help="before step 1, scale the warped-reference path up to the LR features' magnitude "
@@ -579,6 +607,8 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         match_temperature=a.match_temperature,
         init=a.init,
         calibrate_reference=a.calibrate_reference,
+        reset_alignment=a.reset_alignment,
+        flow_weight=a.flow_weight,
         vgg19=a.vgg19,
         adversarial=a.adversarial,
         log_every=a.log_every,
