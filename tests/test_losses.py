@@ -13,6 +13,7 @@ from sddusr_engine.losses import (
     SDDuSRLoss,
     _vgg19_features,
     charbonnier,
+    flow_photometric_loss,
     hr_detail,
     mask_label,
     mask_loss,
@@ -209,3 +210,31 @@ def test_total_loss_adds_the_matching_term_only_when_weighted():
     total, terms = SDDuSRLoss(weights=LossWeights(match=0.5))(sr, hr, None, maps)
     assert terms["match"] > 0
     assert terms["total"] == pytest.approx(terms["rec"] + 0.5 * terms["match"], rel=1e-6)
+
+
+def test_flow_photometric_loss_prefers_the_true_flow_whatever_the_exposure():
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.interpolate(
+        torch.rand(1, 3, 12, 12, generator=g), size=(40, 40), mode="bicubic", align_corners=False
+    )
+    dy, dx = 2, -3
+    lrc = base[..., 4:36, 4:36]
+    pooled = base[..., 4 + dy : 36 + dy, 4 + dx : 36 + dx]
+    ref = pooled.repeat_interleave(2, -2).repeat_interleave(2, -1)  # avg-pools back to `pooled`
+    true = torch.zeros(1, 2, 32, 32)
+    true[:, 0], true[:, 1] = -dx, -dy  # (dx, dy) that samples pooled at p + flow = base at p + 4
+    zero = torch.zeros(1, 2, 32, 32)
+    at_true = flow_photometric_loss(lrc, ref, true, border=4)
+    assert at_true < 0.01  # Charbonnier eps + no smoothness cost for a constant flow
+    assert flow_photometric_loss(lrc, ref, zero, border=4) > 10 * at_true
+    # exposure and white balance of the telephoto do not matter
+    tinted = ref * torch.tensor([1.2, 0.9, 1.05]).view(1, 3, 1, 1) + 0.03
+    assert flow_photometric_loss(lrc, tinted, true, border=4) == pytest.approx(at_true, abs=1e-4)
+    # it gives the flow a gradient, and a rough flow costs more than a smooth one
+    f = zero.clone().requires_grad_(True)
+    flow_photometric_loss(lrc, ref, f).backward()
+    assert f.grad.abs().sum() > 0
+    rough = true + 0.5 * torch.randn(1, 2, 32, 32, generator=g)
+    assert flow_photometric_loss(lrc, ref, rough, smooth_weight=1.0) > flow_photometric_loss(
+        lrc, ref, true, smooth_weight=1.0
+    )

@@ -126,7 +126,8 @@ def test_resume_matches_uninterrupted(tiny_data, tmp_path):
 
 
 def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
-    """--match-weight logs and lowers the matching term; --init starts from a weights file."""
+    """--match-weight logs and lowers the matching term, --flow-weight adds the alignment term,
+    --init starts from a weights file, --reset-alignment zeroes the flow."""
     recs = []
     first = train(
         _cfg(
@@ -136,9 +137,11 @@ def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
             match_weight=1.0,
             match_temperature=0.1,
             calibrate_reference=True,
+            flow_weight=0.1,
         ),
         on_log=recs.append,
     )
+    assert all(math.isfinite(r["avg_flow"]) for r in recs if "avg_rec" in r)
     calibrated = [r for r in recs if r.get("event") == "calibrate_reference"]
     assert len(calibrated) == 1 and calibrated[0]["fusion_divisor"] > 0
     match = [r["avg_match"] for r in recs if "avg_match" in r]
@@ -156,6 +159,14 @@ def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
     other = build_model("sddusr", **{**TINY, "tokens": TINY["tokens"] * 2})
     report = init_from(other, first)
     assert report["loaded"] > 0 and any("tdl" in k for k in report["fresh"])
+    # --reset-alignment: SpyNet predicts zero flow and the deformable conv adds no offset
+    from sddusr_engine.train import _zero_alignment
+
+    _zero_alignment(other)
+    lrc, ref = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 32, 32)
+    flow = other.spynet(lrc, torch.nn.functional.avg_pool2d(ref, 2))
+    assert flow.abs().max() == 0
+    assert other.Ref_align.dcnpack.conv_offset.weight.abs().max() == 0
     bgr = build_model("sddusr", **{**TINY, "channel_order": "bgr"})
     with pytest.raises(ValueError, match="RGB images and this model on BGR"):
         init_from(bgr, first)
