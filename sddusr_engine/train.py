@@ -49,6 +49,7 @@ class TrainConfig:
     data: str
     out: str
     steps: int = 1000
+    stop_after: int | None = None  # stop (checkpoint, export) at this step; schedule still `steps`
     batch_size: int = 4
     crop: int = 128  # LR crop side
     ctx: int | None = None  # LRC context side (Ref = 2x); default = crop
@@ -271,9 +272,9 @@ def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str,
     k_alpha = float(aux["f_lr"].square().mean().sqrt()) / float(
         (k_gate * gate * hf).square().mean().sqrt().clamp_min(1e-12)
     )
-    last = [m for m in model.alphaConf2X if isinstance(m, torch.nn.Conv2d)][-1]
-    last.weight.mul_(k_gate)
-    last.bias.mul_(k_gate)
+    gate_out = [m for m in model.alphaConf2X if isinstance(m, torch.nn.Conv2d)][-1]
+    gate_out.weight.mul_(k_gate)
+    gate_out.bias.mul_(k_gate)
     model.alpha.mul_(k_alpha)
     n = model.config.channels
     group = slice(n, 2 * n) if model.config.variant == "sddusr" else slice(0, n)
@@ -405,10 +406,11 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
     if cfg.val_every and (Path(cfg.data) / cfg.val_split / "LR").is_dir():
         val_pairs = load_pairs(cfg.data, cfg.val_split, limit=cfg.val_limit)
     B = cfg.batch_size
+    last_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     loader = DataLoader(
         ds,
         batch_size=B,
-        sampler=range(step * B, cfg.steps * B),
+        sampler=range(step * B, last_step * B),
         num_workers=cfg.workers,
         generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=False,
@@ -463,7 +465,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         for k, v in terms.items():
             acc[k] = acc.get(k, 0.0) + v
         n_acc += 1
-        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+        if step % cfg.log_every == 0 or step == last_step or step == 1:
             now = time.perf_counter()
             rec = {"step": step, "lr": sched.get_last_lr()[0], "loss": terms["total"]}
             rec.update({f"avg_{k}": v / n_acc for k, v in acc.items()})
@@ -471,9 +473,9 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             rec["elapsed_s"] = now - t_run
             log(rec)
             t_last, acc, n_acc = now, {}, 0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step == last_step:
             checkpoint()
-        if val_pairs and (step % cfg.val_every == 0 or step == cfg.steps):
+        if val_pairs and (step % cfg.val_every == 0 or step == last_step):
             t0 = time.perf_counter()
             rec = {"step": step, **validate(model, val_pairs, str(device))}
             rec["val_s"] = time.perf_counter() - t0
@@ -520,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", required=True, help="dataset root in the KeDuSR layout")
     ap.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, weights")
     ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop and export at this step, keeping the schedule of --steps (resumable)",
+    )
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--crop", type=int, default=d.crop)
     ap.add_argument("--ctx", type=int, default=None)
@@ -588,6 +596,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         data=a.data,
         out=a.out,
         steps=a.steps,
+        stop_after=a.stop_after,
         batch_size=a.batch_size,
         crop=a.crop,
         ctx=a.ctx,

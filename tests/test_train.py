@@ -120,6 +120,13 @@ def test_resume_matches_uninterrupted(tiny_data, tmp_path):
     assert sorted(res_loss) == [7, 8]
     for s in (7, 8):
         assert res_loss[s] == pytest.approx(full_loss[s], rel=1e-6, abs=1e-7)
+    # --stop-after: the same steps as the full run (schedule of --steps), then export; resumable
+    stopped = []
+    train(_cfg(tiny_data, tmp_path / "c", steps=8, stop_after=5), on_log=stopped.append)
+    assert load_checkpoint(tmp_path / "c" / "checkpoint.pt")["step"] == 5
+    stop_loss = {r["step"]: r["loss"] for r in stopped if "loss" in r}
+    assert max(stop_loss) == 5 and stop_loss[5] == pytest.approx(full_loss[5], rel=1e-6)
+    assert (tmp_path / "c" / "weights.safetensors").is_file()
     # a checkpoint from another model config is refused
     with pytest.raises(ValueError, match="another model config"):
         train(_cfg(tiny_data, tmp_path / "b", steps=9, model={**TINY, "channels": 32}))
