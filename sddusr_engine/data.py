@@ -318,7 +318,8 @@ def make_pair(src: np.ndarray, rng: np.random.Generator, params: PairParams | No
     v, u = np.mgrid[0:th, 0:tw].astype(np.float64)
     d = np.stack([u - qc[0], v - qc[1]], axis=-1)
     pts = c + d @ A.T  # [th,tw,2] (x, y) in HR px
-    pts = pts + _smooth_field(rng, th, tw, p.parallax_px)
+    parallax = _smooth_field(rng, th, tw, p.parallax_px)
+    pts = pts + parallax
     # HR point -> S point (twice the density, pixel centres at integers).
     map_s = (2.0 * pts + 0.5).astype(np.float32)
     f = 2.0 * spacing  # S pixels per tele pixel
@@ -349,7 +350,46 @@ def make_pair(src: np.ndarray, rng: np.random.Generator, params: PairParams | No
         flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REFLECT,
     )
-    return {"hr": hr_u8, "lr": lr, "lrc": lrc, "ref": ref, "box": box, "tele": tele_u8, "params": p}
+    flow = _true_flow(box, (hc, wc), A, c, qc, A_est, c_est, parallax)
+    return {
+        "hr": hr_u8,
+        "lr": lr,
+        "lrc": lrc,
+        "ref": ref,
+        "box": box,
+        "tele": tele_u8,
+        "params": p,
+        "flow": flow,
+    }
+
+
+def _true_flow(box, lrc_hw, A, c, qc, A_est, c_est, parallax) -> np.ndarray:
+    """SpyNet's target: for each LRC pixel, where the Ref average-pooled onto LRC's grid shows the
+    same scene point, minus the pixel. float32 [hc,wc,2] as (dx, dy) in LRC pixels.
+
+    Ref pixel r samples telephoto pixel q(r) = qc + A_est^-1 (o + r - c_est) (o = box origin),
+    which shows HR point c + A (q - qc) + parallax(q). Solving for the r that shows the HR point
+    h of an LRC pixel centre: r = c_est + G^-1 (h - c - parallax(q)) - o with G = A A_est^-1;
+    the smooth parallax is read at the r found without it (a few pixels away).
+    """
+    hc, wc = lrc_hw
+    origin = np.array([box[2], box[0]], dtype=np.float64)
+    ly, lx = np.mgrid[0:hc, 0:wc].astype(np.float64)
+    h_pt = np.stack([origin[0] + 2 * lx + 0.5, origin[1] + 2 * ly + 0.5], axis=-1)
+    A_est_inv = np.linalg.inv(A_est)
+    G_inv = np.linalg.inv(A @ A_est_inv)
+    r = c_est + (h_pt - c) @ G_inv.T - origin
+    q = qc + (origin + r - c_est) @ A_est_inv.T
+    par = cv2.remap(
+        parallax.astype(np.float32),
+        q[..., 0].astype(np.float32),
+        q[..., 1].astype(np.float32),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    ).astype(np.float64)
+    r = c_est + (h_pt - c - par) @ G_inv.T - origin
+    pooled = (r - 0.5) / 2.0  # Ref pixel centre 2p + 0.5 is pooled pixel p
+    return (pooled - np.stack([lx, ly], axis=-1)).astype(np.float32)
 
 
 def _seed_for(seed: int, key: str) -> int:
@@ -433,6 +473,8 @@ def prepare_pairs(
             _write_png(root / "LR" / name, pair["lr"])
             _write_png(root / "LR_center" / name, pair["lrc"])
             _write_png(root / "Ref_SIFT" / name, pair["ref"])
+            (root / "Flow").mkdir(parents=True, exist_ok=True)
+            np.save(root / "Flow" / (Path(name).stem + ".npy"), pair["flow"])
             boxes[name] = pair["box"]
             pr = pair["params"]
             pairs.append(
@@ -477,6 +519,7 @@ class Triplet:
     lrc: np.ndarray
     ref: np.ndarray
     box: list[int]
+    flow: np.ndarray | None = None  # true Ref->LRC flow [hc,wc,2] (dx, dy), synthetic pairs only
 
 
 def _find_image(folder: Path, name: str) -> Path | None:
@@ -550,7 +593,13 @@ def load_pairs(root: Path | str, split: str = "train", limit: int | None = None)
         rh, rw = 2 * lrc.shape[0], 2 * lrc.shape[1]
         if ref.shape[:2] != (rh, rw):
             ref = cv2.resize(ref, (rw, rh), interpolation=cv2.INTER_CUBIC)
-        out.append(Triplet(name, lr, hr, np.ascontiguousarray(lrc), ref, list(box)))
+        flow = None
+        flow_p = d / "Flow" / (Path(name).stem + ".npy")
+        if flow_p.is_file():  # written by prepare_pairs; a resized Ref would invalidate it
+            flow = np.load(flow_p)
+            if flow.shape != (*lrc.shape[:2], 2) or ref_p.parent.name != "Ref_SIFT":
+                flow = None
+        out.append(Triplet(name, lr, hr, np.ascontiguousarray(lrc), ref, list(box), flow))
     return out
 
 
@@ -566,7 +615,8 @@ class DualLensDataset(Dataset):
 
     Each item: `lr` [3,crop,crop], `hr` [3,2crop,2crop], `lrc` [3,ctx,ctx] (a crop of the LRC)
     and `ref` [3,2ctx,2ctx] (the matching Ref crop), all float in [0,1]; and `offset` (int64
-    [2]), where the LRC crop's origin lies in the LR crop's pixels (possibly outside the crop).
+    [2]), where the LRC crop's origin lies in the LR crop's pixels (possibly outside the crop);
+    and, when every pair has one, `flow` [2,ctx,ctx]: the true Ref->LRC flow (SpyNet's target).
     With probability `p_center` the LR crop overlaps the LRC context crop by at least half of it
     in each axis, so the reference carries the detail the network should learn to use; the rest
     are anywhere.
@@ -597,6 +647,8 @@ class DualLensDataset(Dataset):
             raise ValueError("no pairs")
         self.pairs, self.crop, self.ctx = list(pairs), crop, ctx
         self.seed, self.p_center, self.augment, self.length = seed, p_center, augment, length
+        # the true flow only when every pair has one (a batch must have it for all or none)
+        self.with_flow = all(t.flow is not None for t in self.pairs)
 
     def __len__(self) -> int:
         return self.length
@@ -623,22 +675,29 @@ class DualLensDataset(Dataset):
         lrc = t.lrc[cy : cy + x, cx : cx + x]
         ref = t.ref[2 * cy : 2 * (cy + x), 2 * cx : 2 * (cx + x)]
         arrs = [lr, hr, lrc, ref]
+        flow = t.flow[cy : cy + x, cx : cx + x] if self.with_flow else None
         # LRC is an exact crop of LR, so LRC-crop pixel (a, b) is LR-crop pixel (a + dy, b + dx):
         # the ground truth of the matching (see losses.matching_loss). Flips and the transpose
         # move it with the pixels.
         dy, dx = ly0 + cy - y, lx0 + cx - xx
         if self.augment:
+            # a flow field moves with the pixels and its components turn with them
             if rng.uniform() < 0.5:
                 arrs = [a[:, ::-1] for a in arrs]
                 dx = c - x - dx
+                flow = None if flow is None else flow[:, ::-1] * np.float32([-1, 1])
             if rng.uniform() < 0.5:
                 arrs = [a[::-1] for a in arrs]
                 dy = c - x - dy
+                flow = None if flow is None else flow[::-1] * np.float32([1, -1])
             if rng.uniform() < 0.5:
                 arrs = [a.transpose(1, 0, 2) for a in arrs]
                 dy, dx = dx, dy
+                flow = None if flow is None else flow.transpose(1, 0, 2)[..., ::-1]
         item = dict(zip(("lr", "hr", "lrc", "ref"), (to_tensor(a) for a in arrs), strict=True))
         item["offset"] = torch.tensor([dy, dx], dtype=torch.int64)
+        if flow is not None:
+            item["flow"] = torch.from_numpy(np.ascontiguousarray(flow.transpose(2, 0, 1)))
         return item
 
 

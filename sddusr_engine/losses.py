@@ -32,6 +32,7 @@ __all__ = [
     "PerceptualLoss",
     "SDDuSRLoss",
     "charbonnier",
+    "flow_epe_loss",
     "flow_photometric_loss",
     "mask_label",
     "mask_loss",
@@ -307,6 +308,12 @@ def flow_photometric_loss(
     return photo + smooth_weight * smooth
 
 
+def flow_epe_loss(flow: torch.Tensor, true_flow: torch.Tensor) -> torch.Tensor:
+    """Mean end-point error (pixels) of a predicted flow [B,2,h,w] against the true one, for
+    synthetic pairs that carry it (`data.make_pair` knows the geometry it rendered)."""
+    return (flow - true_flow.to(flow)).square().sum(dim=1).add(1e-12).sqrt().mean()
+
+
 # --------------------------------------------------------------------------------------------
 # The total
 # --------------------------------------------------------------------------------------------
@@ -320,6 +327,7 @@ class LossWeights:
     match: float = 0.0  # matching_loss; not in the paper, needs pairs with known geometry
     match_temperature: float = 0.07
     flow: float = 0.0  # flow_photometric_loss; not in the paper
+    flow_epe: float = 0.0  # flow_epe_loss against the true flow of synthetic pairs
 
 
 class SDDuSRLoss(nn.Module):
@@ -329,7 +337,8 @@ class SDDuSRLoss(nn.Module):
     with `adversarial=True` (then `self.discriminator` exists and `discriminator_loss` trains it).
     `forward(sr, hr, mask_prob=None, match=None)` returns (total, dict of the detached terms);
     `match` = (query map, key map, offset) adds `w.match * matching_loss` when `w.match` > 0;
-    `flow` = (LRC, Ref, flow) adds `w.flow * flow_photometric_loss` when `w.flow` > 0.
+    `flow` = (LRC, Ref, flow[, true flow]) adds `w.flow * flow_photometric_loss` when `w.flow`
+    > 0, and `w.flow_epe * flow_epe_loss` when the true flow is given and `w.flow_epe` > 0.
     """
 
     def __init__(
@@ -350,7 +359,7 @@ class SDDuSRLoss(nn.Module):
         hr: torch.Tensor,
         mask_prob: torch.Tensor | None = None,
         match: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-        flow: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        flow: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         rec = charbonnier(sr, hr, self.eps)
         total = rec
@@ -364,9 +373,13 @@ class SDDuSRLoss(nn.Module):
             total = total + self.w.match * lmatch
             terms["match"] = lmatch.detach()
         if flow is not None and self.w.flow:
-            lflow = flow_photometric_loss(*flow)
+            lflow = flow_photometric_loss(*flow[:3])
             total = total + self.w.flow * lflow
             terms["flow"] = lflow.detach()
+        if flow is not None and len(flow) > 3 and self.w.flow_epe:
+            lepe = flow_epe_loss(flow[2], flow[3])
+            total = total + self.w.flow_epe * lepe
+            terms["flow_epe"] = lepe.detach()
         if self.perceptual is not None and self.w.perceptual:
             lp = self.perceptual(sr, hr)
             total = total + self.w.perceptual * lp

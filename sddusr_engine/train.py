@@ -85,6 +85,8 @@ class TrainConfig:
     calibrate_reference: bool = False  # see calibrate_reference_path (fresh or --init runs)
     reset_alignment: bool = False  # with --init: SpyNet and the DCN offsets back to zero flow
     flow_weight: float = 0.0  # losses.flow_photometric_loss (not in the paper)
+    flow_epe_weight: float = 0.0  # losses.flow_epe_loss, pairs with a true flow (not in the paper)
+    flow_pretrain: int = 0  # SpyNet-only steps on flow_epe_loss before step 1 (fresh/--init runs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +292,45 @@ def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str,
     return {"gate_factor": k_gate, "alpha_factor": k_alpha, "fusion_divisor": total}
 
 
+def pretrain_flow(model: torch.nn.Module, ds: DualLensDataset, cfg: TrainConfig, log) -> None:
+    """`cfg.flow_pretrain` Adam steps of SpyNet alone on the end-point error against the true
+    flow, before the network trains: the reference branch then starts with aligned features.
+    Samples come from indices past the main run's (deterministic in the seed like the rest)."""
+    from .losses import flow_epe_loss
+
+    if not ds.with_flow:
+        raise ValueError("--flow-pretrain needs pairs with a true flow (Flow/ from data prepare)")
+    device = next(model.parameters()).device
+    spynet = model.spynet
+    opt = torch.optim.Adam(spynet.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    start = 10**8 * cfg.batch_size  # disjoint from the main run's sample indices
+    loader = DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        sampler=range(start, start + cfg.flow_pretrain * cfg.batch_size),
+    )
+    t0, acc = time.perf_counter(), []
+    for k, batch in enumerate(loader, 1):
+        lrc, ref = batch["lrc"].to(device), batch["ref"].to(device)
+        if model.config.channel_order == "bgr":
+            lrc, ref = lrc.flip(-3), ref.flip(-3)
+        loss = flow_epe_loss(spynet(lrc, F.avg_pool2d(ref, 2)), batch["flow"].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc.append(float(loss))
+        if k % cfg.log_every == 0 or k == cfg.flow_pretrain:
+            log(
+                {
+                    "event": "flow_pretrain",
+                    "step": k,
+                    "epe": float(np.mean(acc)),
+                    "elapsed_s": time.perf_counter() - t0,
+                }
+            )
+            acc = []
+
+
 def _zero_alignment(model: torch.nn.Module) -> None:
     """Back to the alignment's starting point: SpyNet predicts zero flow (`_zero_flow`) and the
     deformable conv adds no learned offset to it. For fine-tuning weights whose alignment went
@@ -341,6 +382,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             cfg.match_weight,
             cfg.match_temperature,
             cfg.flow_weight,
+            cfg.flow_epe_weight,
         ),
     ).to(device)
     d_opt = None
@@ -431,6 +473,9 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             state["d_optimizer"] = d_opt.state_dict()
         _save_checkpoint(ckpt_path, state)
 
+    if step == 0 and cfg.flow_pretrain:
+        pretrain_flow(model, ds, cfg, log)
+
     t_run = time.perf_counter()
     t_last, acc, n_acc = t_run, {}, 0
     for batch in loader:
@@ -445,7 +490,10 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         match = None
         if "offset" in batch and aux.get("query_map") is not None:
             match = (aux["query_map"], aux["key_map"], batch["offset"])
-        flow = (lrc, ref, aux["flow"]) if "flow" in aux else None
+        flow = None
+        if "flow" in aux:
+            true_flow = batch["flow"].to(device) if "flow" in batch else None
+            flow = (lrc, ref, aux["flow"]) + (() if true_flow is None else (true_flow,))
         loss, terms = loss_fn(sr, hr, aux.get("mask_prob_lr"), match, flow)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -571,6 +619,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the unsupervised alignment loss on SpyNet's flow (0 = off, the paper)",
     )
     ap.add_argument(
+        "--flow-epe-weight",
+        type=float,
+        default=d.flow_epe_weight,
+        help="weight of SpyNet's end-point error against the true flow of synthetic pairs "
+        "(0 = off; pairs from `sddusr_engine.data prepare` carry it in Flow/)",
+    )
+    ap.add_argument(
+        "--flow-pretrain",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="SpyNet-only steps on the true flow before step 1 (synthetic pairs with Flow/)",
+    )
+    ap.add_argument(
         "--calibrate-reference",
         action="store_true",
         help="before step 1, scale the warped-reference path up to the LR features' magnitude "
@@ -618,6 +680,8 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         calibrate_reference=a.calibrate_reference,
         reset_alignment=a.reset_alignment,
         flow_weight=a.flow_weight,
+        flow_epe_weight=a.flow_epe_weight,
+        flow_pretrain=a.flow_pretrain,
         vgg19=a.vgg19,
         adversarial=a.adversarial,
         log_every=a.log_every,
