@@ -318,7 +318,7 @@ def pretrain_flow(model: torch.nn.Module, ds: DualLensDataset, cfg: TrainConfig,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        acc.append(float(loss))
+        acc.append(loss.item())
         if k % cfg.log_every == 0 or k == cfg.flow_pretrain:
             log(
                 {

@@ -110,6 +110,32 @@ def test_make_pair_geometry_and_determinism():
     assert np.abs(c - r).mean() > 1.0
 
 
+def test_true_flow_aligns_the_reference():
+    """make_pair's `flow` warps the average-pooled Ref onto LRC: far closer than no flow, and
+    the opposite flow is worse still (sign and axes are right)."""
+    import torch.nn.functional as F
+
+    from sddusr_engine.losses import _standardise
+    from sddusr_engine.model.flow import flow_warp
+
+    src = _photo(520, 680)
+    for seed in (1, 2):
+        a = make_pair(src, np.random.default_rng(seed))
+        hc, wc = a["lrc"].shape[:2]
+        assert a["flow"].shape == (hc, wc, 2) and a["flow"].dtype == np.float32
+        lrc = torch.from_numpy(a["lrc"].copy()).permute(2, 0, 1)[None].float() / 255
+        pooled = F.avg_pool2d(torch.from_numpy(a["ref"].copy()).permute(2, 0, 1)[None].float(), 2)
+        flow = torch.from_numpy(a["flow"]).permute(2, 0, 1)[None]
+
+        def err(x, lrc=lrc):
+            inner = (..., slice(6, -6), slice(6, -6))
+            return float((_standardise(x[inner]) - _standardise(lrc[inner])).square().mean())
+
+        none, true = err(pooled), err(flow_warp(pooled, flow, "border"))
+        assert true < 0.6 * none, (true, none)
+        assert err(flow_warp(pooled, -flow, "border")) > none
+
+
 def _fake_photo_manifest(tmp_path, n=5):
     photos = []
     for i in range(n):
@@ -222,6 +248,16 @@ def test_dataset_crops(tmp_path):
             lr = it["lr"][:, ys.start + dy : ys.stop + dy, xs.start + dx : xs.stop + dx]
             torch.testing.assert_close(lr, lrc, rtol=0, atol=0)
     assert overlapping >= 30
+    # the true flow travels with the crop: written by prepare_pairs, cropped, flipped, turned
+    assert all(t.flow is not None for t in pairs) and aug.with_flow
+    for k in range(12):
+        plain = DualLensDataset(pairs, crop=24, ctx=16, seed=7, augment=False)[k]
+        it = aug[k]
+        assert it["flow"].shape == (2, 16, 16)
+        # augmentation permutes and negates the plain crop's values, never invents new ones
+        torch.testing.assert_close(
+            it["flow"].abs().flatten().sort().values, plain["flow"].abs().flatten().sort().values
+        )
     with pytest.raises(ValueError, match="smaller than"):
         DualLensDataset(pairs, crop=4096)
     with pytest.raises(ValueError, match="even"):

@@ -13,6 +13,7 @@ from sddusr_engine.losses import (
     SDDuSRLoss,
     _vgg19_features,
     charbonnier,
+    flow_epe_loss,
     flow_photometric_loss,
     hr_detail,
     mask_label,
@@ -238,3 +239,11 @@ def test_flow_photometric_loss_prefers_the_true_flow_whatever_the_exposure():
     assert flow_photometric_loss(lrc, ref, rough, smooth_weight=1.0) > flow_photometric_loss(
         lrc, ref, true, smooth_weight=1.0
     )
+
+
+def test_flow_epe_loss_is_the_mean_end_point_error():
+    true = torch.zeros(1, 2, 4, 4)
+    pred = torch.zeros(1, 2, 4, 4)
+    pred[:, 0], pred[:, 1] = 3.0, 4.0  # every vector 5 px off
+    assert flow_epe_loss(pred, true).item() == pytest.approx(5.0)
+    assert flow_epe_loss(true, true).item() == pytest.approx(0.0, abs=1e-5)

@@ -42,6 +42,8 @@ def tiny_data(tmp_path_factory):
             (root / split / sub).mkdir(parents=True, exist_ok=True)
             Image.fromarray(p[key]).save(root / split / sub / name)
         boxes[name] = p["box"]
+        (root / split / "Flow").mkdir(exist_ok=True)
+        np.save(root / split / "Flow" / f"s{i}.npy", p["flow"])
     (root / BOX_FILE).write_text(json.dumps(boxes))
     return root
 
@@ -145,14 +147,20 @@ def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
             match_temperature=0.1,
             calibrate_reference=True,
             flow_weight=0.1,
+            flow_epe_weight=0.1,
+            flow_pretrain=4,
+            log_every=2,
         ),
         on_log=recs.append,
     )
     assert all(math.isfinite(r["avg_flow"]) for r in recs if "avg_rec" in r)
     calibrated = [r for r in recs if r.get("event") == "calibrate_reference"]
     assert len(calibrated) == 1 and calibrated[0]["fusion_divisor"] > 0
+    pre = [r for r in recs if r.get("event") == "flow_pretrain"]
+    assert [r["step"] for r in pre] == [2, 4] and all(r["epe"] > 0 for r in pre)
+    assert all(r["avg_flow_epe"] > 0 for r in recs if "avg_rec" in r)
     match = [r["avg_match"] for r in recs if "avg_match" in r]
-    assert len(match) == 30 and np.mean(match[-5:]) < np.mean(match[:5]), match
+    assert len(match) == 16 and np.mean(match[-5:]) < np.mean(match[:5]), match
     # fine-tune: the run starts from the file's tensors (step-1 loss far below a fresh start's)
     fresh, tuned = [], []
     train(_cfg(tiny_data, tmp_path / "b", steps=1), on_log=fresh.append)
