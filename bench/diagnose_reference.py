@@ -1,0 +1,169 @@
+"""Why does a network use its reference, or not? Measures each link of the reference path on a
+held-out split (the model card's "diagnosis" numbers).
+
+    python bench/diagnose_reference.py --weights weights/sddusr_default.safetensors \
+        --data ~/sddusr_work/pairs --split test [--json out.json]
+
+Per pair, in eval mode (the inference form of SFM), whole images:
+
+- `conf_in` / `conf_out`: mean matching confidence (max cosine) of the active LR cells inside the
+  centre box and outside it, where no true match exists. Equal values: the gate h(C) cannot tell
+  matches from garbage.
+- `match_exact`: share of active cells inside the centre whose matched LRC cell is the
+  geometrically right one (LRC is an exact crop of LR: the answer is known).
+- `flow_px`: mean |SpyNet flow| (LRC pixels); `flow_epe`: its end-point error against the true
+  flow when the split has `Flow/` (synthetic pairs), and `flow_epe_zero`, the error of no flow.
+- `ref_corr_aligned` / `ref_corr_raw`: a property of the data, not of the network: correlation of
+  the Ref's own detail (Ref minus its bicubic down-up) with the detail the output needs
+  (HR minus bicubic LR), over 32-px blocks of the centre, with each block's best integer shift
+  within +-4 px, and without shifting. The reference can only pay off if something aligns it.
+- `warp_corr`: the same correlation for the Ref *pixels* carried by the network's own flow and
+  matching (the path the features take), high-passed as the network does.
+
+Prints a per-pair table and the mean row last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from eval_weights import _load  # noqa: E402
+
+from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
+from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
+from sddusr_engine.model.flow import flow_warp  # noqa: E402
+from sddusr_engine.model.matching import high_pass, warp_by_index  # noqa: E402
+
+COLUMNS = (
+    "conf_in",
+    "conf_out",
+    "match_exact",
+    "flow_px",
+    "flow_epe",
+    "flow_epe_zero",
+    "ref_corr_raw",
+    "ref_corr_aligned",
+    "warp_corr",
+)
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = float(a.norm() * b.norm())
+    return float((a * b).sum()) / den if den > 0 else float("nan")
+
+
+def _ref_detail_corr(ref: torch.Tensor, need: torch.Tensor, block: int = 32, search: int = 4):
+    """(raw, best-shift) mean block correlation of the Ref's detail with the needed detail."""
+    down = F.interpolate(ref, scale_factor=0.5, mode="bicubic", align_corners=False, antialias=True)
+    detail = ref - F.interpolate(down, size=ref.shape[-2:], mode="bicubic", align_corners=False)
+    h, w = need.shape[-2:]
+    raw, best = [], []
+    for by in range(search, h - block - search + 1, block):
+        for bx in range(search, w - block - search + 1, block):
+            target = need[..., by : by + block, bx : bx + block]
+            if float(target.std()) < 0.01:  # flat block: nothing to transfer
+                continue
+            shifted = [
+                _corr(detail[..., by + dy : by + dy + block, bx + dx : bx + dx + block], target)
+                for dy in range(-search, search + 1)
+                for dx in range(-search, search + 1)
+            ]
+            raw.append(_corr(detail[..., by : by + block, bx : bx + block], target))
+            best.append(max(shifted))
+    return (float(np.mean(raw)), float(np.mean(best))) if raw else (math.nan, math.nan)
+
+
+@torch.no_grad()
+def diagnose(weights: str | None, data: str, split: str = "test", limit: int | None = None):
+    model = _load(weights, "cpu")
+    rows = []
+    for t in load_pairs(data, split, limit=limit):
+        lr, hr, lrc, ref = (to_tensor(a)[None] for a in (t.lr, t.hr, t.lrc, t.ref))
+        _, aux = model(lr, lrc, ref, return_aux=True)
+        y0, y1, x0, x1 = t.box
+        conf, index = aux["confidence"][0, 0], aux["index"][0]
+        hq, wq = conf.shape
+        hk, wk = lrc.shape[-2] // 2, lrc.shape[-1] // 2
+        # matching cell = 4 HR px; LR cell i <-> LRC cell i - y0/4 (a half cell when y0/2 is odd)
+        oy, ox = y0 / 4, x0 / 4
+        ii, jj = torch.meshgrid(torch.arange(hq), torch.arange(wq), indexing="ij")
+        inside = (
+            (ii >= math.ceil(oy)) & (ii < oy + hk - 1) & (jj >= math.ceil(ox)) & (jj < ox + wk - 1)
+        )
+        active = index >= 0
+        ki, kj = index // wk, index % wk
+        err = torch.maximum((ki - (ii - oy)).abs(), (kj - (jj - ox)).abs())
+        sel = inside & active
+        flow = aux["flow"]
+        row = {
+            "name": t.name,
+            "conf_in": float(conf[sel].mean()) if sel.any() else math.nan,
+            "conf_out": float(conf[~inside & active].mean())
+            if (~inside & active).any()
+            else math.nan,
+            "match_exact": float((err[sel] <= 0.5).float().mean()) if sel.any() else math.nan,
+            "flow_px": float(flow.norm(dim=1).mean()),
+            "flow_epe": math.nan,
+            "flow_epe_zero": math.nan,
+        }
+        if t.flow is not None:
+            true = torch.from_numpy(t.flow).permute(2, 0, 1)[None]
+            row["flow_epe"] = float((flow - true).norm(dim=1).mean())
+            row["flow_epe_zero"] = float(true.norm(dim=1).mean())
+        need = (hr - bicubic_x2(lr))[..., y0:y1, x0:x1]
+        row["ref_corr_raw"], row["ref_corr_aligned"] = _ref_detail_corr(ref, need)
+        # the Ref's pixels along the network's own path: flow onto LRC, then the matched patches
+        ref_flow = 2.0 * F.interpolate(flow, scale_factor=2, mode="bilinear", align_corners=True)
+        carried = warp_by_index(flow_warp(ref, ref_flow), aux["index"], model.ops.patch_warp)
+        detail = high_pass(carried, torch.ones(1))[..., : hr.shape[-2], : hr.shape[-1]]
+        got = detail[..., y0:y1, x0:x1]
+        has = (carried.abs().sum(1, keepdim=True) > 0)[..., y0:y1, x0:x1].expand_as(got)
+        row["warp_corr"] = _corr(got[has], need[has]) if has.any() else math.nan
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in COLUMNS}
+    return {"weights": str(weights), "data": str(data), "split": split, "rows": rows, "mean": mean}
+
+
+def table(res: dict) -> str:
+    head = "| pair | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for r in [*res["rows"], {"name": "**mean**", **res["mean"]}]:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.3f}" for k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--weights", default=None, help="safetensors or checkpoint.pt; default: shipped"
+    )
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = diagnose(a.weights, a.data, a.split, a.limit)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
