@@ -310,10 +310,9 @@ def pretrain_flow(model: torch.nn.Module, ds: DualLensDataset, cfg: TrainConfig,
         sampler=range(start, start + cfg.flow_pretrain * cfg.batch_size),
     )
     t0, acc = time.perf_counter(), []
+    bgr = model.config.channel_order == "bgr"
     for k, batch in enumerate(loader, 1):
-        lrc, ref = batch["lrc"].to(device), batch["ref"].to(device)
-        if model.config.channel_order == "bgr":
-            lrc, ref = lrc.flip(-3), ref.flip(-3)
+        lrc, ref = (_channel_order(batch[key].to(device), bgr) for key in ("lrc", "ref"))
         loss = flow_epe_loss(spynet(lrc, F.avg_pool2d(ref, 2)), batch["flow"].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -478,8 +477,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
 
     t_run = time.perf_counter()
     t_last, acc, n_acc = t_run, {}, 0
+    bgr = mcfg.channel_order == "bgr"
     for batch in loader:
-        bgr = mcfg.channel_order == "bgr"
         lr, hr, lrc, ref = (
             _channel_order(batch[k].to(device), bgr) for k in ("lr", "hr", "lrc", "ref")
         )
