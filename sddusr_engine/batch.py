@@ -246,11 +246,18 @@ def first_error(ctx: DistContext, error: str | None) -> str | None:
     return next((p for p in parts if p), None)
 
 
-def close_dist(ctx: DistContext) -> None:
+def close_dist(ctx: DistContext, finished: bool = True) -> None:
+    """Tear down the process group this run made. `finished`: every rank got through the last
+    gather, so they wait for each other first; a rank that tears its gloo connections down while
+    a peer still uses them can abort that peer ("terminate called without an active exception")
+    after all the work is done. On an error path there is no waiting: a peer stuck in a
+    collective then fails on the closed connection instead of hanging."""
     if ctx.initialised_here:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
