@@ -545,6 +545,7 @@ def batch(
     if not jobs:
         raise CLIError(f"{indir} holds no image pairs ({layout} layout found, but empty).", 2)
     ctx = dist_context(device)
+    gathered = False
     try:
         mine = shard(jobs, ctx.rank, ctx.world)
         dev = device
@@ -606,8 +607,9 @@ def batch(
                 {"rank": ctx.rank, "world": ctx.world, "results": [r.to_dict() for r in results]},
             )
         everything = gather_results(results, ctx)
+        gathered = True
     finally:
-        close_dist(ctx)
+        close_dist(ctx, finished=gathered)
     failed = [r for r in everything if r.status == "failed"]
     if lead:
         _batch_summary(everything, wall)
