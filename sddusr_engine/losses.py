@@ -335,7 +335,8 @@ class SDDuSRLoss(nn.Module):
 
     The perceptual term is on only when `vgg19_weights_path` is given; the adversarial term only
     with `adversarial=True` (then `self.discriminator` exists and `discriminator_loss` trains it).
-    `forward(sr, hr, mask_prob=None, match=None)` returns (total, dict of the detached terms);
+    `forward(sr, hr, mask_prob=None, match=None, flow=None)` returns (total, dict of the
+    detached terms);
     `match` = (query map, key map, offset) adds `w.match * matching_loss` when `w.match` > 0;
     `flow` = (LRC, Ref, flow[, true flow]) adds `w.flow * flow_photometric_loss` when `w.flow`
     > 0, and `w.flow_epe * flow_epe_loss` when the true flow is given and `w.flow_epe` > 0.

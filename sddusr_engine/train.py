@@ -264,8 +264,7 @@ def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str,
     lr, lrc, ref = (batch[k].to(next(model.parameters()).device) for k in ("lr", "lrc", "ref"))
     _, aux = model(lr, lrc, ref, return_aux=True)
     model.train(was_training)
-    conf_up = F.interpolate(aux["confidence"], scale_factor=4, mode="bicubic", align_corners=False)
-    gate = model.alphaConf2X(conf_up)
+    gate = model.confidence_gate(aux["confidence"])
     hf = high_pass(aux["warp_sum"], model.alpha)
     has_warp = (aux["warp_sum"].abs().sum(1, keepdim=True) > 0).expand_as(gate)
     if not bool(has_warp.any()):
@@ -278,8 +277,7 @@ def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str,
     gate_out.weight.mul_(k_gate)
     gate_out.bias.mul_(k_gate)
     model.alpha.mul_(k_alpha)
-    n = model.config.channels
-    group = slice(n, 2 * n) if model.config.variant == "sddusr" else slice(0, n)
+    group = model.warp_channels
     total = k_gate * k_alpha
     fusion = model.AdaFuison
     fusion.conv1.weight[:, group] /= total

@@ -172,11 +172,21 @@ class DualLensSR(nn.Module):
             warp_sum, conf.to(warp_sum.dtype), index, logits, mask, stats, query_map=q_map
         )
 
+    def confidence_gate(self, confidence: torch.Tensor) -> torch.Tensor:
+        """h(C): the confidence [B,1,hq,wq] on the output grid, mapped to per-channel gates."""
+        return self.alphaConf2X(
+            F.interpolate(confidence, scale_factor=4, mode="bicubic", align_corners=False)
+        )
+
+    @property
+    def warp_channels(self) -> slice:
+        """Where gate * hf sits among the fusion input's channels (see `fusion_input`)."""
+        n = self.config.channels
+        return slice(0, n) if self.config.variant == "kedusr" else slice(n, 2 * n)
+
     def fusion_input(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
         hf = high_pass(m.warp_sum, self.alpha)
-        gate = self.alphaConf2X(
-            F.interpolate(m.confidence, scale_factor=4, mode="bicubic", align_corners=False)
-        )
+        gate = self.confidence_gate(m.confidence)
         if self.config.variant == "kedusr":
             return torch.cat([hf * gate, f_lr], dim=1)
         f_dict = self.tdl.learn(f_lr, ctx.dicts, self.ops.attention)
