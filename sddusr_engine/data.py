@@ -24,9 +24,12 @@ How a pair is made (all geometry in HR pixels, pixel centres at integer coordina
 - Telephoto: a separate camera rendered from S: its own density z in [1.9, 2.1] x the LR density,
   roll, offset, its own lens blur and antialiasing, a smooth parallax field of a few pixels,
   exposure, white balance, gamma, noise and JPEG.
-- Ref (the `Ref_SIFT` image): the telephoto resampled onto the 2xLRC grid by a coarse alignment
-  that is the true mapping perturbed (rotation <= 0.75 deg, scale +-1%, shift +-2 px), so the
-  residual misalignment of a real registration (and the parallax) stays in the data.
+- Ref (the `Ref_SIFT` image): the telephoto put on the 2xLRC grid by the engine's own
+  registration (`registration.register` + `resample_reference`: SIFT, MAGSAC, ECC, colour match),
+  exactly as `sddusr sr` prepares a raw pair, so the residual misalignment the network learns to
+  handle (mostly the parallax) is the one it meets at inference. `--ref-alignment simulated`
+  instead uses the true mapping perturbed (rotation <= 0.75 deg, scale +-1%, shift +-2 px; the
+  first datasets' way, and the fallback for a photo registration cannot lock onto).
 """
 
 from __future__ import annotations
@@ -281,12 +284,33 @@ def _rot(deg: float) -> np.ndarray:
     return np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=np.float64)
 
 
-def make_pair(src: np.ndarray, rng: np.random.Generator, params: PairParams | None = None) -> dict:
+REF_ALIGNMENTS = ("registration", "simulated")
+
+
+def make_pair(
+    src: np.ndarray,
+    rng: np.random.Generator,
+    params: PairParams | None = None,
+    ref_alignment: str = "registration",
+) -> dict:
     """Make one dual-lens triplet from `src` (float32 [Hs,Ws,3] in [0,1], at twice HR density).
 
     Returns uint8 HWC arrays `hr`, `lr`, `lrc`, `ref` (ref on the 2xLRC grid), the `box`
-    [y0, y1, x0, x1] in HR pixels, the raw telephoto frame `tele` and the `params`.
+    [y0, y1, x0, x1] in HR pixels, the raw telephoto frame `tele`, the `params`, the true
+    Ref->LRC `flow` and `alignment`, how Ref was put on LRC's grid:
+
+    - "registration": the engine's own `registration.register` (SIFT, MAGSAC, ECC) and
+      `resample_reference` (colour-matched to the wide photo), exactly what `sddusr sr` does
+      with a raw pair, so the network trains on the Ref it will be given;
+    - "simulated": the true affine made slightly wrong by the `residual_*` parameters (the
+      first datasets' way; also the fallback, recorded as "simulated-fallback", where
+      registration cannot find the telephoto, e.g. in a flat photo).
+
+    No random numbers are drawn after the telephoto is rendered, so both alignments give the
+    same HR, LR, telephoto and box for the same rng.
     """
+    if ref_alignment not in REF_ALIGNMENTS:
+        raise ValueError(f"ref_alignment must be one of {REF_ALIGNMENTS}, got {ref_alignment!r}")
     p = params or sample_params(rng)
     hs, ws = src.shape[:2]
     H, W = (hs // 2) // 8 * 8, (ws // 2) // 8 * 8
@@ -336,21 +360,39 @@ def make_pair(src: np.ndarray, rng: np.random.Generator, params: PairParams | No
     tele = tele + rng.normal(0.0, p.tele_noise / 255.0, size=tele.shape)
     tele_u8 = _jpeg(_to_u8(tele), p.tele_jpeg) if p.tele_jpeg else _to_u8(tele)
 
-    # --- coarse alignment onto the 2xLRC grid: the true affine, slightly wrong ---
-    A_est = (spacing * p.residual_scale) * _rot(p.tele_roll_deg + p.residual_rot_deg)
-    c_est = c + np.array(p.residual_shift)
-    A_inv = np.linalg.inv(A_est)
-    M = np.zeros((2, 3))
-    M[:, :2] = A_inv
-    M[:, 2] = qc + A_inv @ (np.array([box[2], box[0]], dtype=np.float64) - c_est)
-    ref = cv2.warpAffine(
-        tele_u8,
-        M,
-        (bw, bh),
-        flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REFLECT,
-    )
-    flow = _true_flow(box, (hc, wc), A, c, qc, A_est, c_est, parallax)
+    # --- Ref on the 2xLRC grid ---
+    ref, ref_to_tele, alignment = None, None, ref_alignment
+    if ref_alignment == "registration":
+        from .registration import (
+            FootprintNotFoundError,
+            ref_to_tele_matrix,
+            register,
+            resample_reference,
+        )
+
+        lr_box = (ly0, ly0 + hc, lx0, lx0 + wc)
+        try:
+            fp = register(lr, tele_u8)
+            ref, _ = resample_reference(lr, tele_u8, fp, lr_box)
+            ref_to_tele = ref_to_tele_matrix(fp, lr_box)
+        except FootprintNotFoundError:
+            alignment = "simulated-fallback"
+    if ref is None:
+        # the true affine, slightly wrong (Ref pixel r shows HR point box origin + r)
+        A_est = (spacing * p.residual_scale) * _rot(p.tele_roll_deg + p.residual_rot_deg)
+        c_est = c + np.array(p.residual_shift)
+        A_inv = np.linalg.inv(A_est)
+        ref_to_tele = np.eye(3)
+        ref_to_tele[:2, :2] = A_inv
+        ref_to_tele[:2, 2] = qc + A_inv @ (np.array([box[2], box[0]], dtype=np.float64) - c_est)
+        ref = cv2.warpAffine(
+            tele_u8,
+            ref_to_tele[:2],
+            (bw, bh),
+            flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REFLECT,
+        )
+    flow = _true_flow(box, (hc, wc), A, c, qc, ref_to_tele, parallax)
     return {
         "hr": hr_u8,
         "lr": lr,
@@ -360,34 +402,35 @@ def make_pair(src: np.ndarray, rng: np.random.Generator, params: PairParams | No
         "tele": tele_u8,
         "params": p,
         "flow": flow,
+        "alignment": alignment,
     }
 
 
-def _true_flow(box, lrc_hw, A, c, qc, A_est, c_est, parallax) -> np.ndarray:
+def _true_flow(box, lrc_hw, A, c, qc, ref_to_tele, parallax) -> np.ndarray:
     """SpyNet's target: for each LRC pixel, where the Ref average-pooled onto LRC's grid shows the
     same scene point, minus the pixel. float32 [hc,wc,2] as (dx, dy) in LRC pixels.
 
-    Ref pixel r samples telephoto pixel q(r) = qc + A_est^-1 (o + r - c_est) (o = box origin),
-    which shows HR point c + A (q - qc) + parallax(q). Solving for the r that shows the HR point
-    h of an LRC pixel centre: r = c_est + G^-1 (h - c - parallax(q)) - o with G = A A_est^-1;
-    the smooth parallax is read at the r found without it (a few pixels away).
+    Telephoto pixel q shows HR point c + A (q - qc) + parallax(q); Ref pixel r samples telephoto
+    pixel `ref_to_tele` (r) (3x3, projective). For the HR point h at an LRC pixel's centre, the
+    telephoto pixel showing it is q = qc + A^-1 (h - c - parallax(q)), with the smooth parallax
+    read at the q found without it (a few pixels away); the Ref pixel is ref_to_tele^-1 (q).
     """
     hc, wc = lrc_hw
     origin = np.array([box[2], box[0]], dtype=np.float64)
     ly, lx = np.mgrid[0:hc, 0:wc].astype(np.float64)
     h_pt = np.stack([origin[0] + 2 * lx + 0.5, origin[1] + 2 * ly + 0.5], axis=-1)
-    A_est_inv = np.linalg.inv(A_est)
-    G_inv = np.linalg.inv(A @ A_est_inv)
-    r = c_est + (h_pt - c) @ G_inv.T - origin
-    q = qc + (origin + r - c_est) @ A_est_inv.T
+    A_inv = np.linalg.inv(A)
+    q0 = qc + (h_pt - c) @ A_inv.T
     par = cv2.remap(
         parallax.astype(np.float32),
-        q[..., 0].astype(np.float32),
-        q[..., 1].astype(np.float32),
+        q0[..., 0].astype(np.float32),
+        q0[..., 1].astype(np.float32),
         cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_REPLICATE,
     ).astype(np.float64)
-    r = c_est + (h_pt - c - par) @ G_inv.T - origin
+    q = qc + (h_pt - c - par) @ A_inv.T
+    qh = np.concatenate([q, np.ones((*q.shape[:2], 1))], axis=-1) @ np.linalg.inv(ref_to_tele).T
+    r = qh[..., :2] / qh[..., 2:]
     pooled = (r - 0.5) / 2.0  # Ref pixel centre 2p + 0.5 is pooled pixel p
     return (pooled - np.stack([lx, ly], axis=-1)).astype(np.float32)
 
@@ -418,13 +461,15 @@ def prepare_pairs(
     train_crops: int = 3,
     crop_hr: tuple[int, int] = (512, 768),
     val_every: int = 5,
+    ref_alignment: str = "registration",
 ) -> Path:
     """Make the triplets for every photo of `photo_manifest` and write them under `out`.
 
     Split by photo: sorted photo ids, index % val_every == val_every // 2 goes to `test` (one
     pair per photo, the whole photo), the rest to `train` (the whole photo plus up to
     `train_crops` random crops of `crop_hr` HR pixels from photos big enough). The whole-photo
-    pairs are resized so the HR's longer side is at most `hr_max`. Returns `out/manifest.json`.
+    pairs are resized so the HR's longer side is at most `hr_max`. `ref_alignment`: see
+    `make_pair`; each pair records the one used. Returns `out/manifest.json`.
     """
     out = Path(out)
     pm = json.loads(Path(photo_manifest).read_text())
@@ -467,7 +512,7 @@ def prepare_pairs(
                 )
         for tag, src, crop in sources:
             name = f"{_stem(ph['id'])}_{tag}.png"
-            pair = make_pair(np.ascontiguousarray(src), rng)
+            pair = make_pair(np.ascontiguousarray(src), rng, ref_alignment=ref_alignment)
             root = out / split
             _write_png(root / "HR" / name, pair["hr"])
             _write_png(root / "LR" / name, pair["lr"])
@@ -485,6 +530,7 @@ def prepare_pairs(
                     "source_crop": crop,
                     "hr_size": list(pair["hr"].shape[:2]),
                     "box": pair["box"],
+                    "alignment": pair["alignment"],
                     "params": {k: v for k, v in pr.__dict__.items() if k != "extras"},
                 }
             )
@@ -494,6 +540,7 @@ def prepare_pairs(
         "hr_max": hr_max,
         "train_crops": train_crops,
         "crop_hr": list(crop_hr),
+        "ref_alignment": ref_alignment,
         "split_rule": f"photos sorted by id; index % {val_every} == {val_every // 2} -> test",
         "packages": pm.get("packages", {}),
         "photos": photo_rows,
@@ -724,13 +771,26 @@ def main(argv: Sequence[str] | None = None) -> None:
             sp.add_argument("--seed", type=int, default=0)
             sp.add_argument("--hr-max", type=int, default=1024)
             sp.add_argument("--train-crops", type=int, default=3)
+            sp.add_argument(
+                "--ref-alignment",
+                choices=REF_ALIGNMENTS,
+                default="registration",
+                help="how Ref is put on LRC's grid (default: the engine's own registration)",
+            )
     a = ap.parse_args(argv)
     if a.cmd in ("fetch", "all"):
         pm = fetch_photos(a.cache)
         print(f"photos: {pm}")
     if a.cmd in ("prepare", "all"):
         pm = Path(a.cache).expanduser() / "photos.json"
-        m = prepare_pairs(pm, a.out, seed=a.seed, hr_max=a.hr_max, train_crops=a.train_crops)
+        m = prepare_pairs(
+            pm,
+            a.out,
+            seed=a.seed,
+            hr_max=a.hr_max,
+            train_crops=a.train_crops,
+            ref_alignment=a.ref_alignment,
+        )
         print(f"pairs: {m}")
 
 

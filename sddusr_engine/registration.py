@@ -34,7 +34,9 @@ __all__ = [
     "center_crop_box",
     "estimate_footprint",
     "fit_colour_transform",
+    "ref_to_tele_matrix",
     "register",
+    "resample_reference",
 ]
 
 _NOT_FOUND = "the telephoto image could not be found in the wide image"
@@ -423,24 +425,44 @@ def align_reference(
     """
     lr = as_rgb_array(wide)
     fp = register(lr, tele) if footprint is None else footprint
-    y0, y1, x0, x1 = center_crop_box(fp, lr.shape)
-    lrc = lr[y0:y1, x0:x1]
-    tele_rgb = _float_rgb(tele)
-    # Ref pixel (u, v) -> wide (x0 + (u + 0.5)/2 - 0.5, ...) -> telephoto via H^-1.
+    box = center_crop_box(fp, lr.shape)
+    ref, colour = resample_reference(lr, tele, fp, box)
+    y0, y1, x0, x1 = box
+    return AlignedPair(lr=lr, lrc=lr[y0:y1, x0:x1], ref=ref, box=box, footprint=fp, colour=colour)
+
+
+def ref_to_tele_matrix(footprint: Footprint, box: tuple[int, int, int, int]) -> np.ndarray:
+    """3×3: Ref pixel (u, v, 1) on the 2×LRC grid of `box` (wide pixels) → telephoto pixel."""
+    y0, _, x0, _ = box
+    # Ref pixel (u, v) sits at wide (x0 + (u + 0.5)/2 - 0.5, y0 + (v + 0.5)/2 - 0.5).
     ref_to_wide = np.array([[0.5, 0, x0 - 0.25], [0, 0.5, y0 - 0.25], [0, 0, 1.0]])
-    ref_to_tele = np.linalg.inv(fp.homography) @ ref_to_wide
-    step = fp.zoom / 2.0  # telephoto pixels per Ref pixel
+    return np.linalg.inv(footprint.homography) @ ref_to_wide
+
+
+def resample_reference(
+    wide: np.ndarray, tele: np.ndarray, footprint: Footprint, box: tuple[int, int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The telephoto resampled onto the 2×LRC grid of `box` (wide pixels, (y0, y1, x0, x1)) and
+    colour-matched to wide[box]: (ref in the wide's dtype, the 3×4 colour matrix).
+
+    The one Ref the network sees, at inference (`align_reference`) and in the training pairs
+    (`data.make_pair`), so that both are aligned the same way.
+    """
+    lr = as_rgb_array(wide)
+    y0, y1, x0, x1 = box
+    tele_rgb = _float_rgb(tele)
+    step = footprint.zoom / 2.0  # telephoto pixels per Ref pixel
     src = tele_rgb
     if step > 1.05:
         src = cv2.GaussianBlur(tele_rgb, (0, 0), 0.5 * np.sqrt(step**2 - 1))
     ref = cv2.warpPerspective(
         src,
-        ref_to_tele,
+        ref_to_tele_matrix(footprint, box),
         (2 * (x1 - x0), 2 * (y1 - y0)),
         flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REPLICATE,
     )
-    lrc01 = _float_rgb(lrc)
+    lrc01 = _float_rgb(lr[y0:y1, x0:x1])
     # Fit on low-passed images: the telephoto's extra detail is noise in the regressor and would
     # bias the gains toward zero (errors-in-variables).
     colour = fit_colour_transform(
@@ -451,4 +473,4 @@ def align_reference(
         ref = np.rint(ref * 255.0).astype(np.uint8)
     elif lr.dtype == np.uint16:
         ref = np.rint(ref * 65535.0).astype(np.uint16)
-    return AlignedPair(lr=lr, lrc=lrc, ref=ref, box=(y0, y1, x0, x1), footprint=fp, colour=colour)
+    return ref, colour

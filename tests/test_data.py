@@ -110,30 +110,81 @@ def test_make_pair_geometry_and_determinism():
     assert np.abs(c - r).mean() > 1.0
 
 
-def test_true_flow_aligns_the_reference():
-    """make_pair's `flow` warps the average-pooled Ref onto LRC: far closer than no flow, and
-    the opposite flow is worse still (sign and axes are right)."""
+def _flow_errors(pair):
+    """(no flow, true flow, opposite flow): standardised error of the pooled Ref against LRC."""
     import torch.nn.functional as F
 
     from sddusr_engine.losses import _standardise
     from sddusr_engine.model.flow import flow_warp
 
+    lrc = torch.from_numpy(pair["lrc"].copy()).permute(2, 0, 1)[None].float() / 255
+    pooled = F.avg_pool2d(torch.from_numpy(pair["ref"].copy()).permute(2, 0, 1)[None].float(), 2)
+    flow = torch.from_numpy(pair["flow"]).permute(2, 0, 1)[None]
+
+    def err(x):
+        inner = (..., slice(6, -6), slice(6, -6))
+        return float((_standardise(x[inner]) - _standardise(lrc[inner])).square().mean())
+
+    return (
+        err(pooled),
+        err(flow_warp(pooled, flow, "border")),
+        err(flow_warp(pooled, -flow, "border")),
+    )
+
+
+@pytest.mark.parametrize("alignment", ["simulated", "registration"])
+def test_true_flow_aligns_the_reference(alignment):
+    """make_pair's `flow` warps the average-pooled Ref onto LRC: closer than no flow, and the
+    opposite flow is worse (sign and axes are right), whichever way Ref was aligned."""
     src = _photo(520, 680)
     for seed in (1, 2):
-        a = make_pair(src, np.random.default_rng(seed))
+        a = make_pair(src, np.random.default_rng(seed), ref_alignment=alignment)
+        assert a["alignment"] == alignment
         hc, wc = a["lrc"].shape[:2]
         assert a["flow"].shape == (hc, wc, 2) and a["flow"].dtype == np.float32
-        lrc = torch.from_numpy(a["lrc"].copy()).permute(2, 0, 1)[None].float() / 255
-        pooled = F.avg_pool2d(torch.from_numpy(a["ref"].copy()).permute(2, 0, 1)[None].float(), 2)
-        flow = torch.from_numpy(a["flow"]).permute(2, 0, 1)[None]
+        none, true, opposite = _flow_errors(a)
+        # the simulated residual leaves pixels of misalignment; registration leaves parallax
+        assert true < (0.6 if alignment == "simulated" else 0.9) * none, (true, none)
+        assert opposite > none
 
-        def err(x, lrc=lrc):
-            inner = (..., slice(6, -6), slice(6, -6))
-            return float((_standardise(x[inner]) - _standardise(lrc[inner])).square().mean())
 
-        none, true = err(pooled), err(flow_warp(pooled, flow, "border"))
-        assert true < 0.6 * none, (true, none)
-        assert err(flow_warp(pooled, -flow, "border")) > none
+def test_registered_reference_is_the_engines_and_better_aligned():
+    """The default Ref is the engine's registration of the telephoto: same HR/LR/telephoto as the
+    simulated alignment (no extra random draws), smaller true flow, smaller error, and the
+    colours of the wide photo (the telephoto's exposure and colour shift are matched away)."""
+    from sddusr_engine.registration import align_reference, register, resample_reference
+
+    src = _photo(520, 680)
+    sim = make_pair(src, np.random.default_rng(3), ref_alignment="simulated")
+    reg = make_pair(src, np.random.default_rng(3))
+    assert reg["alignment"] == "registration"
+    for k in ("hr", "lr", "lrc", "tele"):
+        np.testing.assert_array_equal(sim[k], reg[k])
+    assert reg["box"] == sim["box"]
+    assert np.abs(reg["flow"]).mean() < 0.5 * np.abs(sim["flow"]).mean()
+    assert _flow_errors(reg)[0] < _flow_errors(sim)[0]
+    # exactly what the engine computes for that box
+    y0, y1, x0, x1 = (v // 2 for v in reg["box"])
+    ref, _ = resample_reference(reg["lr"], reg["tele"], register(reg["lr"], reg["tele"]), (y0, y1, x0, x1))
+    np.testing.assert_array_equal(ref, reg["ref"])
+    pooled_mean = reg["ref"].reshape(-1, 3).mean(0)
+    assert np.abs(pooled_mean - reg["lrc"].reshape(-1, 3).mean(0)).max() < 3.0
+    # align_reference (the engine's entry) still cuts its own box and agrees with itself
+    ap = align_reference(reg["lr"], reg["tele"])
+    by0, by1, bx0, bx1 = ap.box
+    assert ap.ref.shape[:2] == (2 * (by1 - by0), 2 * (bx1 - bx0))
+
+
+def test_make_pair_falls_back_where_registration_fails():
+    """A featureless photo cannot be registered: the pair keeps the simulated alignment and says so."""
+    flat = np.full((300, 420, 3), 0.5, np.float32)
+    p = make_pair(flat, np.random.default_rng(0))
+    assert p["alignment"] == "simulated-fallback"
+    q = make_pair(flat, np.random.default_rng(0), ref_alignment="simulated")
+    np.testing.assert_array_equal(p["ref"], q["ref"])
+    np.testing.assert_array_equal(p["flow"], q["flow"])
+    with pytest.raises(ValueError, match="ref_alignment"):
+        make_pair(flat, np.random.default_rng(0), ref_alignment="sift")
 
 
 def _fake_photo_manifest(tmp_path, n=5):
