@@ -320,9 +320,12 @@ def make_pair(
     hr = cv2.resize(src, (W, H), interpolation=cv2.INTER_AREA)
     hr_u8 = _to_u8(hr)
     lr = _degrade_lr(hr_u8.astype(np.float32) / 255.0, p, rng)
-    # Centre half of the field of view; LRC sides even, so box sides are multiples of 4.
+    # Centre half of the field of view; LRC sides even, so box sides are multiples of 4. The
+    # origin is even too (DESIGN section 1, as `registration.center_crop_box` makes it), so that
+    # LRC's 2-pixel matching cells coincide with LR's: an odd origin would leave every matched
+    # Ref patch one LR pixel off.
     hc, wc = (H // 2) // 4 * 2, (W // 2) // 4 * 2
-    ly0, lx0 = (H // 2 - hc) // 2, (W // 2 - wc) // 2
+    ly0, lx0 = (H // 2 - hc) // 4 * 2, (W // 2 - wc) // 4 * 2
     box = [2 * ly0, 2 * (ly0 + hc), 2 * lx0, 2 * (lx0 + wc)]
     lrc = lr[ly0 : ly0 + hc, lx0 : lx0 + wc]
     bh, bw = 2 * hc, 2 * wc
@@ -657,6 +660,11 @@ def to_tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(x, dtype=np.float32).transpose(2, 0, 1).copy()).div_(255.0)
 
 
+def _even_in(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """A uniformly drawn even integer in [lo, hi] (there must be one)."""
+    return 2 * int(rng.integers((lo + 1) // 2, hi // 2 + 1))
+
+
 class DualLensDataset(Dataset):
     """Random training crops, deterministic in (seed, index): sample `k` is always the same.
 
@@ -667,6 +675,8 @@ class DualLensDataset(Dataset):
     With probability `p_center` the LR crop overlaps the LRC context crop by at least half of it
     in each axis, so the reference carries the detail the network should learn to use; the rest
     are anywhere.
+    Crop origins are even, so `offset` is even wherever the box origin is (always, for pairs
+    from `make_pair`): LR and LRC matching cells coincide, as in a whole image.
     Random flips and transposes are applied to all four consistently. `length` is nominal
     (the sampler decides how many items are drawn).
     """
@@ -682,8 +692,10 @@ class DualLensDataset(Dataset):
         length: int = 10**9,
     ) -> None:
         ctx = crop if ctx is None else ctx
-        if ctx % 2:
-            raise ValueError(f"ctx must be even (LRC sides are even), got {ctx}")
+        if ctx % 2 or crop % 2:
+            raise ValueError(
+                f"crop and ctx must be even (matching cells are 2 pixels), got {crop} and {ctx}"
+            )
         for t in pairs:
             if min(t.lr.shape[:2]) < crop or min(t.lrc.shape[:2]) < ctx:
                 raise ValueError(
@@ -707,16 +719,19 @@ class DualLensDataset(Dataset):
         H, W = t.lr.shape[:2]
         hc, wc = t.lrc.shape[:2]
         ly0, lx0 = t.box[0] // 2, t.box[2] // 2
-        cy, cx = int(rng.integers(0, hc - x + 1)), int(rng.integers(0, wc - x + 1))
+        # Every crop origin is even: the crops keep the whole image's 2-pixel matching cells, as
+        # the engine's tiles do, so an LR cell meets its LRC cell exactly (with an odd relative
+        # offset the true match falls between two cells and the Ref arrives one LR pixel off).
+        cy, cx = _even_in(rng, 0, hc - x), _even_in(rng, 0, wc - x)
         if rng.uniform() < self.p_center:
             # LR-crop origin such that the crop covers >= x/2 of the context crop on each axis.
             gy, gx = ly0 + cy, lx0 + cx
             ylo, yhi = max(0, gy + x // 2 - c), min(H - c, gy + x // 2)
             xlo, xhi = max(0, gx + x // 2 - c), min(W - c, gx + x // 2)
-            y = int(rng.integers(ylo, yhi + 1)) if yhi >= ylo else int(rng.integers(0, H - c + 1))
-            xx = int(rng.integers(xlo, xhi + 1)) if xhi >= xlo else int(rng.integers(0, W - c + 1))
+            y = _even_in(rng, ylo, yhi) if yhi >= ylo + ylo % 2 else _even_in(rng, 0, H - c)
+            xx = _even_in(rng, xlo, xhi) if xhi >= xlo + xlo % 2 else _even_in(rng, 0, W - c)
         else:
-            y, xx = int(rng.integers(0, H - c + 1)), int(rng.integers(0, W - c + 1))
+            y, xx = _even_in(rng, 0, H - c), _even_in(rng, 0, W - c)
         lr = t.lr[y : y + c, xx : xx + c]
         hr = t.hr[2 * y : 2 * (y + c), 2 * xx : 2 * (xx + c)]
         lrc = t.lrc[cy : cy + x, cx : cx + x]

@@ -91,7 +91,8 @@ def test_make_pair_geometry_and_determinism():
     assert (H, W) == (144, 208)  # (150, 210) floored to multiples of 8
     assert a["lr"].shape == (H // 2, W // 2, 3)
     y0, y1, x0, x1 = a["box"]
-    assert (y1 - y0) % 4 == 0 and (x1 - x0) % 4 == 0 and y0 % 2 == 0 and x0 % 2 == 0
+    # the LR origin is even (y0, x0 multiples of 4 in HR): LR and LRC matching cells coincide
+    assert (y1 - y0) % 4 == 0 and (x1 - x0) % 4 == 0 and y0 % 4 == 0 and x0 % 4 == 0
     assert a["lrc"].shape[:2] == ((y1 - y0) // 2, (x1 - x0) // 2)
     assert a["lrc"].shape[0] % 2 == 0 and a["lrc"].shape[1] % 2 == 0
     np.testing.assert_array_equal(a["lrc"], a["lr"][y0 // 2 : y1 // 2, x0 // 2 : x1 // 2])
@@ -284,6 +285,8 @@ def test_dataset_crops(tmp_path):
         ]
         (y, x), (cy, cx) = hits[0], chits[0]
         assert min(y + 24, cy + 16) - max(y, cy) >= 8 and min(x + 24, cx + 16) - max(x, cx) >= 8
+        # both origins even (the whole image's 2-pixel matching cells)
+        assert y % 2 == 0 and x % 2 == 0 and cy % 2 == 0 and cx % 2 == 0, (y, x, cy, cx)
     aug = DualLensDataset(pairs, crop=24, ctx=16, seed=7)
     assert aug[3]["hr"].shape == (3, 48, 48)
     # `offset` places the LRC crop inside the LR crop, through every flip and transpose
@@ -291,6 +294,7 @@ def test_dataset_crops(tmp_path):
     for k in range(40):
         it = aug[k]
         dy, dx = it["offset"].tolist()
+        assert dy % 2 == 0 and dx % 2 == 0  # LR and LRC cells coincide, through every flip
         ys = range(max(0, -dy), min(16, 24 - dy))
         xs = range(max(0, -dx), min(16, 24 - dx))
         if len(ys) and len(xs):
@@ -313,3 +317,5 @@ def test_dataset_crops(tmp_path):
         DualLensDataset(pairs, crop=4096)
     with pytest.raises(ValueError, match="even"):
         DualLensDataset(pairs, crop=24, ctx=15)
+    with pytest.raises(ValueError, match="even"):
+        DualLensDataset(pairs, crop=25, ctx=16)
