@@ -87,6 +87,7 @@ class TrainConfig:
     flow_weight: float = 0.0  # losses.flow_photometric_loss (not in the paper)
     flow_epe_weight: float = 0.0  # losses.flow_epe_loss, pairs with a true flow (not in the paper)
     flow_pretrain: int = 0  # SpyNet-only steps on flow_epe_loss before step 1 (fresh/--init runs)
+    warp_shift_init: bool = False  # DCN offsets start at -patch_warp_shift (compensate_warp_shift)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +340,25 @@ def _zero_alignment(model: torch.nn.Module) -> None:
         offset_conv.bias.zero_()
 
 
+@torch.no_grad()
+def compensate_warp_shift(model: torch.nn.Module) -> dict[str, float]:
+    """Move the deformable conv's residual offsets by -`patch_warp_shift` in both axes (through
+    the bias of its offset conv), so that the aligned Ref features reach the output grid where
+    they belong after the patch warp, which displaces them by +shift. The paper's network has to
+    learn this from the reconstruction loss alone; started here, an exact match brings the right
+    Ref pixel (`test_warp_shift_init_puts_exact_matches_in_place`). Not in the paper; changes
+    the network's output."""
+    from .model.matching import patch_warp_shift
+
+    dcn = model.Ref_align.dcnpack
+    shift = patch_warp_shift()  # the network's warp: 9x9 patches at stride 4
+    bias = dcn.conv_offset.bias
+    n_off = bias.numel() // 3 * 2  # (o1, o2): the offsets; the last third are the masks
+    t = torch.tanh(bias[:n_off]) - shift / dcn.MAX_RESIDUE
+    bias[:n_off] = torch.atanh(t.clamp(-0.999, 0.999))
+    return {"warp_shift_px": float(-shift)}
+
+
 def model_config_of(cfg: TrainConfig) -> ModelConfig:
     return get_config(cfg.variant, **cfg.model)
 
@@ -409,6 +429,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         init_report = init_from(model, cfg.init)
         if cfg.reset_alignment:
             _zero_alignment(model)
+    shift_report = compensate_warp_shift(model) if step == 0 and cfg.warp_shift_init else None
 
     log_path = out / "log.jsonl"
     logf = log_path.open("a")
@@ -438,6 +459,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
     )
     if init_report:
         log({"event": "init", **init_report})
+    if shift_report:
+        log({"event": "warp_shift_init", **shift_report})
 
     pairs = load_pairs(cfg.data, "train", limit=cfg.train_limit)
     ds = DualLensDataset(pairs, crop=cfg.crop, ctx=cfg.ctx, seed=cfg.seed, p_center=cfg.p_center)
@@ -610,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --init: restart SpyNet and the deformable offsets from zero flow",
     )
     ap.add_argument(
+        "--warp-shift-init",
+        action="store_true",
+        help="start the deformable offsets at the patch warp's 2-px displacement, compensated "
+        "(fresh or --init runs; not in the paper)",
+    )
+    ap.add_argument(
         "--flow-weight",
         type=float,
         default=d.flow_weight,
@@ -676,6 +705,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         init=a.init,
         calibrate_reference=a.calibrate_reference,
         reset_alignment=a.reset_alignment,
+        warp_shift_init=a.warp_shift_init,
         flow_weight=a.flow_weight,
         flow_epe_weight=a.flow_epe_weight,
         flow_pretrain=a.flow_pretrain,

@@ -14,6 +14,7 @@ from sddusr_engine.data import BOX_FILE, make_pair
 from sddusr_engine.train import (
     TrainConfig,
     calibrate_reference_path,
+    compensate_warp_shift,
     cosine_lambda,
     init_from,
     load_checkpoint,
@@ -218,3 +219,47 @@ def test_reference_calibration_keeps_the_output(variant):
     # from the calibration batch's Gumbel masks, hence the loose bound)
     ratio = gated.square().mean().sqrt() / aux["f_lr"].square().mean().sqrt()
     assert 0.2 < float(ratio) < 5
+
+
+def test_warp_shift_init_puts_exact_matches_in_place():
+    """The published patch warp displaces an exactly matched Ref feature by +2 pixels; with
+    `compensate_warp_shift` the deformable conv pre-shifts by -2 and the warp lands it in place.
+    (The DCN is made an identity on its input so that only the geometry is tested.)"""
+    from sddusr_engine import build_model
+    from sddusr_engine.model.matching import patch_warp_shift, warp_by_index
+
+    assert patch_warp_shift() == 2
+    torch.manual_seed(0)
+    model = build_model("sddusr", **TINY)
+    c = model.config.channels
+    dcn = model.Ref_align.dcnpack
+    with torch.no_grad():
+        dcn.weight.zero_()
+        dcn.bias.zero_()
+        dcn.weight[torch.arange(c), torch.arange(c), 1, 1] = 1.0
+        dcn.conv_offset.weight.zero_()
+        dcn.conv_offset.bias.zero_()
+        dcn.conv_offset.bias[dcn.conv_offset.bias.numel() // 3 * 2 :] = 30.0  # masks ~1
+    f_ref = torch.randn(1, c, 32, 48)
+    zero_flow = torch.zeros(1, 2, 16, 24)
+    exact = torch.arange(8 * 12).view(1, 8, 12)  # every LR cell matched to the same LRC cell
+    ops = model.ops
+
+    def carried():
+        with torch.no_grad():
+            x = dcn(
+                f_ref,
+                torch.zeros(1, c, 32, 48),
+                2 * zero_flow.repeat(1, 1, 2, 2),
+                ops.deform_conv2d,
+            )
+            warp = warp_by_index(x, exact, ops.patch_warp)
+            count = warp_by_index(torch.ones_like(x), exact, ops.patch_warp)
+        return (warp / count)[..., 8:-8, 8:-8]
+
+    inner = f_ref[..., 8:-8, 8:-8]
+    before = carried()
+    torch.testing.assert_close(before, f_ref[..., 10:-6, 10:-6], rtol=0, atol=1e-5)
+    assert (before - inner).abs().max() > 1.0
+    assert compensate_warp_shift(model) == {"warp_shift_px": -2.0}
+    torch.testing.assert_close(carried(), inner, rtol=0, atol=1e-4)

@@ -102,6 +102,18 @@ def value_patches(value: torch.Tensor, ksize: int = 9, stride: int = 4) -> torch
     return F.unfold(padded, ksize, stride=stride)
 
 
+def patch_warp_shift(ksize: int = 9, stride: int = 4) -> int:
+    """How far (Ref-grid pixels, both axes) the published patch warp displaces content.
+
+    `value_patches` cuts the patch of LRC cell j starting at stride*j - (ksize - stride)//2 and
+    `fold_patches` places it starting at stride*i - (ksize - 1)//2, so for an exact match (i = j)
+    output pixel p receives Ref pixel p + shift: 2 at 9x9 / stride 4. This is the published
+    arithmetic (the kedusr goldens depend on it); a network trained with it learns to pre-shift
+    its aligned Ref features by -shift (`train.compensate_warp_shift` starts it there).
+    """
+    return (ksize - 1) // 2 - (ksize - stride) // 2
+
+
 def fold_patches(cols: torch.Tensor, out_hw: tuple[int, int], ksize: int = 9, stride: int = 4):
     """Place patch columns [B, C*k*k, hq*wq] centred at stride*(query), overlaps summed."""
     return F.fold(cols, out_hw, ksize, padding=(ksize - 1) // 2, stride=stride)
