@@ -18,7 +18,10 @@ Per pair, in eval mode (the inference form of SFM), whole images:
   (HR minus bicubic LR), over 32-px blocks of the centre, with each block's best integer shift
   within +-4 px, and without shifting. The reference can only pay off if something aligns it.
 - `warp_corr`: the same correlation for the Ref *pixels* carried by the network's own flow and
-  matching (the path the features take), high-passed as the network does.
+  matching (the path the features take), high-passed as the network does; `warp_corr_s2` with
+  those pixels moved back by the published patch warp's 2-pixel displacement
+  (`matching.patch_warp_shift`), which the features' deformable conv must undo
+  (`--warp-shift-init`).
 
 Prints a per-pair table and the mean row last.
 """
@@ -44,7 +47,11 @@ from eval_weights import _load  # noqa: E402
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
 from sddusr_engine.model.flow import flow_warp  # noqa: E402
-from sddusr_engine.model.matching import high_pass, warp_by_index  # noqa: E402
+from sddusr_engine.model.matching import (  # noqa: E402
+    high_pass,
+    patch_warp_shift,
+    warp_by_index,
+)
 
 COLUMNS = (
     "conf_in",
@@ -56,6 +63,7 @@ COLUMNS = (
     "ref_corr_raw",
     "ref_corr_aligned",
     "warp_corr",
+    "warp_corr_s2",
 )
 
 
@@ -129,9 +137,16 @@ def diagnose(weights: str | None, data: str, split: str = "test", limit: int | N
         ref_flow = 2.0 * F.interpolate(flow, scale_factor=2, mode="bilinear", align_corners=True)
         carried = warp_by_index(flow_warp(ref, ref_flow), aux["index"], model.ops.patch_warp)
         detail = high_pass(carried, torch.ones(1))[..., : hr.shape[-2], : hr.shape[-1]]
-        got = detail[..., y0:y1, x0:x1]
-        has = (carried.abs().sum(1, keepdim=True) > 0)[..., y0:y1, x0:x1].expand_as(got)
-        row["warp_corr"] = _corr(got[has], need[has]) if has.any() else math.nan
+        has_all = carried.abs().sum(1, keepdim=True) > 0
+        s = patch_warp_shift()
+        for key, det, has in (
+            ("warp_corr", detail, has_all),
+            # carried pixel p - s shows what output pixel p needs
+            ("warp_corr_s2", detail.roll((s, s), (-2, -1)), has_all.roll((s, s), (-2, -1))),
+        ):
+            got = det[..., y0:y1, x0:x1]
+            m = has[..., y0:y1, x0:x1].expand_as(got)
+            row[key] = _corr(got[m], need[m]) if m.any() else math.nan
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in COLUMNS}
