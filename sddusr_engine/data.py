@@ -25,7 +25,8 @@ How a pair is made (all geometry in HR pixels, pixel centres at integer coordina
   roll, offset, its own lens blur and antialiasing, a smooth parallax field of a few pixels,
   exposure, white balance, gamma, noise and JPEG.
 - Ref (the `Ref_SIFT` image): the telephoto put on the 2xLRC grid by the engine's own
-  registration (`registration.register` + `resample_reference`: SIFT, MAGSAC, ECC, colour match),
+  registration (`registration.register` + `resample_reference`: SIFT, MAGSAC, ECC, colour match,
+  dense refinement),
   exactly as `sddusr sr` prepares a raw pair, so the residual misalignment the network learns to
   handle (mostly the parallax) is the one it meets at inference. `--ref-alignment simulated`
   instead uses the true mapping perturbed (rotation <= 0.75 deg, scale +-1%, shift +-2 px; the
@@ -364,7 +365,7 @@ def make_pair(
     tele_u8 = _jpeg(_to_u8(tele), p.tele_jpeg) if p.tele_jpeg else _to_u8(tele)
 
     # --- Ref on the 2xLRC grid ---
-    ref, ref_to_tele, alignment = None, None, ref_alignment
+    ref, ref_to_tele, refinement, alignment = None, None, None, ref_alignment
     if ref_alignment == "registration":
         from .registration import (
             FootprintNotFoundError,
@@ -376,7 +377,7 @@ def make_pair(
         lr_box = (ly0, ly0 + hc, lx0, lx0 + wc)
         try:
             fp = register(lr, tele_u8)
-            ref, _ = resample_reference(lr, tele_u8, fp, lr_box)
+            ref, _, refinement = resample_reference(lr, tele_u8, fp, lr_box, return_refinement=True)
             ref_to_tele = ref_to_tele_matrix(fp, lr_box)
         except FootprintNotFoundError:
             alignment = "simulated-fallback"
@@ -395,7 +396,7 @@ def make_pair(
             flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_REFLECT,
         )
-    flow = _true_flow(box, (hc, wc), A, c, qc, ref_to_tele, parallax)
+    flow = _true_flow(box, (hc, wc), A, c, qc, ref_to_tele, parallax, refinement)
     return {
         "hr": hr_u8,
         "lr": lr,
@@ -409,14 +410,16 @@ def make_pair(
     }
 
 
-def _true_flow(box, lrc_hw, A, c, qc, ref_to_tele, parallax) -> np.ndarray:
+def _true_flow(box, lrc_hw, A, c, qc, ref_to_tele, parallax, refinement=None) -> np.ndarray:
     """SpyNet's target: for each LRC pixel, where the Ref average-pooled onto LRC's grid shows the
     same scene point, minus the pixel. float32 [hc,wc,2] as (dx, dy) in LRC pixels.
 
     Telephoto pixel q shows HR point c + A (q - qc) + parallax(q); Ref pixel r samples telephoto
-    pixel `ref_to_tele` (r) (3x3, projective). For the HR point h at an LRC pixel's centre, the
-    telephoto pixel showing it is q = qc + A^-1 (h - c - parallax(q)), with the smooth parallax
-    read at the q found without it (a few pixels away); the Ref pixel is ref_to_tele^-1 (q).
+    pixel `ref_to_tele` (r + refinement(r)) (3x3, projective; the smooth dense refinement field
+    of `registration.resample_reference`, if any). For the HR point h at an LRC pixel's centre,
+    the telephoto pixel showing it is q = qc + A^-1 (h - c - parallax(q)), with the smooth
+    parallax read at the q found without it (a few pixels away); then s = ref_to_tele^-1 (q) and
+    the Ref pixel r solves r + refinement(r) = s (two fixed-point steps; the field is smooth).
     """
     hc, wc = lrc_hw
     origin = np.array([box[2], box[0]], dtype=np.float64)
@@ -434,6 +437,17 @@ def _true_flow(box, lrc_hw, A, c, qc, ref_to_tele, parallax) -> np.ndarray:
     q = qc + (h_pt - c - par) @ A_inv.T
     qh = np.concatenate([q, np.ones((*q.shape[:2], 1))], axis=-1) @ np.linalg.inv(ref_to_tele).T
     r = qh[..., :2] / qh[..., 2:]
+    if refinement is not None:
+        s = r.copy()
+        for _ in range(2):
+            f = cv2.remap(
+                refinement,
+                r[..., 0].astype(np.float32),
+                r[..., 1].astype(np.float32),
+                cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_REPLICATE,
+            ).astype(np.float64)
+            r = s - f
     pooled = (r - 0.5) / 2.0  # Ref pixel centre 2p + 0.5 is pooled pixel p
     return (pooled - np.stack([lx, ly], axis=-1)).astype(np.float32)
 

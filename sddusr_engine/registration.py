@@ -31,6 +31,7 @@ __all__ = [
     "Footprint",
     "FootprintNotFoundError",
     "align_reference",
+    "dense_refinement",
     "center_crop_box",
     "estimate_footprint",
     "fit_colour_transform",
@@ -439,14 +440,57 @@ def ref_to_tele_matrix(footprint: Footprint, box: tuple[int, int, int, int]) -> 
     return np.linalg.inv(footprint.homography) @ ref_to_wide
 
 
+# Dense refinement: DIS optical flow between LRC (bicubic x2) and the resampled Ref, smoothed.
+REFINE_SMOOTH_PX = 8.0  # Gaussian sigma (Ref pixels) of the refinement field: parallax is smooth
+REFINE_MAX_PX = 6.0  # a larger correction is a failure of the flow, not parallax: clipped
+REFINE_MIN_SIDE = 32  # DIS needs a few pyramid levels
+
+
+def dense_refinement(lrc: np.ndarray, ref: np.ndarray) -> np.ndarray | None:
+    """A smooth correction field f [H,W,2] (dx, dy; Ref pixels) such that Ref sampled at p + f(p)
+    lines up with LRC: DIS optical flow from LRC upscaled x2 (bicubic) to the Ref (blurred to
+    about LRC's sharpness), Gaussian-smoothed and clipped. None when the images are too small.
+
+    A homography cannot remove the parallax of a second camera; this takes the remaining
+    misalignment from pixels to about a tenth of a pixel on the synthetic pairs
+    (docs/decisions.md), which the Ref's finest detail needs.
+    """
+    h, w = ref.shape[:2]
+    if min(h, w) < 2 * REFINE_MIN_SIDE:
+        return None
+    up = cv2.resize(_float_rgb(lrc), (w, h), interpolation=cv2.INTER_CUBIC)
+    g_lrc = _gray_u8(np.clip(up, 0.0, 1.0))
+    g_ref = _gray_u8(cv2.GaussianBlur(_float_rgb(ref), (0, 0), 1.0))
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    flow = dis.calc(g_lrc, g_ref, None)  # up(LRC)(p) ~ Ref(p + flow(p))
+    flow = np.stack(
+        [
+            cv2.GaussianBlur(
+                flow[..., i], (0, 0), REFINE_SMOOTH_PX, borderType=cv2.BORDER_REPLICATE
+            )
+            for i in range(2)
+        ],
+        axis=-1,
+    )
+    return np.clip(flow, -REFINE_MAX_PX, REFINE_MAX_PX).astype(np.float32)
+
+
 def resample_reference(
-    wide: np.ndarray, tele: np.ndarray, footprint: Footprint, box: tuple[int, int, int, int]
-) -> tuple[np.ndarray, np.ndarray]:
+    wide: np.ndarray,
+    tele: np.ndarray,
+    footprint: Footprint,
+    box: tuple[int, int, int, int],
+    refine: bool = True,
+    return_refinement: bool = False,
+):
     """The telephoto resampled onto the 2×LRC grid of `box` (wide pixels, (y0, y1, x0, x1)) and
-    colour-matched to wide[box]: (ref in the wide's dtype, the 3×4 colour matrix).
+    colour-matched to wide[box]: (ref in the wide's dtype, the 3×4 colour matrix), plus the
+    dense refinement field (or None) with `return_refinement`.
 
     The one Ref the network sees, at inference (`align_reference`) and in the training pairs
-    (`data.make_pair`), so that both are aligned the same way.
+    (`data.make_pair`), so that both are aligned the same way. With `refine`, a smooth dense
+    correction (`dense_refinement`) is measured on the homography's result and the telephoto is
+    resampled once more through both, from the original pixels (one interpolation, not two).
     """
     lr = as_rgb_array(wide)
     y0, y1, x0, x1 = box
@@ -455,13 +499,12 @@ def resample_reference(
     src = tele_rgb
     if step > 1.05:
         src = cv2.GaussianBlur(tele_rgb, (0, 0), 0.5 * np.sqrt(step**2 - 1))
+    to_tele = ref_to_tele_matrix(footprint, box)
+    size = (2 * (x1 - x0), 2 * (y1 - y0))
     ref = cv2.warpPerspective(
-        src,
-        ref_to_tele_matrix(footprint, box),
-        (2 * (x1 - x0), 2 * (y1 - y0)),
-        flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+        src, to_tele, size, flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REPLICATE,
-    )
+    )  # fmt: skip
     lrc01 = _float_rgb(lr[y0:y1, x0:x1])
     # Fit on low-passed images: the telephoto's extra detail is noise in the regressor and would
     # bias the gains toward zero (errors-in-variables).
@@ -469,8 +512,16 @@ def resample_reference(
         cv2.GaussianBlur(_half(ref), (0, 0), 1.5), cv2.GaussianBlur(lrc01, (0, 0), 1.5)
     )
     ref = _apply_colour(ref, colour)
+    field = dense_refinement(lrc01, ref) if refine else None
+    if field is not None:
+        v, u = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float64)
+        pts = np.stack([u + field[..., 0], v + field[..., 1], np.ones_like(u)], axis=-1)
+        q = pts @ to_tele.T
+        q = (q[..., :2] / q[..., 2:]).astype(np.float32)
+        ref = cv2.remap(src, q[..., 0], q[..., 1], cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+        ref = _apply_colour(ref, colour)
     if lr.dtype == np.uint8:
         ref = np.rint(ref * 255.0).astype(np.uint8)
     elif lr.dtype == np.uint16:
         ref = np.rint(ref * 65535.0).astype(np.uint16)
-    return ref, colour
+    return (ref, colour, field) if return_refinement else (ref, colour)

@@ -144,9 +144,11 @@ def test_true_flow_aligns_the_reference(alignment):
         hc, wc = a["lrc"].shape[:2]
         assert a["flow"].shape == (hc, wc, 2) and a["flow"].dtype == np.float32
         none, true, opposite = _flow_errors(a)
-        # the simulated residual leaves pixels of misalignment; registration leaves parallax
-        assert true < (0.6 if alignment == "simulated" else 0.9) * none, (true, none)
-        assert opposite > none
+        if alignment == "simulated":  # pixels of misalignment left: the flow removes most
+            assert true < 0.6 * none, (true, none)
+            assert opposite > none
+        else:  # registered and densely refined: a tenth of a pixel left, the flow still helps
+            assert true < none < opposite, (true, none, opposite)
 
 
 def test_registered_reference_is_the_engines_and_better_aligned():
@@ -164,10 +166,15 @@ def test_registered_reference_is_the_engines_and_better_aligned():
     assert reg["box"] == sim["box"]
     assert np.abs(reg["flow"]).mean() < 0.5 * np.abs(sim["flow"]).mean()
     assert _flow_errors(reg)[0] < _flow_errors(sim)[0]
+    np.testing.assert_array_equal(make_pair(src, np.random.default_rng(3))["ref"], reg["ref"])
     # exactly what the engine computes for that box
-    y0, y1, x0, x1 = (v // 2 for v in reg["box"])
-    ref, _ = resample_reference(reg["lr"], reg["tele"], register(reg["lr"], reg["tele"]), (y0, y1, x0, x1))
+    box = tuple(v // 2 for v in reg["box"])
+    fp = register(reg["lr"], reg["tele"])
+    ref, _ = resample_reference(reg["lr"], reg["tele"], fp, box)
     np.testing.assert_array_equal(ref, reg["ref"])
+    # the dense refinement removes most of what the homography leaves (the parallax)
+    homography_only, _ = resample_reference(reg["lr"], reg["tele"], fp, box, refine=False)
+    assert _flow_errors(reg)[0] < 0.7 * _flow_errors({**reg, "ref": homography_only})[0]
     pooled_mean = reg["ref"].reshape(-1, 3).mean(0)
     assert np.abs(pooled_mean - reg["lrc"].reshape(-1, 3).mean(0)).max() < 3.0
     # align_reference (the engine's entry) still cuts its own box and agrees with itself
