@@ -108,7 +108,7 @@ def ceiling(data: str, split: str = "test", limit: int | None = None) -> dict:
         p_raw = _fit([f_lr, _taps(_detail(ref[0]))], need).view(3, h, w)
         n = need.flatten()
 
-        def corr(x):
+        def corr(x, n=n):
             return float(torch.corrcoef(torch.stack([_detail(x).flatten(), n]))[0, 1])
 
         row = {

@@ -13,7 +13,8 @@ Conventions (DESIGN section 1):
 Method: grayscale, percentile contrast stretch, the telephoto downscaled ×2 so both sides have
 about the same density; SIFT + Lowe's ratio test + MAGSAC homography; a colour match of the
 telephoto to the wide on the coarse alignment; then ECC (MOTION_HOMOGRAPHY) on the half-size
-telephoto against the wide image refines to sub-pixel. The result is checked (inlier count, zoom,
+telephoto against the wide image refines to sub-pixel. A homography cannot follow parallax, so
+the resampled Ref is finally refined by a smooth dense flow (`dense_refinement`). The result is checked (inlier count, zoom,
 rotation, footprint inside the frame) and `FootprintNotFoundError` explains a failure.
 """
 
@@ -514,10 +515,12 @@ def resample_reference(
     ref = _apply_colour(ref, colour)
     field = dense_refinement(lrc01, ref) if refine else None
     if field is not None:
-        v, u = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float64)
+        # float32 is exact to ~1e-3 px at these coordinates and halves the memory of a
+        # CameraFusion-sized Ref's maps
+        v, u = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
         pts = np.stack([u + field[..., 0], v + field[..., 1], np.ones_like(u)], axis=-1)
-        q = pts @ to_tele.T
-        q = (q[..., :2] / q[..., 2:]).astype(np.float32)
+        q = pts @ to_tele.T.astype(np.float32)
+        q = q[..., :2] / q[..., 2:]
         ref = cv2.remap(src, q[..., 0], q[..., 1], cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
         ref = _apply_colour(ref, colour)
     if lr.dtype == np.uint8:
