@@ -26,9 +26,8 @@ How a pair is made (all geometry in HR pixels, pixel centres at integer coordina
   exposure, white balance, gamma, noise and JPEG.
 - Ref (the `Ref_SIFT` image): the telephoto put on the 2xLRC grid by the engine's own
   registration (`registration.register` + `resample_reference`: SIFT, MAGSAC, ECC, colour match,
-  dense refinement),
-  exactly as `sddusr sr` prepares a raw pair, so the residual misalignment the network learns to
-  handle (mostly the parallax) is the one it meets at inference. `--ref-alignment simulated`
+  dense refinement), exactly as `sddusr sr` prepares a raw pair, so the residual misalignment
+  the network learns to handle is the one it meets at inference. `--ref-alignment simulated`
   instead uses the true mapping perturbed (rotation <= 0.75 deg, scale +-1%, shift +-2 px; the
   first datasets' way, and the fallback for a photo registration cannot lock onto).
 """
@@ -301,8 +300,9 @@ def make_pair(
     Ref->LRC `flow` and `alignment`, how Ref was put on LRC's grid:
 
     - "registration": the engine's own `registration.register` (SIFT, MAGSAC, ECC) and
-      `resample_reference` (colour-matched to the wide photo), exactly what `sddusr sr` does
-      with a raw pair, so the network trains on the Ref it will be given;
+      `resample_reference` (colour-matched to the wide photo, parallax refined away densely),
+      exactly what `sddusr sr` does with a raw pair, so the network trains on the Ref it will
+      be given;
     - "simulated": the true affine made slightly wrong by the `residual_*` parameters (the
       first datasets' way; also the fallback, recorded as "simulated-fallback", where
       registration cannot find the telephoto, e.g. in a flat photo).
