@@ -153,31 +153,44 @@ def diagnose(weights: str | None, data: str, split: str = "test", limit: int | N
     return {"weights": str(weights), "data": str(data), "split": split, "rows": rows, "mean": mean}
 
 
-def table(res: dict) -> str:
-    head = "| pair | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+def table(res: dict, columns=COLUMNS, digits: int = 3, first: str = "pair") -> str:
+    """Markdown: one row per pair of `res["rows"]`, the mean row last."""
+    head = f"| {first} | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for r in [*res["rows"], {"name": "**mean**", **res["mean"]}]:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.3f}" for k in COLUMNS) + " |")
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.{digits}f}" for k in columns) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--weights", default=None, help="safetensors or checkpoint.pt; default: shipped"
-    )
+def split_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every held-out-split script here takes (--data, --split, --limit, --threads,
+    --json); `run_split` applies them."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def run_split(a: argparse.Namespace, compute, render) -> None:
+    """Set the threads, compute the results, write --json, print the table."""
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = diagnose(a.weights, a.data, a.split, a.limit)
+    res = compute()
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
-    print(table(res))
+    print(render(res))
+
+
+def main(argv=None) -> None:
+    ap = split_parser(__doc__)
+    ap.add_argument(
+        "--weights", default=None, help="safetensors or checkpoint.pt; default: shipped"
+    )
+    a = ap.parse_args(argv)
+    run_split(a, lambda: diagnose(a.weights, a.data, a.split, a.limit), table)
 
 
 if __name__ == "__main__":

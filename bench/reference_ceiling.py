@@ -20,7 +20,6 @@ Prints a per-pair table and the mean row last (PSNR on RGB in [0, 255], as every
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,6 +30,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from diagnose_reference import run_split, split_parser, table  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
@@ -127,27 +129,13 @@ def ceiling(data: str, split: str = "test", limit: int | None = None) -> dict:
     return {"data": str(data), "split": split, "rows": rows, "mean": mean}
 
 
-def table(res: dict) -> str:
-    lines = ["| pair (centre) | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
-    for r in [*res["rows"], {"name": "**mean**", **res["mean"]}]:
-        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.2f}" for k in COLUMNS) + " |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    res = ceiling(a.data, a.split, a.limit)
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
-    print(table(res))
+    a = split_parser(__doc__).parse_args(argv)
+    run_split(
+        a,
+        lambda: ceiling(a.data, a.split, a.limit),
+        lambda res: table(res, COLUMNS, digits=2, first="pair (centre)"),
+    )
 
 
 if __name__ == "__main__":
