@@ -54,6 +54,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .io import read_image
+from .registration import (
+    FootprintNotFoundError,
+    ref_to_tele_matrix,
+    register,
+    resample_reference,
+)
 
 # Package -> glob(s) of the photo files it ships (relative to the unpacked root).
 PHOTO_PACKAGES: dict[str, tuple[str, ...]] = {
@@ -367,13 +373,6 @@ def make_pair(
     # --- Ref on the 2xLRC grid ---
     ref, ref_to_tele, refinement, alignment = None, None, None, ref_alignment
     if ref_alignment == "registration":
-        from .registration import (
-            FootprintNotFoundError,
-            ref_to_tele_matrix,
-            register,
-            resample_reference,
-        )
-
         lr_box = (ly0, ly0 + hc, lx0, lx0 + wc)
         try:
             fp = register(lr, tele_u8)

@@ -352,10 +352,9 @@ def compensate_warp_shift(model: torch.nn.Module) -> dict[str, float]:
 
     dcn = model.Ref_align.dcnpack
     shift = patch_warp_shift()  # the network's warp: 9x9 patches at stride 4
-    bias = dcn.conv_offset.bias
-    n_off = bias.numel() // 3 * 2  # (o1, o2): the offsets; the last third are the masks
-    t = torch.tanh(bias[:n_off]) - shift / dcn.MAX_RESIDUE
-    bias[:n_off] = torch.atanh(t.clamp(-0.999, 0.999))
+    offsets = dcn.conv_offset.bias[dcn.offset_channels]
+    t = torch.tanh(offsets) - shift / dcn.MAX_RESIDUE
+    offsets.copy_(torch.atanh(t.clamp(-0.999, 0.999)))
     return {"warp_shift_px": float(-shift)}
 
 

@@ -30,6 +30,11 @@ class DeformConvPack(nn.Module):
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
+    @property
+    def offset_channels(self) -> slice:
+        """The output channels of `conv_offset` that are offsets (o1, o2); the rest are masks."""
+        return slice(0, 2 * self.groups * 9)
+
     def forward(self, x, feat, flow, deform_conv2d) -> torch.Tensor:
         o1, o2, m = torch.chunk(self.conv_offset(feat), 3, dim=1)
         # flow is (dx, dy); offsets are (dy, dx) per group and tap, hence the flip.
