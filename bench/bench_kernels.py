@@ -225,11 +225,13 @@ def run(cpu: bool, repeats: int, only: set[str] | None):
 
 
 def _meta(cpu, peak):
+    commit = os.environ.get("SDDUSR_COMMIT", "")  # the device machine's copy has no .git
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip()  # fmt: skip
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,
+                                          capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
     except OSError:
-        commit = "unknown"
+        pass
+    commit = commit or "unknown"
     try:
         import triton
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def _measure(fn, device: torch.device, repeats: int):
 
 
 def _commit() -> str:
+    if os.environ.get("SDDUSR_COMMIT"):  # the device machine's copy has no .git
+        return os.environ["SDDUSR_COMMIT"][:10]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True

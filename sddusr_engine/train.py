@@ -50,6 +50,7 @@ class TrainConfig:
     out: str
     steps: int = 1000
     stop_after: int | None = None  # stop (checkpoint, export) at this step; schedule still `steps`
+    time_budget: float | None = None  # seconds of stepping: after a probe, `steps` shrinks to fit
     batch_size: int = 4
     crop: int = 128  # LR crop side
     ctx: int | None = None  # LRC context side (Ref = 2x); default = crop
@@ -127,15 +128,24 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+# --time-budget: steps 1-5 warm up (allocator, cuDNN, first-call costs), steps 6-15 are timed.
+BUDGET_WARM_STEPS, BUDGET_PROBE_STEPS = 5, 10
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cosine_lambda(cfg: TrainConfig):
     """Multiplier of cfg.lr at each step: linear warm-up, then cosine down to lr_min at `steps`."""
     floor = cfg.lr_min / cfg.lr
-    span = max(1, cfg.steps - cfg.warmup)
 
     def f(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
-        t = min(1.0, (step - cfg.warmup) / span)
+        # cfg.steps is read at each call: a --time-budget run fixes it after its probe steps
+        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
@@ -369,6 +379,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
     """
     from . import build_model
 
+    cfg = dataclasses.replace(cfg)  # a --time-budget run changes its own copy's `steps`
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
@@ -408,6 +419,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         )
 
     step = 0
+    budget_resolved = False
     init_report: dict[str, Any] | None = None
     ckpt_path = out / CHECKPOINT
     if cfg.resume and ckpt_path.is_file():
@@ -424,6 +436,9 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             d_opt.load_state_dict(ck["d_optimizer"])
         step = int(ck["step"])
         _set_rng_state(ck["rng"])
+        if cfg.time_budget and ck.get("budget_steps"):
+            cfg.steps = int(ck["budget_steps"])  # the length the interrupted run settled on
+            budget_resolved = True
     elif cfg.init:
         init_report = init_from(model, cfg.init)
         if cfg.reset_alignment:
@@ -486,6 +501,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             "rng": _rng_state(),
             "model_config": mcfg.to_dict(),
             "train_config": json.dumps(dataclasses.asdict(cfg)),
+            "budget_steps": cfg.steps if budget_resolved else None,
         }
         if d_opt is not None:
             state["discriminator"] = loss_fn.discriminator.state_dict()
@@ -498,7 +514,10 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
     t_run = time.perf_counter()
     t_last, acc, n_acc = t_run, {}, 0
     bgr = mcfg.channel_order == "bgr"
+    first_step, t_probe, val_total = step, None, 0.0
     for batch in loader:
+        if step >= last_step:  # a --time-budget run can end before the sampler does
+            break
         lr, hr, lrc, ref = (
             _channel_order(batch[k].to(device), bgr) for k in ("lr", "hr", "lrc", "ref")
         )
@@ -527,6 +546,26 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             terms["adv_d"] = float(d_loss)
         sched.step()
         step += 1
+        if cfg.time_budget and not budget_resolved:
+            if step - first_step == BUDGET_WARM_STEPS:
+                _sync(device)
+                t_probe = time.perf_counter()
+            elif step - first_step == BUDGET_WARM_STEPS + BUDGET_PROBE_STEPS:
+                _sync(device)
+                now = time.perf_counter()
+                per_step = (now - t_probe) / BUDGET_PROBE_STEPS
+                left = cfg.time_budget - (now - t_run - val_total)
+                cfg.steps = min(cfg.steps, step + max(0, int(left / per_step)))
+                last_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+                budget_resolved = True
+                # the rate for the next step was set on the old length: set it on the new one
+                for g, base, fn in zip(
+                    opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+                ):
+                    g["lr"] = base * fn(sched.last_epoch)
+                sched._last_lr = [g["lr"] for g in opt.param_groups]
+                log({"event": "time_budget", "step": step, "steps": cfg.steps,
+                     "probe_step_s": per_step})  # fmt: skip
         if aux.get("mask_lr") is not None:
             terms["mask_active"] = float(aux["mask_lr"].detach().float().mean())
         for k, v in terms.items():
@@ -548,6 +587,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
             rec["val_s"] = time.perf_counter() - t0
             log(rec)
             t_last += rec["val_s"]
+            val_total += rec["val_s"]
     logf.close()
     export = Path(cfg.export) if cfg.export else out / "weights.safetensors"
     return _export(model, export, mcfg)
@@ -594,6 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="stop and export at this step, keeping the schedule of --steps (resumable)",
+    )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="fit the run into this much stepping time (validation not counted): after 15 "
+        "steps, --steps shrinks to what fits and the cosine follows it; the log's time_budget "
+        "event gives the step count, which --steps repeats exactly",
     )
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--crop", type=int, default=d.crop)
@@ -684,6 +733,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         out=a.out,
         steps=a.steps,
         stop_after=a.stop_after,
+        time_budget=a.time_budget,
         batch_size=a.batch_size,
         crop=a.crop,
         ctx=a.ctx,

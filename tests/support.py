@@ -1,5 +1,6 @@
 """Shared test helpers: tiny network sizes, the golden-vector folder, the CLI runner."""
 
+import os
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -17,8 +18,12 @@ TINY = dict(
 )
 
 # The published code's test vectors: ../shared/golden beside the clone (CI has it; a user's clone
-# does not, and the tests that need them skip with that reason).
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+# does not, and the tests that need them skip with that reason). SDDUSR_GOLDEN_DIR points elsewhere
+# (the GPU check carries some of them to the device machine).
+GOLDEN_DIR = Path(
+    os.environ.get("SDDUSR_GOLDEN_DIR")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+)
 
 _runner = CliRunner()
 

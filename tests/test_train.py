@@ -263,3 +263,46 @@ def test_warp_shift_init_puts_exact_matches_in_place():
     assert (before - inner).abs().max() > 1.0
     assert compensate_warp_shift(model) == {"warp_shift_px": -2.0}
     torch.testing.assert_close(carried(), inner, rtol=0, atol=1e-4)
+
+
+def test_time_budget_settles_the_length_and_the_schedule(tiny_data, tmp_path):
+    from sddusr_engine.train import BUDGET_PROBE_STEPS, BUDGET_WARM_STEPS
+
+    probe_end = BUDGET_WARM_STEPS + BUDGET_PROBE_STEPS
+    recs = []
+    # a budget far too small for one more step: the run ends right after its probe
+    train(_cfg(tiny_data, tmp_path / "t", steps=40, time_budget=1e-9), on_log=recs.append)
+    ev = [r for r in recs if r.get("event") == "time_budget"]
+    assert len(ev) == 1 and ev[0]["steps"] == probe_end and ev[0]["probe_step_s"] > 0
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert max(steps) == probe_end
+    ck = load_checkpoint(tmp_path / "t" / "checkpoint.pt")
+    assert ck["step"] == probe_end and ck["budget_steps"] == probe_end
+    # the cosine followed the settled length: the last step's rate is the floor
+    last = [r for r in recs if r.get("step") == probe_end and "lr" in r][0]
+    assert last["lr"] == pytest.approx(_cfg(tiny_data, "").lr_min, rel=1e-6)
+    # a budget larger than needed changes nothing: the same losses as the plain run
+    plain, roomy = [], []
+    train(_cfg(tiny_data, tmp_path / "p", steps=20), on_log=plain.append)
+    train(_cfg(tiny_data, tmp_path / "r", steps=20, time_budget=1e6), on_log=roomy.append)
+    pl = {r["step"]: r["loss"] for r in plain if "loss" in r}
+    ro = {r["step"]: r["loss"] for r in roomy if "loss" in r}
+    assert pl == ro
+    assert [r for r in roomy if r.get("event") == "time_budget"][0]["steps"] == 20
+
+
+@pytest.mark.gpu
+def test_cuda_training_learns_and_repeats_under_a_seed(tiny_data, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        recs = []
+        path = train(_cfg(tiny_data, tmp_path / name, device="cuda", threads=None), recs.append)
+        runs.append({r["step"]: r["loss"] for r in recs if "loss" in r})
+    a, b = runs
+    assert all(math.isfinite(v) for v in a.values())
+    assert np.mean([a[s] for s in range(20, 25)]) < np.mean([a[s] for s in range(1, 6)])
+    worst = max(abs(a[s] - b[s]) / max(abs(a[s]), 1e-12) for s in a)
+    assert worst < 1e-5, f"two seeded CUDA runs differ by up to {worst:.2e} (relative)"
+    from sddusr_engine.weights import load_model
+
+    assert load_model(path).config.channels == 16

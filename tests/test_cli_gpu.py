@@ -1,0 +1,49 @@
+"""GPU-only command-line checks (bench/gpu_check.sh runs them): the demo with the shipped weights
+on CUDA, the profiler's GPU path, and a real CUDA out-of-memory turned into one sentence."""
+
+import json
+
+import pytest
+import torch
+from support import invoke
+
+from sddusr_engine.io import read_image
+from sddusr_engine.weights import DEFAULT_WEIGHTS
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights not present")
+def test_demo_on_cuda_with_the_shipped_weights(tmp_path):
+    res = invoke("demo", "-o", tmp_path, "--device", "cuda")
+    assert res.exit_code == 0, res.output
+    sr = read_image(tmp_path / "sr.png")
+    assert sr.ndim == 3 and sr.shape[2] == 3 and sr.std() > 1.0
+    assert (tmp_path / "comparison.png").is_file()
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_profile_on_cuda(tiny_weights, tmp_path):
+    res = invoke("profile", "--size", "256x384", "--repeats", 2, "--device", "cuda",
+                 "--weights", tiny_weights, "--json", tmp_path / "p.json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["meta"]["gpu"] not in (False, None)
+    kernels = {r["name"] for r in data["rows"] if r["kind"] == "kernel"}
+    assert {"patch_match", "patch_warp", "deform_conv2d"} <= kernels
+    assert all(r["ms"] > 0 for r in data["rows"] if r["kind"] == "kernel")
+
+
+def test_cuda_out_of_memory_is_one_sentence(tmp_path):
+    from test_cli import assert_one_line_error
+
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(0.0005)  # ~70 MiB on an H200: the run cannot fit
+    try:
+        res = invoke("demo", "-o", tmp_path / "o", "--device", "cuda", "--tile", 0)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert_one_line_error(res)
+    assert "out of memory" in res.stderr
+    assert not (tmp_path / "o" / "sr.png").exists()
