@@ -72,6 +72,27 @@ def _commit() -> str:
         return "unknown"
 
 
+def _profile(fn, device: torch.device, path: Path, rows: int = 30) -> None:
+    """One run under torch.profiler: the kernels that took the device's time, most first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    avg = prof.key_averages()
+    keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
+    for key in (*keys, "self_cpu_time_total"):
+        try:
+            table = avg.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    print(table)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="small size on the CPU (harness check)")
@@ -83,6 +104,13 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="sddusr,kedusr")
     ap.add_argument("--no-baseline", action="store_true", help="skip the fp32 whole-image baseline")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="also profile one engine run per variant (torch.profiler, CUDA kernels by self time) "
+        "and write DIR/profile_<variant>.txt",
+    )
     args = ap.parse_args(argv)
 
     cpu = args.cpu or not torch.cuda.is_available()
@@ -112,6 +140,8 @@ def main(argv=None) -> int:
 
         ms, peak, _ = _measure(run, device, args.repeats)
         info = infos[-1]
+        if args.profile:
+            _profile(run, device, Path(args.profile) / f"profile_{variant}.txt")
         row = {
             "variant": variant,
             "what": f"engine {backend} {precision} tile {info.tile}",

@@ -87,15 +87,17 @@ class Config:
     num_stages: int = 2
 
 
-# Block sizes per kernel. The GPU entries are sensible starting points for Hopper, not sweep results
-# (no GPU was available when they were written); the interpreter entries only keep the number of
+# Block sizes per kernel. The GPU entries are the best of bench/sweep_configs.py on one H200
+# (2026-11-26, CameraFusion sizes; bench/RESULTS.md has the table) where a candidate beat the
+# first guess by more than the run-to-run spread; the interpreter entries only keep the number of
 # programs small, since each program costs ~0.4 ms there.
 _GPU = {
     "patch_match": Config({"BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     "patch_match_fp32": Config({"BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4),
-    "patch_warp": Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=4),
+    "patch_warp": Config({"BLOCK_C": 8, "BLOCK_P": 256}, num_warps=4),
     "attention": Config({"BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-    "deform_conv2d": Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_C": 32}, num_warps=4),
+    "deform_conv2d": Config({"BLOCK_P": 128, "BLOCK_N": 64, "BLOCK_C": 16}, num_warps=4),
+    "deform_conv2d_fp32": Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_C": 16}, num_warps=4),
 }
 _INTERP = {
     "patch_match": Config({"BLOCK_Q": 64, "BLOCK_K": 64}),

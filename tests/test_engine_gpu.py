@@ -46,9 +46,17 @@ def test_triton_backend_matches_torch_backend_fp32(variant):
         torch.rand(1, 3, 100, 132),
         torch.rand(1, 3, 200, 264),
     )
-    a = Engine(model, "cuda", "fp32", "torch", tile=0).run(lr, lrc, ref)
-    b = Engine(model, "cuda", "fp32", "triton", tile=96).run(lr, lrc, ref)
-    assert (a - b).abs().max().item() < 1e-3
+    # cuDNN's convolutions default to tf32 on this card, and the two runs convolve tensors of
+    # different shapes (whole image vs tiles), so tf32 alone makes them differ by ~1e-3; compare
+    # the backends in true fp32.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        a = Engine(model, "cuda", "fp32", "torch", tile=0).run(lr, lrc, ref)
+        b = Engine(model, "cuda", "fp32", "triton", tile=96).run(lr, lrc, ref)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert (a - b).abs().max().item() < 1e-4
 
 
 def test_tiled_memory_grows_only_by_the_stored_lr_maps():
