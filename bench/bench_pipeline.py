@@ -102,6 +102,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="sddusr,kedusr")
+    ap.add_argument(
+        "--layouts",
+        default="nhwc,nchw",
+        help="engine memory layouts to time: nhwc (channels_last, the CUDA default) and/or nchw",
+    )
     ap.add_argument("--no-baseline", action="store_true", help="skip the fp32 whole-image baseline")
     ap.add_argument("--json", default=None)
     ap.add_argument(
@@ -130,29 +135,33 @@ def main(argv=None) -> int:
     for variant in args.variants.split(","):
         torch.manual_seed(0)
         model = build_model(variant)
-        eng = Engine(model, device, precision, backend, tile=args.tile)
-        infos = []
+        for li, layout in enumerate(args.layouts.split(",")):
+            eng = Engine(
+                model, device, precision, backend, args.tile, channels_last=layout == "nhwc"
+            )
+            infos = []
 
-        def run(eng=eng, infos=infos):
-            out, info = eng.run(lr, lrc, ref, return_info=True)
-            infos.append(info)
-            return out
+            def run(eng=eng, infos=infos):
+                out, info = eng.run(lr, lrc, ref, return_info=True)
+                infos.append(info)
+                return out
 
-        ms, peak, _ = _measure(run, device, args.repeats)
-        info = infos[-1]
-        if args.profile:
-            _profile(run, device, Path(args.profile) / f"profile_{variant}.txt")
-        row = {
-            "variant": variant,
-            "what": f"engine {backend} {precision} tile {info.tile}",
-            "ms": ms,
-            "peak_gib": peak,
-            "stages_ms": info.timings,
-        }
-        if variant == "kedusr" and device.type == "cuda":  # the recorded number is an H100's
-            row["speedup_vs_kedusr_official_h100"] = KEDUSR_OFFICIAL_H100["ms"] / ms
-            row["memory_vs_kedusr_official_h100"] = peak / KEDUSR_OFFICIAL_H100["peak_gib"]
-        rows.append(row)
+            ms, peak, _ = _measure(run, device, args.repeats)
+            info = infos[-1]
+            if args.profile and li == 0:
+                _profile(run, device, Path(args.profile) / f"profile_{variant}.txt")
+            row = {
+                "variant": variant,
+                "what": f"engine {backend} {precision} tile {info.tile} {layout}",
+                "ms": ms,
+                "peak_gib": peak,
+                "stages_ms": info.timings,
+            }
+            if variant == "kedusr" and device.type == "cuda":  # the recorded number is an H100's
+                row["speedup_vs_kedusr_official_h100"] = KEDUSR_OFFICIAL_H100["ms"] / ms
+                row["memory_vs_kedusr_official_h100"] = peak / KEDUSR_OFFICIAL_H100["peak_gib"]
+            rows.append(row)
+            del eng
         if not args.no_baseline:
             base_model = build_model(variant).to(device).eval()
             base_model.load_state_dict(model.state_dict())

@@ -141,7 +141,15 @@ class Engine:
 
     MIN_TILE = 32
 
-    def __init__(self, model: DualLensSR, device, dtype, backend: str = "auto", tile: int = 256):
+    def __init__(
+        self,
+        model: DualLensSR,
+        device,
+        dtype,
+        backend: str = "auto",
+        tile: int = 256,
+        channels_last: bool | None = None,
+    ):
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = _resolve_backend(backend, self.device)
@@ -151,6 +159,12 @@ class Engine:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: pick the fastest conv once
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        # cuDNN runs its fp16/bf16 convolutions in NHWC: with NCHW tensors every convolution
+        # pays two layout transposes (a third of the convolution time on an H200, see
+        # bench/RESULTS.md). None = on for CUDA, where the convolutions are cuDNN's.
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=layout)
         self.model.use_kernels(self.backend)
         self.config = model.config
 
@@ -268,7 +282,8 @@ class Engine:
             if t is None:
                 return None
             t = t.to(device=self.device, dtype=self.dtype)
-            return t.flip(1) if flip else t
+            t = t.flip(1) if flip else t
+            return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
         tile = self.tile
         while True:
@@ -290,8 +305,21 @@ class Engine:
                 tile = smaller
         if tile != self.tile:
             info.warnings.append(f"GPU out of memory: retried with {tile}-pixel tiles.")
-        sr = sr.flip(1) if flip else sr
-        return sr.float().clamp(0, 1).cpu(), info
+        sr = (sr.flip(1) if flip else sr).clamp(0, 1)
+        return self._to_host(sr), info
+
+    def _to_host(self, sr: torch.Tensor) -> torch.Tensor:
+        """The result as a new fp32 CPU tensor. From a GPU it travels in the engine's dtype into
+        a page-locked buffer kept between runs (a pageable copy of the fp32 result took 60 ms of
+        a 650 ms run on an H200), and is widened on the CPU into fresh memory."""
+        if self.device.type != "cuda":
+            return sr.float().cpu()
+        buf = getattr(self, "_pinned", None)
+        if buf is None or buf.shape != sr.shape or buf.dtype != sr.dtype:
+            buf = self._pinned = None  # free the old buffer before taking a new one
+            buf = self._pinned = torch.empty(sr.shape, dtype=sr.dtype, pin_memory=True)
+        buf.copy_(sr)
+        return buf.to(torch.float32, copy=True)
 
     def _halo_2x(self) -> int:
         """Output-pixel halo of the 2x stage: fringe of the warp/high-pass/gate inputs (16) plus

@@ -80,3 +80,17 @@ def test_tiled_memory_grows_only_by_the_stored_lr_maps():
         64 * 2 + 3 * 2 + (16 * 2 + 8 + 4) / 4 + 3 * 4 * 4
     )  # trunk, LR in, 1/2-res maps, fp32 output
     assert peaks[1024] - peaks[512] < 1.5 * stored_per_pixel * grown_pixels + 32 * 2**20
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_results_do_not_share_the_staging_buffer(dtype):
+    """The page-locked buffer is reused between runs; the returned tensors must not be it."""
+    torch.manual_seed(0)
+    eng = Engine(build_model("sddusr", channels=16, tokens=8, token_dim=16), "cuda", dtype)
+    lrc, ref = torch.rand(1, 3, 32, 48), torch.rand(1, 3, 64, 96)
+    first = eng.run(torch.rand(1, 3, 96, 128), lrc, ref)
+    kept = first.clone()
+    second = eng.run(torch.rand(1, 3, 96, 128), lrc, ref)
+    assert first.device.type == "cpu" and first.dtype == torch.float32
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+    assert eng.channels_last  # the CUDA default
