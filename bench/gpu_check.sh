@@ -55,7 +55,7 @@ if [[ -n "$train_pid" ]]; then
     summary+=("$(printf '%-10s rc=%-4s %4d s' train "$rc" $((SECONDS - t_train)))")
 fi
 
-stage pipeline 120 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json"
+stage pipeline 150 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT"
 stage kernels 120 python bench/bench_kernels.py --json "$OUT/kernels.json"
 stage sweep 90 python bench/sweep_configs.py --json "$OUT/sweep.json"
 

@@ -1,11 +1,14 @@
 """GPU-only command-line checks (bench/gpu_check.sh runs them): the demo with the shipped weights
-on CUDA, the profiler's GPU path, and a real CUDA out-of-memory turned into one sentence."""
+on CUDA, the profiler's GPU path, a real CUDA out-of-memory turned into one sentence, and eval and
+batch on CUDA against their CPU runs."""
 
 import json
 
 import pytest
 import torch
 from support import invoke
+from test_batch import raw_folder  # noqa: F401  (a fixture shared with the CPU tests)
+from test_eval import dataset  # noqa: F401  (likewise)
 
 from sddusr_engine.io import read_image
 from sddusr_engine.weights import DEFAULT_WEIGHTS
@@ -47,3 +50,24 @@ def test_cuda_out_of_memory_is_one_sentence(tmp_path):
     assert_one_line_error(res)
     assert "out of memory" in res.stderr
     assert not (tmp_path / "o" / "sr.png").exists()
+
+
+def test_eval_on_cuda_agrees_with_the_cpu(dataset, tiny_weights, tmp_path):  # noqa: F811
+    means = {}
+    for dev in ("cpu", "cuda"):
+        res = invoke("eval", dataset, "--weights", tiny_weights, "--device", dev,
+                     "--json", tmp_path / f"{dev}.json")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        means[dev] = json.loads((tmp_path / f"{dev}.json").read_text())["mean"]
+    for method in ("sr", "no_ref", "bicubic"):  # eval runs fp32 by default
+        assert means["cuda"][method]["psnr"] == pytest.approx(
+            means["cpu"][method]["psnr"], abs=0.05
+        )
+
+
+def test_batch_on_cuda_writes_the_good_pairs(raw_folder, tiny_weights, tmp_path):  # noqa: F811
+    res = invoke("batch", raw_folder, "-o", tmp_path / "out", "--weights", tiny_weights,
+                 "--device", "cuda")  # fmt: skip
+    assert res.exit_code == 1 and "Traceback" not in res.output  # the folder holds bad pairs too
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good0.png", "good1.png"]
+    assert read_image(tmp_path / "out" / "good0.png").shape == (128, 192, 3)
