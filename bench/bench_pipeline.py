@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="sddusr,kedusr")
     ap.add_argument(
         "--layouts",
-        default="nhwc,nchw",
-        help="engine memory layouts to time: nhwc (channels_last, the CUDA default) and/or nchw",
+        default="nchw,nhwc",
+        help="engine memory layouts to time: nchw (the default) and/or nhwc (channels_last)",
     )
     ap.add_argument("--no-baseline", action="store_true", help="skip the fp32 whole-image baseline")
     ap.add_argument("--json", default=None)

@@ -33,7 +33,7 @@ from sddusr_engine.kernels import (  # noqa: E402
 from sddusr_engine.kernels.patch_match import match_descriptors  # noqa: E402
 
 C = _launch.Config
-# (table key, candidates); the first candidate of each list is the current default.
+# Candidates per kernel; each case is timed with the setting in use first, then these.
 CANDIDATES = {
     "patch_match": [
         _launch._GPU["patch_match"],
@@ -133,7 +133,9 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     rows = []
     for name, key, fn, fargs, flops, nbytes in _cases(dev):
-        cands = CANDIDATES[key.removesuffix("_fp32")]  # fp32 tries the same candidates
+        # the first row is the setting in use for this key; fp32 tries the same candidates
+        default = _launch.launch_config(key.removesuffix("_fp32"), fargs[0].dtype)
+        cands = [default] + [c for c in CANDIDATES[key.removesuffix("_fp32")] if c != default]
         saved = _launch._GPU.get(key)
         want = None
         for i, cfg in enumerate(cands):

@@ -148,7 +148,7 @@ class Engine:
         dtype,
         backend: str = "auto",
         tile: int = 256,
-        channels_last: bool | None = None,
+        channels_last: bool = False,
     ):
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
@@ -159,10 +159,12 @@ class Engine:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: pick the fastest conv once
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        # cuDNN runs its fp16/bf16 convolutions in NHWC: with NCHW tensors every convolution
-        # pays two layout transposes (a third of the convolution time on an H200, see
-        # bench/RESULTS.md). None = on for CUDA, where the convolutions are cuDNN's.
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        # channels_last (NHWC) spares cuDNN the two layout transposes it adds around each fp16
+        # convolution of an NCHW tensor, but the element-wise work between the convolutions then
+        # mixes layouts. Measured on an H200 (bench/RESULTS.md, 2026-11-26): sddusr 642 ms NHWC
+        # against 614 ms NCHW, kedusr 576 against 600, and NHWC peaks 15 % higher. So NCHW by
+        # default; channels_last=True is there for networks like kedusr's.
+        self.channels_last = bool(channels_last)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=layout)
         self.model.use_kernels(self.backend)

@@ -248,7 +248,8 @@ def test_stage_hook_wraps_every_stage_in_order():
     [("sddusr", "torch", 32), ("kedusr", "torch", 0), ("sddusr", "triton", 32)],
 )
 def test_channels_last_gives_the_same_output(variant, backend, tile):
-    """The NHWC layout (the default on CUDA) changes the memory order, not the arithmetic."""
+    """The NHWC layout (Engine(channels_last=True)) changes the memory order, not the
+    arithmetic."""
     model = tiny_model(variant)
     lr, lrc, ref = torch.rand(1, 3, 56, 68), torch.rand(1, 3, 20, 24), torch.rand(1, 3, 40, 48)
     kw = dict(return_info=True, keep_maps=True)
@@ -267,4 +268,4 @@ def test_channels_last_gives_the_same_output(variant, backend, tile):
     assert differs <= 100 * flipped.mean() and (got - want).abs().max().item() < 1e-2
     if not flipped.any():
         assert (got - want).abs().max().item() <= 1e-5
-    assert Engine(tiny_model(variant), "cpu", "fp32", backend).channels_last is False  # CPU default
+    assert Engine(tiny_model(variant), "cpu", "fp32", backend).channels_last is False  # default

@@ -301,8 +301,11 @@ def test_cuda_training_learns_and_repeats_under_a_seed(tiny_data, tmp_path):
     a, b = runs
     assert all(math.isfinite(v) for v in a.values())
     assert np.mean([a[s] for s in range(20, 25)]) < np.mean([a[s] for s in range(1, 6)])
+    # Not bit-exact on CUDA (the CPU is: test_resume_matches_uninterrupted): the backward passes
+    # of bicubic upsampling and grid_sample have no deterministic CUDA implementation and add in
+    # atomic order. Two seeded runs on an H200 differed by 2e-5 (relative) after 24 steps.
     worst = max(abs(a[s] - b[s]) / max(abs(a[s]), 1e-12) for s in a)
-    assert worst < 1e-5, f"two seeded CUDA runs differ by up to {worst:.2e} (relative)"
+    assert worst < 1e-3, f"two seeded CUDA runs differ by up to {worst:.2e} (relative)"
     from sddusr_engine.weights import load_model
 
     assert load_model(path).config.channels == 16
