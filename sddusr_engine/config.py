@@ -42,6 +42,11 @@ class ModelConfig:
     match_temperature: float = 1.0
     # Channel order the weights were trained with: KeDuSR's release was trained on BGR images.
     channel_order: str = "rgb"
+    # How the summed warp of overlapping patches becomes the fusion's detail input:
+    # "constant" divides by the mean overlap and high-passes as the published code does;
+    # "coverage" divides by the true overlap count and ignores the mask's holes
+    # (matching.high_pass_covered). Not in the paper; weights record which they were trained with.
+    warp_norm: str = "constant"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -50,6 +55,8 @@ class ModelConfig:
             raise ValueError(
                 f"unknown channel order {self.channel_order!r}; expected one of {CHANNEL_ORDERS}"
             )
+        if self.warp_norm not in ("constant", "coverage"):
+            raise ValueError(f"warp_norm must be 'constant' or 'coverage', got {self.warp_norm!r}")
         if self.scale != 2:
             raise ValueError(f"only x2 is supported, got scale={self.scale}")
         if self.channels % self.ca_reduction:

@@ -93,6 +93,7 @@ class TrainConfig:
     flow_epe_weight: float = 0.0  # losses.flow_epe_loss, pairs with a true flow (not in the paper)
     flow_pretrain: int = 0  # SpyNet-only steps on flow_epe_loss before step 1 (fresh/--init runs)
     warp_shift_init: bool = False  # DCN offsets start at -patch_warp_shift (compensate_warp_shift)
+    train_only: tuple[str, ...] = ()  # parameter-name prefixes to train; empty = all (see freeze)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +261,8 @@ def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str,
     """Give the warped-reference input of the fusion the magnitude of the LR features, without
     changing what the network computes.
 
-    The fusion sees gate * hf, with hf = 2 alpha (warp - lowpass(warp)) and gate = alphaConf2X(C).
+    The fusion sees gate * hf, with hf = 2 alpha (warp - lowpass(warp)) (`reference_detail`) and
+    gate = alphaConf2X(C).
     From scratch, hf is ~50x smaller than F_LR and the gate ~0.03, so the warp enters the fusion
     ~1000x weaker than F_LR. Adam moves every weight by about the learning rate per step, so
     the scalar alpha and the gate's weights would need tens of thousands of steps to open the
@@ -272,7 +274,7 @@ def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str,
     and the weights reading the path become as trainable as those reading F_LR. Returns the
     factors applied.
     """
-    from .model.matching import high_pass
+    from .model.network import MatchResult
 
     was_training = model.training
     model.train()
@@ -280,7 +282,8 @@ def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str,
     _, aux = model(lr, lrc, ref, return_aux=True)
     model.train(was_training)
     gate = model.confidence_gate(aux["confidence"])
-    hf = high_pass(aux["warp_sum"], model.alpha)
+    m = MatchResult(aux["warp_sum"], aux["confidence"], aux["index"], None, aux.get("mask_lr"))
+    hf = model.reference_detail(m)
     has_warp = (aux["warp_sum"].abs().sum(1, keepdim=True) > 0).expand_as(gate)
     if not bool(has_warp.any()):
         raise ValueError("calibration batch has no matched position: nothing to calibrate")
@@ -372,6 +375,22 @@ def compensate_warp_shift(model: torch.nn.Module) -> dict[str, float]:
     return {"warp_shift_px": float(-shift)}
 
 
+def freeze_all_but(model: torch.nn.Module, prefixes: Sequence[str]) -> list[str]:
+    """Stop the gradient of every parameter whose name starts with none of `prefixes`; return
+    the frozen names. With the LR path frozen, the loss can only fall through what is left (e.g.
+    the reference path), which is how a path a network learned to ignore is re-opened."""
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unknown:
+        raise ValueError(f"--train-only: no parameter starts with {', '.join(unknown)}")
+    frozen = []
+    for n, p in model.named_parameters():
+        if not any(n.startswith(pre) for pre in prefixes):
+            p.requires_grad_(False)
+            frozen.append(n)
+    return frozen
+
+
 def model_config_of(cfg: TrainConfig) -> ModelConfig:
     return get_config(cfg.variant, **cfg.model)
 
@@ -400,6 +419,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
     model = build_model(cfg.variant, **cfg.model).to(device).train()
     if cfg.zero_flow_init:
         _zero_flow(model)
+    frozen = freeze_all_but(model, cfg.train_only) if cfg.train_only else []
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg))
@@ -479,6 +499,9 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         log({"event": "init", **init_report})
     if shift_report:
         log({"event": "warp_shift_init", **shift_report})
+    if frozen:
+        log({"event": "train_only", "prefixes": ",".join(cfg.train_only),
+             "trainable": sum(p.numel() for p in params), "frozen_tensors": len(frozen)})  # fmt: skip
 
     pairs = load_pairs(cfg.data, "train", limit=cfg.train_limit)
     ds = DualLensDataset(pairs, crop=cfg.crop, ctx=cfg.ctx, seed=cfg.seed, p_center=cfg.p_center)
@@ -685,6 +708,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --init: restart SpyNet and the deformable offsets from zero flow",
     )
     ap.add_argument(
+        "--train-only",
+        default="",
+        metavar="PREFIXES",
+        help="comma-separated parameter-name prefixes to train (e.g. AdaFuison,fusion_tail,"
+        "ref_encoder); every other parameter is frozen",
+    )
+    ap.add_argument(
         "--warp-shift-init",
         action="store_true",
         help="start the deformable offsets at the patch warp's 2-px displacement, compensated "
@@ -759,6 +789,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         calibrate_reference=a.calibrate_reference,
         reset_alignment=a.reset_alignment,
         warp_shift_init=a.warp_shift_init,
+        train_only=tuple(p for p in a.train_only.split(",") if p),
         flow_weight=a.flow_weight,
         flow_epe_weight=a.flow_epe_weight,
         flow_pretrain=a.flow_pretrain,

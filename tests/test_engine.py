@@ -269,3 +269,22 @@ def test_channels_last_gives_the_same_output(variant, backend, tile):
     if not flipped.any():
         assert (got - want).abs().max().item() <= 1e-5
     assert Engine(tiny_model(variant), "cpu", "fp32", backend).channels_last is False  # default
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_coverage_warp_norm_tiles_exactly(backend):
+    """warp_norm="coverage" (true overlap counts, holes ignored) is local too: tiles equal the
+    whole image, on both backends."""
+    torch.manual_seed(5)
+    model = build_model("sddusr", **TINY, warp_norm="coverage").eval()
+    model.mask_generator.forward = _HalfMask().forward
+    lr, lrc, ref = torch.rand(1, 3, 72, 88), torch.rand(1, 3, 28, 36), torch.rand(1, 3, 56, 72)
+    want = whole_image(model, lr, lrc, ref)
+    got, info = Engine(model, "cpu", "fp32", backend, tile=32).run(lr, lrc, ref, return_info=True)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert 0.2 < info.mask_fraction_lr < 0.8  # holes present
+    # and it is not the published arithmetic
+    published = build_model("sddusr", **TINY).eval()
+    published.load_state_dict(model.state_dict())
+    published.mask_generator.forward = _HalfMask().forward
+    assert (whole_image(published, lr, lrc, ref) - want).abs().max().item() > 1e-4

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from support import GOLDEN_DIR, TINY
 
@@ -212,3 +213,58 @@ def test_match_temperature_changes_gradients_not_the_forward_pass():
     # the forward pass is the one-hot either way (up to the rounding of onehot + soft - soft)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     assert grads[1].abs().sum() > 2 * grads[0].abs().sum()  # sharper softmax, stronger signal
+
+
+def test_warp_coverage_counts_the_patches_the_warp_sums():
+    from sddusr_engine.kernels import patch_grid, patch_warp_reference
+    from sddusr_engine.model.matching import warp_coverage
+
+    torch.manual_seed(3)
+    hv, wv, hq, wq = 40, 52, 9, 11
+    n = patch_grid(hv)[0] * patch_grid(wv)[0]
+    index = torch.randint(-1, n, (1, hq, wq))
+    index[0, 2:5, 3:7] = -1  # a hole
+    want = warp_by_index(torch.ones(1, 1, hv, wv), index, patch_warp_reference)
+    got = warp_coverage((index >= 0)[:, None].float())
+    assert torch.equal(got, want)
+    assert got.max() <= 9 and set(got[..., 24:28, 28:32].unique().tolist()) <= {4.0, 6.0, 9.0}
+    assert got.eq(0).any()  # the hole's middle
+
+
+def test_covered_high_pass_is_the_image_detail_for_exact_matches():
+    """Exact matches warp an image into a 2-px shifted copy. Divided by the true overlap, the warp
+    is that copy exactly, and its detail is the copy's own. The mean-overlap form instead imprints
+    the 4/6/9 overlap pattern."""
+    from sddusr_engine.kernels import patch_grid, patch_warp_reference
+    from sddusr_engine.model.matching import high_pass, high_pass_covered, warp_coverage
+
+    torch.manual_seed(4)
+    h, w = 64, 96
+    img = F.interpolate(torch.rand(1, 3, h // 4, w // 4), size=(h, w), mode="bicubic") + 0.05 * (
+        torch.rand(1, 3, h, w)
+    )
+    hq, wq = h // 4, w // 4
+    nw = patch_grid(w)[0]
+    ii, jj = torch.meshgrid(torch.arange(hq), torch.arange(wq), indexing="ij")
+    index = (ii * nw + jj)[None]
+    warp = warp_by_index(img, index, patch_warp_reference)
+    cover = warp_coverage(torch.ones(1, 1, hq, wq))
+    shifted = (warp / cover).roll((2, 2), (-2, -1))
+    inner = (..., slice(8, -8), slice(8, -8))
+    torch.testing.assert_close(shifted[inner], img[inner], rtol=0, atol=1e-6)
+    alpha = torch.ones(1)
+    ours = high_pass_covered(warp, cover, alpha).roll((2, 2), (-2, -1))
+    # the same detail filter on the image itself, on the warp's (2-px shifted) 4x4 cell grid
+    unshift = img.roll((-2, -2), (-2, -1))
+    direct = high_pass_covered(unshift, torch.ones(1, 1, h, w), alpha).roll((2, 2), (-2, -1))
+    torch.testing.assert_close(ours[inner], direct[inner], rtol=0, atol=1e-5)
+    # the published form differs from the image's own detail by the overlap pattern
+    published = high_pass(warp, alpha).roll((2, 2), (-2, -1))
+    assert (published - direct)[inner].abs().mean() > 10 * (ours - direct)[inner].abs().mean()
+    # holes: zero detail inside, and no ring of large values around them
+    index[0, 6:10, 8:14] = -1
+    holed = warp_by_index(img, index, patch_warp_reference)
+    cov = warp_coverage((index >= 0)[:, None].float())
+    hf = high_pass_covered(holed, cov, alpha)
+    assert hf[cov.expand_as(hf) == 0].abs().max() == 0
+    assert hf.abs().max() < 2 * high_pass_covered(warp, cover, alpha).abs().max()

@@ -309,3 +309,26 @@ def test_cuda_training_learns_and_repeats_under_a_seed(tiny_data, tmp_path):
     from sddusr_engine.weights import load_model
 
     assert load_model(path).config.channels == 16
+
+
+def test_train_only_freezes_everything_else(tiny_data, tmp_path):
+    from sddusr_engine.weights import load_model
+
+    start = train(_cfg(tiny_data, tmp_path / "init", steps=2))
+    path = train(_cfg(tiny_data, tmp_path / "t", steps=4, init=str(start),
+                      train_only=("AdaFuison", "fusion_tail")))  # fmt: skip
+    before, after = load_model(start).state_dict(), load_model(path).state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("AdaFuison", "fusion_tail")) for k in moved), moved
+    with pytest.raises(ValueError, match="no parameter starts with"):
+        train(_cfg(tiny_data, tmp_path / "bad", steps=1, train_only=("nonsense",)))
+
+
+def test_training_with_coverage_warp_norm(tiny_data, tmp_path):
+    from sddusr_engine.weights import load_model
+
+    recs = []
+    path = train(_cfg(tiny_data, tmp_path / "c", steps=6, model={**TINY, "warp_norm": "coverage"}),
+                 on_log=recs.append)  # fmt: skip
+    assert all(math.isfinite(r["loss"]) for r in recs if "loss" in r)
+    assert load_model(path).config.warp_norm == "coverage"

@@ -23,8 +23,10 @@ from .matching import (
     MatchFeatures,
     dense_match_train,
     high_pass,
+    high_pass_covered,
     sparse_match,
     warp_by_index,
+    warp_coverage,
 )
 from .tdl import Dictionaries, TokenDictionary
 
@@ -184,8 +186,21 @@ class DualLensSR(nn.Module):
         n = self.config.channels
         return slice(0, n) if self.config.variant == "kedusr" else slice(n, 2 * n)
 
+    def reference_detail(self, m: MatchResult) -> torch.Tensor:
+        """hf: the high band of the warped Ref features (see `config.warp_norm`)."""
+        if self.config.warp_norm == "constant":  # the published arithmetic
+            return high_pass(m.warp_sum, self.alpha)
+        if m.index is not None:  # inference: the queries that were matched
+            active = (m.index >= 0)[:, None].to(m.warp_sum.dtype)
+        elif m.mask is not None:  # training: the (straight-through) SFM mask
+            active = m.mask.to(m.warp_sum.dtype)
+        else:
+            active = m.warp_sum.new_ones(m.warp_sum.shape[0], 1, *m.confidence.shape[-2:])
+        coverage = warp_coverage(active, self.config.patch_size, self.config.patch_stride)
+        return high_pass_covered(m.warp_sum, coverage, self.alpha)
+
     def fusion_input(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
-        hf = high_pass(m.warp_sum, self.alpha)
+        hf = self.reference_detail(m)
         gate = self.confidence_gate(m.confidence)
         if self.config.variant == "kedusr":
             return torch.cat([hf * gate, f_lr], dim=1)
