@@ -22,6 +22,10 @@ Per pair, in eval mode (the inference form of SFM), whole images:
   those pixels moved back by the published patch warp's 2-pixel displacement
   (`matching.patch_warp_shift`), which the features' deformable conv must undo
   (`--warp-shift-init`).
+- `dcn_mask`: mean modulation mask of the alignment's deformable conv (0.5 untrained); and
+  `align_gain`: rms(F_Ref_align) / rms(F_Ref). Near 0, the alignment has shut the reference out
+  before any matching (every trained version up to the fourth session: docs/decisions.md, "Warp
+  normalisation").
 
 Prints a per-pair table and the mean row last.
 """
@@ -49,8 +53,10 @@ from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
 from sddusr_engine.model.flow import flow_warp  # noqa: E402
 from sddusr_engine.model.matching import (  # noqa: E402
     high_pass,
+    high_pass_covered,
     patch_warp_shift,
     warp_by_index,
+    warp_coverage,
 )
 
 COLUMNS = (
@@ -64,6 +70,8 @@ COLUMNS = (
     "ref_corr_aligned",
     "warp_corr",
     "warp_corr_s2",
+    "dcn_mask",
+    "align_gain",
 )
 
 
@@ -100,7 +108,14 @@ def diagnose(weights: str | None, data: str, split: str = "test", limit: int | N
     rows = []
     for t in load_pairs(data, split, limit=limit):
         lr, hr, lrc, ref = (to_tensor(a)[None] for a in (t.lr, t.hr, t.lrc, t.ref))
+        dcn, seen = model.Ref_align.dcnpack, {}
+        hook = dcn.conv_offset.register_forward_hook(
+            lambda _m, _i, out, seen=seen: seen.update(
+                mask=float(torch.sigmoid(out.chunk(3, dim=1)[2]).mean())
+            )
+        )
         _, aux = model(lr, lrc, ref, return_aux=True)
+        hook.remove()
         y0, y1, x0, x1 = t.box
         conf, index = aux["confidence"][0, 0], aux["index"][0]
         hq, wq = conf.shape
@@ -126,6 +141,9 @@ def diagnose(weights: str | None, data: str, split: str = "test", limit: int | N
             "flow_px": float(flow.norm(dim=1).mean()),
             "flow_epe": math.nan,
             "flow_epe_zero": math.nan,
+            "dcn_mask": seen.get("mask", math.nan),
+            "align_gain": float(aux["f_ref_align"].square().mean().sqrt())
+            / max(float(aux["f_ref"].square().mean().sqrt()), 1e-12),
         }
         if t.flow is not None:
             true = torch.from_numpy(t.flow).permute(2, 0, 1)[None]
@@ -136,7 +154,12 @@ def diagnose(weights: str | None, data: str, split: str = "test", limit: int | N
         # the Ref's pixels along the network's own path: flow onto LRC, then the matched patches
         ref_flow = 2.0 * F.interpolate(flow, scale_factor=2, mode="bilinear", align_corners=True)
         carried = warp_by_index(flow_warp(ref, ref_flow), aux["index"], model.ops.patch_warp)
-        detail = high_pass(carried, torch.ones(1))[..., : hr.shape[-2], : hr.shape[-1]]
+        if model.config.warp_norm == "coverage":  # the detail band this network computes
+            cover = warp_coverage((aux["index"] >= 0)[:, None].float())
+            detail = high_pass_covered(carried, cover, torch.ones(1))
+        else:
+            detail = high_pass(carried, torch.ones(1))
+        detail = detail[..., : hr.shape[-2], : hr.shape[-1]]
         has_all = carried.abs().sum(1, keepdim=True) > 0
         s = patch_warp_shift()
         for key, det, has in (
