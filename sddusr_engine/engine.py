@@ -169,6 +169,7 @@ class Engine:
         self.model = self.model.to(memory_format=layout)
         self.model.use_kernels(self.backend)
         self.config = model.config
+        self._pinned: torch.Tensor | None = None  # host staging buffer of `_to_host` (CUDA)
 
     @classmethod
     def from_pretrained(
@@ -316,7 +317,7 @@ class Engine:
         a 650 ms run on an H200), and is widened on the CPU into fresh memory."""
         if self.device.type != "cuda":
             return sr.float().cpu()
-        buf = getattr(self, "_pinned", None)
+        buf = self._pinned
         if buf is None or buf.shape != sr.shape or buf.dtype != sr.dtype:
             buf = self._pinned = None  # free the old buffer before taking a new one
             buf = self._pinned = torch.empty(sr.shape, dtype=sr.dtype, pin_memory=True)

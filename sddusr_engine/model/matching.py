@@ -176,13 +176,14 @@ def warp_by_index(ref_feat, index, patch_warp, ksize: int = 9, stride: int = 4):
 def warp_coverage(active: torch.Tensor, ksize: int = 9, stride: int = 4) -> torch.Tensor:
     """How many active patches cover each output pixel: active [B,1,hq,wq] -> [B,1,s*hq,s*wq].
 
-    The fold of a ones patch per active query, with the patch warp's geometry (query i covers
+    The fold of a ones patch per active query (`fold_patches`' geometry: query i covers
     output rows s*i - (k-1)/2 .. s*i + (k-1)/2). With 9x9 patches at stride 4 it is 4, 6 or 9
     where every query is active, fewer next to inactive ones, 0 in the holes.
     """
-    b, _, hq, wq = active.shape
-    cols = active.reshape(b, 1, hq * wq).expand(b, ksize * ksize, hq * wq)
-    return fold_patches(cols, (stride * hq, stride * wq), ksize, stride)
+    # the transposed convolution of a ones kernel is that fold, without k*k copies of the map
+    ones = active.new_ones(1, 1, ksize, ksize)
+    pad = (ksize - 1) // 2
+    return F.conv_transpose2d(active, ones, stride=stride, padding=pad, output_padding=stride - 1)
 
 
 def high_pass_covered(
