@@ -142,6 +142,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _last_step(cfg: TrainConfig) -> int:
+    """Where the run stops: `steps`, or `stop_after` when that comes first."""
+    return cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+
+
 def cosine_lambda(cfg: TrainConfig):
     """Multiplier of cfg.lr at each step: linear warm-up, then cosine down to lr_min at `steps`."""
     floor = cfg.lr_min / cfg.lr
@@ -509,7 +514,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
     if cfg.val_every and (Path(cfg.data) / cfg.val_split / "LR").is_dir():
         val_pairs = load_pairs(cfg.data, cfg.val_split, limit=cfg.val_limit)
     B = cfg.batch_size
-    last_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    last_step = _last_step(cfg)
     loader = DataLoader(
         ds,
         batch_size=B,
@@ -583,7 +588,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
                 per_step = (now - t_probe) / BUDGET_PROBE_STEPS
                 left = cfg.time_budget - (now - t_run - val_total)
                 cfg.steps = min(cfg.steps, step + max(0, int(left / per_step)))
-                last_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+                last_step = _last_step(cfg)
                 budget_resolved = True
                 # the rate for the next step was set on the old length: set it on the new one
                 for g, base, fn in zip(
