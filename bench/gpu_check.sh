@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check, in one call of the device machine: the CUDA-only tests, the pipeline benchmark, the
-# kernel benchmark and the launch-setting sweep; with GPU_TRAIN=SECONDS and photos carried in
-# .gpu_carry/ (see bench/gpu_train.sh), a time-boxed training run beside the tests.
+# GPU check, in one call of the device machine: the CUDA-only tests, then the stages named in
+# GPU_STAGES (default: the pipeline benchmark, the kernel benchmark and the launch-setting sweep);
+# with GPU_TRAIN=SECONDS and photos carried in .gpu_carry/ (see bench/gpu_train.sh), a profiled,
+# time-boxed training run after the tests. E.g. GPU_TRAIN=600 GPU_DEADLINE=560 GPU_STAGES= .
 # Installs nothing. Each stage is time-boxed and a failing stage does not stop the next; all output
 # goes to $OUT/gpu_check.log, the benchmark rows to $OUT/*.json; a stage summary is printed last.
 # Exits non-zero if any stage failed.
@@ -36,28 +37,42 @@ stage() { # stage NAME LIMIT_S CMD...: run, log, time-box, record
     echo "commit $SDDUSR_COMMIT"
 } 2>&1 | tee -a "$LOG"
 
-train_pid=
+# With GPU_TRAIN: the pairs are made on the CPU while the tests hold the GPU; the training then
+# has the GPU to itself: a 6-step profile, then stepping until GPU_DEADLINE seconds after the
+# script's start less GPU_TRAIN_MARGIN (start-up, the final validation, copies), or for GPU_TRAIN
+# seconds, whichever is shorter.
+prep_pid=
 if [[ -n "${GPU_TRAIN:-}" && -f .gpu_carry/photos/photos.json ]]; then
-    echo "=== train (background, ${GPU_TRAIN}s of steps) ===" | tee -a "$LOG"
-    t_train=$SECONDS
-    timeout --kill-after=10 $((GPU_TRAIN + 150)) bench/gpu_train.sh "$GPU_TRAIN" "$OUT" \
-        >"$OUT/train.log" 2>&1 &
-    train_pid=$!
+    bench/gpu_train.sh prepare >"$OUT/prepare.log" 2>&1 &
+    prep_pid=$!
 fi
 
-stage tests 240 python -m pytest -q -m gpu tests -p no:cacheprovider -o addopts=""
+stage tests "${GPU_TESTS_LIMIT:-240}" python -m pytest -q -m gpu tests -p no:cacheprovider -o addopts=""
 
-if [[ -n "$train_pid" ]]; then
-    wait "$train_pid"
-    rc=$?
-    [[ $rc -ne 0 ]] && failed=1
-    tail -n 25 "$OUT/train.log" | tee -a "$LOG"
-    summary+=("$(printf '%-10s rc=%-4s %4d s' train "$rc" $((SECONDS - t_train)))")
+if [[ -n "$prep_pid" ]]; then
+    wait "$prep_pid" || failed=1
+    tee -a "$LOG" <"$OUT/prepare.log"
+    stage profile 90 bench/gpu_train.sh profile "$OUT"
+    budget=$GPU_TRAIN
+    if [[ -n "${GPU_DEADLINE:-}" ]]; then
+        left=$((GPU_DEADLINE - SECONDS - ${GPU_TRAIN_MARGIN:-90}))
+        ((left < budget)) && budget=$left
+    fi
+    if ((budget >= 60)); then
+        stage train $((budget + ${GPU_TRAIN_MARGIN:-90})) bench/gpu_train.sh run "$budget" "$OUT"
+    else
+        echo "gpu_check.sh: ${budget}s left for training; skipped" | tee -a "$LOG"
+    fi
 fi
 
-stage pipeline 150 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT"
-stage kernels 120 python bench/bench_kernels.py --json "$OUT/kernels.json"
-stage sweep 90 python bench/sweep_configs.py --json "$OUT/sweep.json"
+for name in ${GPU_STAGES-pipeline kernels sweep}; do
+    case $name in
+    pipeline) stage pipeline 150 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT" ;;
+    kernels) stage kernels 120 python bench/bench_kernels.py --json "$OUT/kernels.json" ;;
+    sweep) stage sweep 90 python bench/sweep_configs.py --json "$OUT/sweep.json" ;;
+    *) echo "gpu_check.sh: unknown stage $name" | tee -a "$LOG"; failed=1 ;;
+    esac
+done
 
 {
     echo

@@ -11,6 +11,7 @@ the run, random LR crops, batch 4, L_rec + 1e-3 L_mask (perceptual and adversari
   (warn-only: ops without a deterministic kernel warn instead of failing). On the CPU a seeded run
   repeats bit for bit; on CUDA the backward passes of bicubic upsampling and grid_sample add in
   atomic order, so two seeded runs agree to ~2e-5 (relative loss, 24 steps, H200), not exactly.
+  `--fast` gives up repeatability on CUDA for speed (cuDNN autotuning, TF32; `_backend_flags`).
 - `--time-budget SECONDS` fits a run into a wall-clock budget: steps 6-15 are timed, `steps`
   shrinks to what fits, and the cosine follows; the log records the count for an exact rerun.
 - Exports the final weights with `weights.save_weights` (safetensors, config in the metadata).
@@ -21,6 +22,7 @@ Entry point: `python -m sddusr_engine.train --data DIR --out DIR --steps N [...]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -68,6 +70,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads on CPU
     workers: int = 0
+    fast: bool = False  # CUDA: cuDNN autotuning, TF32, nondeterministic kernels (_backend_flags)
     variant: str = "sddusr"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
     mask_weight: float = 1e-3
@@ -140,6 +143,37 @@ BUDGET_WARM_STEPS, BUDGET_PROBE_STEPS = 5, 10
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _backend_flags(device: torch.device, fast: bool):
+    """The kernels' settings for one run, restored afterwards (they are process-wide).
+
+    Default: deterministic algorithms (warn-only) and, on CUDA, no cuDNN autotuning, so a seeded
+    run repeats. `fast` on CUDA trades that for speed: cuDNN picks the fastest convolution for
+    each shape, matmuls and convolutions run in TF32 (10-bit mantissa products, fp32 sums), and
+    ops keep their atomic-add kernels.
+    """
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    fast = fast and device.type == "cuda"
+    if device.type == "cuda" and not fast:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(not fast, warn_only=True)
+    torch.backends.cudnn.benchmark = fast
+    if fast:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[3:]
 
 
 def _last_step(cfg: TrainConfig) -> int:
@@ -405,18 +439,19 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
 
     `on_log(record: dict)`, if given, receives every log record (tests use it).
     """
+    with _backend_flags(torch.device(cfg.device), cfg.fast):
+        return _train(cfg, on_log)
+
+
+def _train(cfg: TrainConfig, on_log) -> Path:
     from . import build_model
 
     cfg = dataclasses.replace(cfg)  # a --time-budget run changes its own copy's `steps`
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.set_flush_denormal(True)  # denormals in fresh nets make CPU steps several times slower
     _seed_all(cfg.seed)
 
@@ -522,6 +557,7 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         num_workers=cfg.workers,
         generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=False,
+        pin_memory=device.type == "cuda",
     )
 
     def checkpoint() -> None:
@@ -551,7 +587,8 @@ def train(cfg: TrainConfig, on_log=None) -> Path:
         if step >= last_step:  # a --time-budget run can end before the sampler does
             break
         lr, hr, lrc, ref = (
-            _channel_order(batch[k].to(device), bgr) for k in ("lr", "hr", "lrc", "ref")
+            _channel_order(batch[k].to(device, non_blocking=True), bgr)
+            for k in ("lr", "hr", "lrc", "ref")
         )
         if step == 0 and cfg.calibrate_reference:
             factors = calibrate_reference_path(model, {"lr": lr, "lrc": lrc, "ref": ref})
@@ -687,7 +724,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--workers", type=int, default=d.workers)
+    ap.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
+    ap.add_argument(
+        "--fast",
+        action="store_true",
+        help="on CUDA: cuDNN autotuning, TF32 and nondeterministic kernels (faster; a seeded "
+        "run then no longer repeats exactly)",
+    )
     ap.add_argument("--variant", default=d.variant, choices=("sddusr", "kedusr"))
     ap.add_argument(
         "--model",
@@ -785,6 +828,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         device=a.device,
         threads=a.threads,
         workers=a.workers,
+        fast=a.fast,
         variant=a.variant,
         model=_parse_overrides(a.model),
         mask_weight=a.mask_weight,

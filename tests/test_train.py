@@ -311,6 +311,30 @@ def test_cuda_training_learns_and_repeats_under_a_seed(tiny_data, tmp_path):
     assert load_model(path).config.channels == 16
 
 
+def test_training_leaves_the_process_flags_as_it_found_them(tiny_data, tmp_path):
+    """train() turns deterministic algorithms on for its run; a caller's settings come back."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        train(_cfg(tiny_data, tmp_path / "f", steps=1, fast=True, workers=1))
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.gpu
+def test_fast_cuda_training_learns_and_restores_flags(tiny_data, tmp_path):
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    recs = []
+    train(_cfg(tiny_data, tmp_path / "fast", device="cuda", threads=None, fast=True, workers=2),
+          recs.append)  # fmt: skip
+    loss = {r["step"]: r["loss"] for r in recs if "loss" in r}
+    assert all(math.isfinite(v) for v in loss.values())
+    assert np.mean([loss[s] for s in range(20, 25)]) < np.mean([loss[s] for s in range(1, 6)])
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32
+    assert not torch.backends.cudnn.benchmark
+
+
 def test_train_only_freezes_everything_else(tiny_data, tmp_path):
     from sddusr_engine.weights import load_model
 
