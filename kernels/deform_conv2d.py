@@ -109,7 +109,6 @@ def deform_conv2d_reference(
     for bi in range(b):
         xt = x[bi].float().reshape(g, cg, h * w).transpose(1, 2)  # [G, HW, Cg]
         xt = torch.cat([xt, xt.new_zeros(g, 1, cg)], 1)  # row HW is the zero "outside" sample
-        gi = torch.arange(g, device=dev).view(g, 1)
         for y0 in range(0, ho, rows):
             y1 = min(ho, y0 + rows)
             off = offset[bi, :, y0:y1].float().view(g, ntap, 2, y1 - y0, wo)
@@ -129,7 +128,10 @@ def deform_conv2d_reference(
             ):
                 ok = inside & (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
                 flat = torch.where(ok, cy * w + cx, torch.full_like(cy, h * w)).long()
-                v = xt[gi, flat.reshape(g, -1)]  # [G, K*r*Wo, Cg]
+                # gather, not xt[gi, flat]: same values, but its backward is a scatter-add
+                # rather than an indexed put, which on CUDA sorts every index first
+                idx = flat.reshape(g, -1, 1).expand(-1, -1, cg)
+                v = torch.gather(xt, 1, idx)  # [G, K*r*Wo, Cg]
                 val = val + v * wt.reshape(g, -1, 1)
             if mask is not None:
                 val = val * mask[bi, :, y0:y1].float().reshape(g, -1, 1)

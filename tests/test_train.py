@@ -324,7 +324,8 @@ def test_training_leaves_the_process_flags_as_it_found_them(tiny_data, tmp_path)
 
 @pytest.mark.gpu
 def test_fast_cuda_training_learns_and_restores_flags(tiny_data, tmp_path):
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    # whatever earlier code set (the engine turns cuDNN autotuning on) must come back
+    tf32, bench = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
     recs = []
     train(_cfg(tiny_data, tmp_path / "fast", device="cuda", threads=None, fast=True, workers=2),
           recs.append)  # fmt: skip
@@ -332,7 +333,7 @@ def test_fast_cuda_training_learns_and_restores_flags(tiny_data, tmp_path):
     assert all(math.isfinite(v) for v in loss.values())
     assert np.mean([loss[s] for s in range(20, 25)]) < np.mean([loss[s] for s in range(1, 6)])
     assert torch.backends.cuda.matmul.allow_tf32 == tf32
-    assert not torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == bench
 
 
 def test_train_only_freezes_everything_else(tiny_data, tmp_path):
