@@ -16,7 +16,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ if _CPU:  # must precede the first triton import
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _provenance import commit  # noqa: E402
 
 from sddusr_engine.kernels import (  # noqa: E402
     attention,
@@ -225,13 +226,6 @@ def run(cpu: bool, repeats: int, only: set[str] | None):
 
 
 def _meta(cpu, peak):
-    commit = os.environ.get("SDDUSR_COMMIT", "")  # the device machine's copy has no .git
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT,
-                                          capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
-    except OSError:
-        pass
-    commit = commit or "unknown"
     try:
         import triton
 
@@ -241,7 +235,7 @@ def _meta(cpu, peak):
     return dict(
         gpu=torch.cuda.get_device_name() if not cpu else "none (CPU, Triton interpreter)",
         not_gpu_numbers=cpu, torch=torch.__version__, triton=tv,
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), commit=commit,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), commit=commit(),
         matmul_fp16_8192_tflops=peak,
     )  # fmt: skip
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _provenance import commit  # noqa: E402
 
 from sddusr_engine import build_model  # noqa: E402
 from sddusr_engine.engine import Engine  # noqa: E402
@@ -59,17 +59,6 @@ def _measure(fn, device: torch.device, repeats: int):
         torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     )
     return statistics.median(times), peak, result
-
-
-def _commit() -> str:
-    if os.environ.get("SDDUSR_COMMIT"):  # the device machine's copy has no .git
-        return os.environ["SDDUSR_COMMIT"][:10]
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True
-        ).strip()
-    except Exception:
-        return "unknown"
 
 
 def _profile(fn, device: torch.device, path: Path, rows: int = 30) -> None:
@@ -200,7 +189,7 @@ def main(argv=None) -> int:
         else "CPU (not a GPU number)",
         "torch": torch.__version__,
         "date": _dt.date.today().isoformat(),
-        "commit": _commit(),
+        "commit": commit(short=True),
         "size": f"LR {h}x{w}, LRC {hc}x{wc}, Ref {2 * hc}x{2 * wc}",
     }
     if args.json:

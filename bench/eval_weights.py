@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _provenance import commit  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
@@ -122,12 +123,6 @@ def evaluate(
         print(json.dumps(row), file=sys.stderr, flush=True)
     keys = [k for k in rows[0] if k not in ("name", "lr_hw")]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = ""
     return {
         "weights": str(weights),
         "data": str(data),
@@ -138,7 +133,7 @@ def evaluate(
         "device": device,
         "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "commit": commit,
+        "commit": commit(short=True),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 

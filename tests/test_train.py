@@ -336,6 +336,26 @@ def test_fast_cuda_training_learns_and_restores_flags(tiny_data, tmp_path):
     assert torch.backends.cudnn.benchmark == bench
 
 
+def test_profile_train_script_prints_the_op_table_and_step_times(tiny_data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "profile_train.py"
+    model = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY.items()]
+    args = ["--data", str(tiny_data), "--steps", "3", "--batch-size", "1", "--crop", "16",
+            "--ctx", "16", "--log-every", "1", "--threads", "1", "--model", *model]  # fmt: skip
+    r = subprocess.run([sys.executable, str(script), "--rows", "5", "--", *args],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Self CPU time total" in r.stdout
+    assert [ln.split(":")[0] for ln in r.stdout.splitlines() if ln.endswith("s/step")] == [
+        "step 1",
+        "step 2",
+        "step 3",
+    ]
+
+
 def test_train_only_freezes_everything_else(tiny_data, tmp_path):
     from sddusr_engine.weights import load_model
 
