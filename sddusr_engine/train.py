@@ -97,6 +97,7 @@ class TrainConfig:
     flow_pretrain: int = 0  # SpyNet-only steps on flow_epe_loss before step 1 (fresh/--init runs)
     warp_shift_init: bool = False  # DCN offsets start at -patch_warp_shift (compensate_warp_shift)
     train_only: tuple[str, ...] = ()  # parameter-name prefixes to train; empty = all (see freeze)
+    ref_dropout: float = 0.0  # share of steps run with the reference switched off (not in paper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +175,14 @@ def _backend_flags(device: torch.device, fast: bool):
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark = saved[2]
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[3:]
+
+
+def _reference_dropped(cfg: TrainConfig, step: int) -> bool:
+    """Whether step `step` (0-based) runs without the reference: a pure function of (seed, step),
+    so a resumed run drops the same steps."""
+    if not cfg.ref_dropout:
+        return False
+    return bool(np.random.default_rng([cfg.seed, 0x5EF, step]).uniform() < cfg.ref_dropout)
 
 
 def _last_step(cfg: TrainConfig) -> int:
@@ -580,7 +589,7 @@ def _train(cfg: TrainConfig, on_log) -> Path:
         pretrain_flow(model, ds, cfg, log)
 
     t_run = time.perf_counter()
-    t_last, acc, n_acc = t_run, {}, 0
+    t_last, acc, seen, n_acc = t_run, {}, {}, 0
     bgr = mcfg.channel_order == "bgr"
     first_step, t_probe, val_total = step, None, 0.0
     for batch in loader:
@@ -593,7 +602,14 @@ def _train(cfg: TrainConfig, on_log) -> Path:
         if step == 0 and cfg.calibrate_reference:
             factors = calibrate_reference_path(model, {"lr": lr, "lrc": lrc, "ref": ref})
             log({"event": "calibrate_reference", **factors})
-        sr, aux = model(lr, lrc, ref, return_aux=True)
+        dropped = _reference_dropped(cfg, step)
+        if dropped:
+            # the whole batch without its reference, as `--no-reference-ok` runs a pair: the
+            # single-image path must stand alone; no matching or flow term (nothing to match)
+            sr, aux = model(lr, None, None, return_aux=True)
+            aux = {k: v for k, v in aux.items() if k not in ("query_map", "flow", "mask_lr")}
+        else:
+            sr, aux = model(lr, lrc, ref, return_aux=True)
         match = None
         if "offset" in batch and aux.get("query_map") is not None:
             match = (aux["query_map"], aux["key_map"], batch["offset"])
@@ -602,6 +618,8 @@ def _train(cfg: TrainConfig, on_log) -> Path:
             true_flow = batch["flow"].to(device) if "flow" in batch else None
             flow = (lrc, ref, aux["flow"]) + (() if true_flow is None else (true_flow,))
         loss, terms = loss_fn(sr, hr, aux.get("mask_prob_lr"), match, flow)
+        if dropped:  # logged apart: avg_rec stays the loss with the reference
+            terms["rec_no_ref"] = terms.pop("rec")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -639,15 +657,16 @@ def _train(cfg: TrainConfig, on_log) -> Path:
             terms["mask_active"] = float(aux["mask_lr"].detach().float().mean())
         for k, v in terms.items():
             acc[k] = acc.get(k, 0.0) + v
+            seen[k] = seen.get(k, 0) + 1  # a term can be absent (reference-dropped steps)
         n_acc += 1
         if step % cfg.log_every == 0 or step == last_step or step == 1:
             now = time.perf_counter()
             rec = {"step": step, "lr": sched.get_last_lr()[0], "loss": terms["total"]}
-            rec.update({f"avg_{k}": v / n_acc for k, v in acc.items()})
+            rec.update({f"avg_{k}": v / seen[k] for k, v in acc.items()})
             rec["step_s"] = (now - t_last) / n_acc
             rec["elapsed_s"] = now - t_run
             log(rec)
-            t_last, acc, n_acc = now, {}, 0
+            t_last, acc, seen, n_acc = now, {}, {}, 0
         if step % cfg.ckpt_every == 0 or step == last_step:
             checkpoint()
         if val_pairs and (step % cfg.val_every == 0 or step == last_step):
@@ -794,6 +813,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="before step 1, scale the warped-reference path up to the LR features' magnitude "
         "(output unchanged; the path then learns at the LR path's pace)",
     )
+    ap.add_argument(
+        "--ref-dropout",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="run this share of the steps with the reference switched off, so that the network "
+        "also works without a telephoto (--no-reference-ok); not in the paper",
+    )
     ap.add_argument("--vgg19", default=None, help="VGG19 weights file: turns on L_per")
     ap.add_argument("--adversarial", action="store_true", help="turn on the RaGAN term")
     ap.add_argument("--log-every", type=int, default=d.log_every)
@@ -842,6 +869,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         flow_weight=a.flow_weight,
         flow_epe_weight=a.flow_epe_weight,
         flow_pretrain=a.flow_pretrain,
+        ref_dropout=a.ref_dropout,
         vgg19=a.vgg19,
         adversarial=a.adversarial,
         log_every=a.log_every,

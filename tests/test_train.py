@@ -356,6 +356,44 @@ def test_profile_train_script_prints_the_op_table_and_step_times(tiny_data, tmp_
     ]
 
 
+def test_reference_dropout_trains_without_the_reference_on_a_seeded_share_of_steps(
+    tiny_data, tmp_path
+):
+    from sddusr_engine.train import _reference_dropped
+
+    cfg = _cfg(tiny_data, tmp_path / "d", steps=24, ref_dropout=0.5)
+    dropped = [s for s in range(24) if _reference_dropped(cfg, s)]
+    assert 4 <= len(dropped) <= 20 and dropped == [
+        s for s in range(24) if _reference_dropped(cfg, s)
+    ]
+    assert not any(_reference_dropped(_cfg(tiny_data, tmp_path, steps=24), s) for s in range(24))
+    recs = []
+    train(cfg, recs.append)
+    steps = {r["step"]: r for r in recs if "loss" in r}
+    for s in range(1, 25):  # log_every=1: each record is one step; step s ran index s - 1
+        assert ("avg_rec_no_ref" in steps[s]) == (s - 1 in dropped)
+        assert math.isfinite(steps[s]["loss"])
+    # resumed halfway, the same steps are dropped and the losses repeat
+    half = _cfg(tiny_data, tmp_path / "h", steps=24, ref_dropout=0.5, stop_after=12)
+    train(half)
+    resumed = []
+    train(_cfg(tiny_data, tmp_path / "h", steps=24, ref_dropout=0.5), resumed.append)
+    again = {r["step"]: r["loss"] for r in resumed if "loss" in r}
+    assert all(again[s] == steps[s]["loss"] for s in range(13, 25))
+
+
+def test_no_reference_forward_is_the_same_in_training_and_inference():
+    from sddusr_engine import build_model
+
+    torch.manual_seed(0)
+    model = build_model("sddusr", **TINY)
+    lr = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        out_train = model.train()(lr, None, None)
+        out_eval = model.eval()(lr, None, None)
+    torch.testing.assert_close(out_train, out_eval, rtol=0, atol=1e-6)
+
+
 def test_train_only_freezes_everything_else(tiny_data, tmp_path):
     from sddusr_engine.weights import load_model
 

@@ -40,6 +40,7 @@ class ReferenceContext:
     key_mask: torch.Tensor | None  # bool [B,1,hc/2,wc/2], inference with SFM only
     dicts: Dictionaries | None  # TDL, sddusr only
     taps: dict[str, torch.Tensor] = field(default_factory=dict)
+    empty: bool = False  # no reference (`empty_context`): nothing can match
 
 
 @dataclass
@@ -145,6 +146,7 @@ class DualLensSR(nn.Module):
             key_map=lr.new_zeros(b, self.config.match_channels, 2, 2),
             key_mask=torch.zeros(b, 1, 2, 2, dtype=torch.bool, device=lr.device),
             dicts=self.tdl.learned(b) if self.config.use_tdl else None,
+            empty=True,
         )
 
     # -- LR branch (streams in tiles) -----------------------------------------------------------
@@ -155,6 +157,13 @@ class DualLensSR(nn.Module):
         """Match the LR tile's patches against the whole LRC and warp the aligned Ref patches."""
         f_m, q_map = self.feature_match(lr)
         logits = self.mask_generator(f_m) if self.config.use_sfm else None
+        if self.training and ctx.empty:
+            # as inference does with no active key: no query matches, zero warp, zero confidence
+            b, _, hq, wq = q_map.shape
+            n, stride = ctx.f_ref_align.shape[1], self.config.patch_stride
+            none = q_map.new_zeros(b, 1, hq, wq)
+            warp_sum = q_map.new_zeros(b, n, stride * hq, stride * wq)
+            return MatchResult(warp_sum, none, None, logits, none, query_map=q_map)
         if self.training:
             if logits is not None:
                 mask = MaskGenerator.gumbel_mask(logits)
