@@ -605,9 +605,10 @@ def _train(cfg: TrainConfig, on_log) -> Path:
         dropped = _reference_dropped(cfg, step)
         if dropped:
             # the whole batch without its reference, as `--no-reference-ok` runs a pair: the
-            # single-image path must stand alone; no matching or flow term (nothing to match)
+            # single-image path must stand alone. No matching term (nothing to match; an empty
+            # context has no flow either) and no mask statistic (no query can be active).
             sr, aux = model(lr, None, None, return_aux=True)
-            aux = {k: v for k, v in aux.items() if k not in ("query_map", "flow", "mask_lr")}
+            aux = {k: v for k, v in aux.items() if k not in ("query_map", "mask_lr")}
         else:
             sr, aux = model(lr, lrc, ref, return_aux=True)
         match = None
