@@ -184,14 +184,29 @@ BackendOpt = Annotated[Backend, typer.Option(help="Kernels: triton (GPU) or torc
 TileOpt = Annotated[
     int, typer.Option(help="LR tile side in pixels (0 = whole image); smaller uses less memory.")
 ]
+EnsembleOpt = Annotated[
+    int,
+    typer.Option(
+        "--ensemble",
+        help="Average 1, 2, 4 or 8 flipped/transposed passes: N times the time, a cleaner result.",
+    ),
+]
 
 
 def _load_engine(
-    weights: Path | None, device: str, precision: Precision, backend: Backend, tile: int
+    weights: Path | None,
+    device: str,
+    precision: Precision,
+    backend: Backend,
+    tile: int,
+    ensemble: int = 1,
 ):
-    from sddusr_engine.engine import Engine
+    from sddusr_engine.engine import ENSEMBLE_SIZES, Engine
     from sddusr_engine.weights import DEFAULT_WEIGHTS
 
+    if ensemble not in ENSEMBLE_SIZES:
+        sizes = ", ".join(map(str, ENSEMBLE_SIZES))
+        raise CLIError(f"--ensemble must be one of {sizes}, not {ensemble}.", 2)
     if weights is None and not DEFAULT_WEIGHTS.is_file():
         raise CLIError(
             f"the default weights are not installed ({DEFAULT_WEIGHTS}); pass a weights file "
@@ -200,14 +215,20 @@ def _load_engine(
     if weights is not None and not weights.is_file():
         raise CLIError(f"weights file not found: {weights}")
     return Engine.from_pretrained(
-        weights, device=device, dtype=precision.value, backend=backend.value, tile=tile
+        weights,
+        device=device,
+        dtype=precision.value,
+        backend=backend.value,
+        tile=tile,
+        ensemble=ensemble,
     )
 
 
 def _engine_line(eng, weights: Path | None) -> str:
     dt = str(eng.dtype).replace("torch.", "")
     name = weights.name if weights else "default weights"
-    return f"{eng.config.variant} ({name}) on {eng.device}, {dt}, {eng.backend} kernels, tile {eng.tile or 'whole'}"
+    passes = f", ensemble of {eng.ensemble} passes" if eng.ensemble > 1 else ""
+    return f"{eng.config.variant} ({name}) on {eng.device}, {dt}, {eng.backend} kernels, tile {eng.tile or 'whole'}{passes}"
 
 
 def _wide() -> Console:
@@ -342,6 +363,7 @@ def demo(
     precision: PrecisionOpt = Precision.auto,
     backend: BackendOpt = Backend.auto,
     tile: TileOpt = 256,
+    ensemble: EnsembleOpt = 1,
     shrink: Annotated[
         int,
         typer.Option(
@@ -364,7 +386,7 @@ def demo(
             for a in (wide, tele)
         )
     with err.status("loading the network..."):
-        eng = _load_engine(weights, device, precision, backend, tile)
+        eng = _load_engine(weights, device, precision, backend, tile, ensemble)
     err.print(f"[dim]{_engine_line(eng, weights)}[/dim]")
     err.print(
         f"sample pair: wide {wide.shape[1]}x{wide.shape[0]}, tele {tele.shape[1]}x{tele.shape[0]} ({sample})"
@@ -404,6 +426,7 @@ def sr(
     precision: PrecisionOpt = Precision.auto,
     backend: BackendOpt = Backend.auto,
     tile: TileOpt = 256,
+    ensemble: EnsembleOpt = 1,
     no_reference_ok: Annotated[
         bool,
         typer.Option(
@@ -425,7 +448,7 @@ def sr(
         raise CLIError(f"output {output} must end in .png, .tif, .tiff, .jpg or .jpeg.", 2)
     wide_a, tele_a = read_image(wide), read_image(tele)
     with err.status("loading the network..."):
-        eng = _load_engine(weights, device, precision, backend, tile)
+        eng = _load_engine(weights, device, precision, backend, tile, ensemble)
     if not as_json:
         err.print(f"[dim]{_engine_line(eng, weights)}[/dim]")
     with _progress(err) as prog, warnings.catch_warnings():
@@ -509,6 +532,7 @@ def batch(
     precision: PrecisionOpt = Precision.auto,
     backend: BackendOpt = Backend.auto,
     tile: TileOpt = 256,
+    ensemble: EnsembleOpt = 1,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Redo pairs whose output exists.")
     ] = False,
@@ -559,7 +583,7 @@ def batch(
         eng, load_error = None, None
         with console.status("loading the network..."):
             try:
-                eng = _load_engine(weights, dev, precision, backend, tile)
+                eng = _load_engine(weights, dev, precision, backend, tile, ensemble)
             except Exception as e:  # noqa: BLE001 - shared with the other ranks below
                 if ctx.world <= 1:
                     raise
@@ -686,6 +710,7 @@ def eval_(
     ] = Precision.fp32,
     backend: BackendOpt = Backend.auto,
     tile: TileOpt = 256,
+    ensemble: EnsembleOpt = 1,
     boxes: Annotated[
         Path | None, typer.Option(help="JSON: <name>.png -> [y0,y1,x0,x1] in HR pixels.")
     ] = None,
@@ -702,7 +727,7 @@ def eval_(
 
     items = find_dataset(dataset, boxes, limit or None)
     with err.status("loading the network..."):
-        eng = _load_engine(weights, device, precision, backend, tile)
+        eng = _load_engine(weights, device, precision, backend, tile, ensemble)
     err.print(f"[dim]{_engine_line(eng, weights)}; {len(items)} images[/dim]")
     with _progress(err) as prog:
         task = prog.add_task("evaluating", total=len(items), note="")
@@ -716,6 +741,7 @@ def eval_(
         weights=str(weights) if weights else "default",
         variant=eng.config.variant,
         dtype=str(eng.dtype).replace("torch.", ""),
+        ensemble=eng.ensemble,
     )
     _eval_tables(report)
     if json_path is not None:
@@ -745,7 +771,9 @@ def _eval_tables(report: dict[str, Any]) -> None:
             ),
         )
     _wide().print(per)
-    mean = Table(title=f"mean over {report['count']} images")
+    passes = report.get("ensemble", 1)
+    of = f", SR averaged over {passes} flipped passes" if passes > 1 else ""
+    mean = Table(title=f"mean over {report['count']} images{of}")
     mean.add_column("method")
     for c in ("PSNR", "PSNR center", "PSNR corner", "SSIM", "SSIM center", "SSIM corner"):
         mean.add_column(c, justify="right")

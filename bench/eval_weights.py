@@ -14,6 +14,9 @@ inference form of Sparse Feature Matching), whole images, no tiling:
 - corner-region PSNR (everything outside the box, pooled by area);
 - the SFM masks' active fraction: LR-side mask and LRC-side mask, and their mean.
 
+`--ensemble N` averages N flipped/transposed passes, as the engine's `ensemble=N` does (the masks
+are the plain pass's).
+
 Prints a per-pair table, then the mean row last. Means are over pairs (PSNR averaged in dB).
 """
 
@@ -37,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 from _provenance import commit  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
+from sddusr_engine.engine import SYMMETRIES, apply_symmetry, undo_symmetry  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
+from sddusr_engine.model.network import pad_to_even  # noqa: E402
 from sddusr_engine.weights import load_model  # noqa: E402
 
 
@@ -67,6 +72,24 @@ def _load(weights: str | None, device: str) -> torch.nn.Module:
     return load_model(weights, device=device).eval()
 
 
+def _ensemble(model, n: int):
+    """model(lr, lrc, ref, return_aux) averaged over the first n SYMMETRIES, outputs clamped."""
+
+    def forward(lr, lrc, ref, return_aux=False):
+        h, w = lr.shape[-2:]
+        lr = pad_to_even(lr)  # as the engine: flipped passes keep the LRC's 2-pixel cell grid
+        acc, aux = 0, None
+        for k, s in enumerate(SYMMETRIES[:n]):
+            out = model(*(apply_symmetry(t, s) for t in (lr, lrc, ref)), return_aux=k == 0)
+            if k == 0:
+                out, aux = out
+            acc = acc + undo_symmetry(out, s).clamp(0, 1)
+        sr = (acc / n)[..., : 2 * h, : 2 * w]
+        return (sr, aux) if return_aux else sr
+
+    return forward
+
+
 @torch.no_grad()
 def evaluate(
     weights: str | None,
@@ -74,8 +97,10 @@ def evaluate(
     split: str = "test",
     device: str = "cpu",
     limit: int | None = None,
+    ensemble: int = 1,
 ) -> dict:
-    model = _load(weights, device)
+    net = _load(weights, device)
+    model = net if ensemble == 1 else _ensemble(net, ensemble)
     pairs = load_pairs(data, split, limit=limit)
     if len(pairs) < 2:
         raise SystemExit("need at least two pairs (the wrong-reference control uses another photo)")
@@ -125,6 +150,7 @@ def evaluate(
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     return {
         "weights": str(weights),
+        "ensemble": ensemble,
         "data": str(data),
         "split": split,
         "pairs": len(rows),
@@ -176,16 +202,19 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--ensemble", type=int, default=1, choices=(1, 2, 4, 8), help="flipped passes averaged"
+    )
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
-    res = evaluate(a.weights, a.data, a.split, a.device, a.limit)
+    res = evaluate(a.weights, a.data, a.split, a.device, a.limit, a.ensemble)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     m = res["mean"]
     print(
-        f"weights {res['weights']} | {res['pairs']} pairs of {a.data}/{a.split} | "
+        f"weights {res['weights']} | ensemble {res['ensemble']} | {res['pairs']} pairs of {a.data}/{a.split} | "
         f"{res['hardware']} | torch {res['torch']} | commit {res['commit']} | {res['date']}"
     )
     print(

@@ -111,6 +111,22 @@ def test_user_errors_are_one_sentence(pair, tiny_weights, tmp_path):
         assert "--weights" in missing_default.stderr
 
 
+def test_sr_ensemble_averages_passes_and_rejects_odd_sizes(pair, tiny_weights, tmp_path):
+    wide, tele, shape = pair
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    common = ("--weights", tiny_weights, "--device", "cpu", "--json")
+    assert invoke("sr", wide, tele, "-o", one, *common).exit_code == 0
+    res = invoke("sr", wide, tele, "-o", two, "--ensemble", 2, *common)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["ensemble"] == 2
+    a, b = read_image(one), read_image(two)
+    assert a.shape == b.shape == (2 * shape[0], 2 * shape[1], 3) and not np.array_equal(a, b)
+    res = invoke("sr", wide, tele, "-o", tmp_path / "x.png", "--ensemble", 3, *common)
+    assert_one_line_error(res, 2)
+    assert "--ensemble must be one of 1, 2, 4, 8" in res.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_footprint_not_found_is_a_user_error(pair, tiny_weights, tmp_path):
     wide, _, shape = pair
     flat = tmp_path / "flat.png"

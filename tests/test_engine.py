@@ -8,7 +8,13 @@ import torch
 from support import TINY as _SHARED_TINY
 
 from sddusr_engine import build_model
-from sddusr_engine.engine import Engine, EngineError
+from sddusr_engine.engine import (
+    SYMMETRIES,
+    Engine,
+    EngineError,
+    apply_symmetry,
+    undo_symmetry,
+)
 from sddusr_engine.registration import FootprintNotFoundError
 from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
 
@@ -178,6 +184,47 @@ def test_out_of_memory_halves_the_tile(monkeypatch):
         eng.run(lr, lrc, ref)
 
 
+def test_symmetries_are_the_eight_of_the_square_and_undo_exactly():
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 2, 3, 4)
+    images = {tuple(apply_symmetry(x, s).flatten().tolist()) for s in SYMMETRIES}
+    assert len(SYMMETRIES) == len(images) == 8  # all distinct: the whole dihedral group
+    for s in SYMMETRIES:
+        assert torch.equal(undo_symmetry(apply_symmetry(x, s), s), x)
+    # the first two are identity and the half turn; the first four keep the orientation
+    assert torch.equal(apply_symmetry(x, SYMMETRIES[1]), x.flip(-1).flip(-2))
+    assert all(apply_symmetry(x, s).shape == x.shape for s in SYMMETRIES[:4])
+
+
+@pytest.mark.parametrize("n,tile", [(2, 32), (8, 0)])
+def test_ensemble_averages_the_flipped_passes(n, tile):
+    """Odd sides too: the engine pads to even first, so the flipped passes keep the LRC's grid."""
+    model = tiny_model("sddusr", seed=3)
+    lr, lrc, ref = torch.rand(1, 3, 45, 38), torch.rand(1, 3, 20, 16), torch.rand(1, 3, 40, 32)
+    padded = torch.nn.functional.pad(lr, (0, 0, 0, 1), mode="replicate")
+    passes = [
+        undo_symmetry(whole_image(model, *(apply_symmetry(t, s) for t in (padded, lrc, ref))), s)
+        for s in SYMMETRIES[:n]
+    ]
+    want = (sum(passes) / n)[..., :90, :76]
+    single, info1 = Engine(model, "cpu", "fp32", "torch", tile=tile).run(
+        lr, lrc, ref, return_info=True, keep_maps=True
+    )
+    calls = []
+    got, info = Engine(model, "cpu", "fp32", "torch", tile=tile, ensemble=n).run(
+        lr, lrc, ref, return_info=True, keep_maps=True, progress=lambda d, t: calls.append((d, t))
+    )
+    assert got.shape == want.shape == (1, 3, 90, 76)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (got - single).abs().max().item() > 1e-3  # the passes do differ
+    assert info.ensemble == n and info1.ensemble == 1
+    # the statistics and maps are the identity pass's; the progress runs once to the end
+    assert info.mask_fraction_lr == info1.mask_fraction_lr and info.matching == info1.matching
+    assert np.array_equal(info.maps["confidence"], info1.maps["confidence"])
+    assert [d for d, _ in calls] == list(range(1, len(calls) + 1))
+    assert calls[-1][0] == calls[-1][1] and len({t for _, t in calls}) == 1
+    assert info.to_dict()["ensemble"] == n
+
+
 def test_bad_options_are_clear():
     model = tiny_model("kedusr")
     with pytest.raises(EngineError, match="GPU only"):
@@ -186,6 +233,8 @@ def test_bad_options_are_clear():
         Engine(model, "cpu", "fp32", "cuda-graphs")
     with pytest.raises(EngineError, match="tile"):
         Engine(model, "cpu", "fp32", "torch", tile=8)
+    with pytest.raises(EngineError, match="ensemble must be one of"):
+        Engine(model, "cpu", "fp32", "torch", ensemble=3)
     eng = Engine(model, "cpu", "fp32", "torch", tile=0)
     with pytest.raises(EngineError, match="twice"):
         eng.run(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 16, 16), torch.rand(1, 3, 30, 32))

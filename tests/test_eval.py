@@ -99,6 +99,16 @@ def test_eval_limit_and_errors(dataset, tiny_weights, tmp_path):
                  "--json", tmp_path / "one.json")  # fmt: skip
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "one.json").read_text())["count"] == 1
+    res = invoke("eval", dataset, "--weights", tiny_weights, "--device", "cpu", "--limit", 1,
+                 "--ensemble", 2, "--json", tmp_path / "two.json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "averaged over 2 flipped passes" in res.stdout
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["ensemble"] == 2 and json.loads((tmp_path / "one.json").read_text())["ensemble"] == 1
+    assert (
+        two["images"][0]["bicubic"]
+        == json.loads((tmp_path / "one.json").read_text())["images"][0]["bicubic"]
+    )
 
     res = invoke("eval", tmp_path / "nowhere", "--weights", tiny_weights)
     assert res.exit_code == 1 and "Traceback" not in res.output and "nowhere" in res.stderr
