@@ -1,6 +1,6 @@
 """Training losses (paper 3.4): L = L_rec + 1e-3 L_mask + 1e-3 L_per + 1e-4 L_adv.
 
-- `charbonnier`: L_rec, mean of sqrt((sr - hr)^2 + eps^2).
+- `charbonnier`: L_rec, mean of sqrt((sr - hr)^2 + eps^2) (or the squared error: `rec="mse"`).
 - `mask_label` / `mask_loss`: detail of each HR pixel = sum over channels |HR - up(down(HR))|
   (bicubic x2 down, then up, align_corners=False), average-pooled onto the mask grid; label 1 above
   the per-image median, else 0; L_mask = MSE(mask probability, label).
@@ -30,6 +30,7 @@ __all__ = [
     "Discriminator",
     "LossWeights",
     "PerceptualLoss",
+    "REC_LOSSES",
     "SDDuSRLoss",
     "charbonnier",
     "flow_epe_loss",
@@ -319,6 +320,11 @@ def flow_epe_loss(flow: torch.Tensor, true_flow: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+# L_rec: the paper's Charbonnier (~L1: the per-pixel median), or the squared error, whose
+# optimum is the per-pixel mean and so the highest PSNR (a last, short fine-tuning stage).
+REC_LOSSES = ("charbonnier", "mse")
+
+
 @dataclass(frozen=True)
 class LossWeights:
     mask: float = 1e-3
@@ -348,9 +354,12 @@ class SDDuSRLoss(nn.Module):
         adversarial: bool = False,
         weights: LossWeights = LossWeights(),
         eps: float = 1e-3,
+        rec: str = "charbonnier",
     ):
         super().__init__()
-        self.w, self.eps = weights, eps
+        if rec not in REC_LOSSES:
+            raise ValueError(f"rec must be one of {REC_LOSSES}, got {rec!r}")
+        self.w, self.eps, self.rec = weights, eps, rec
         self.perceptual = PerceptualLoss(vgg19_weights_path) if vgg19_weights_path else None
         self.discriminator = Discriminator() if adversarial else None
 
@@ -362,7 +371,12 @@ class SDDuSRLoss(nn.Module):
         match: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         flow: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        rec = charbonnier(sr, hr, self.eps)
+        if self.rec == "mse":
+            if sr.shape != hr.shape:
+                raise ValueError(f"mse: sr {tuple(sr.shape)} and hr {tuple(hr.shape)} differ")
+            rec = F.mse_loss(sr, hr)
+        else:
+            rec = charbonnier(sr, hr, self.eps)
         total = rec
         terms = {"rec": rec.detach()}
         if mask_prob is not None and self.w.mask:

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from .config import ModelConfig, get_config
 from .data import DualLensDataset, Triplet, load_pairs, to_tensor
 from .evaluate import bicubic_x2
-from .losses import LossWeights, SDDuSRLoss
+from .losses import REC_LOSSES, LossWeights, SDDuSRLoss
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -98,6 +98,7 @@ class TrainConfig:
     warp_shift_init: bool = False  # DCN offsets start at -patch_warp_shift (compensate_warp_shift)
     train_only: tuple[str, ...] = ()  # parameter-name prefixes to train; empty = all (see freeze)
     ref_dropout: float = 0.0  # share of steps run with the reference switched off (not in paper)
+    rec_loss: str = "charbonnier"  # L_rec: the paper's Charbonnier, or "mse" (PSNR fine-tuning)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,6 +485,7 @@ def _train(cfg: TrainConfig, on_log) -> Path:
             cfg.flow_weight,
             cfg.flow_epe_weight,
         ),
+        rec=cfg.rec_loss,
     ).to(device)
     d_opt = None
     if loss_fn.discriminator is not None:
@@ -759,6 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="ModelConfig overrides, e.g. channels=32 trunk_groups=2",
     )
+    ap.add_argument(
+        "--rec-loss",
+        choices=REC_LOSSES,
+        default=d.rec_loss,
+        help="L_rec: charbonnier (the paper) or mse (squared error: its optimum is the highest "
+        "PSNR; for a short last stage)",
+    )
     ap.add_argument("--mask-weight", type=float, default=d.mask_weight)
     ap.add_argument(
         "--match-weight",
@@ -871,6 +880,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         flow_epe_weight=a.flow_epe_weight,
         flow_pretrain=a.flow_pretrain,
         ref_dropout=a.ref_dropout,
+        rec_loss=a.rec_loss,
         vgg19=a.vgg19,
         adversarial=a.adversarial,
         log_every=a.log_every,

@@ -152,6 +152,23 @@ def test_total_loss_terms_and_gradients():
     assert any(p.grad is not None for p in crit.discriminator.parameters())
 
 
+def test_squared_error_reconstruction_term():
+    hr = torch.rand(2, 3, 16, 16)
+    sr = (hr + 0.1 * torch.randn_like(hr)).requires_grad_()
+    total, terms = SDDuSRLoss(rec="mse")(sr, hr, None)
+    assert terms["rec"] == pytest.approx(((sr - hr) ** 2).mean().item(), rel=1e-6)
+    total.backward()
+    assert torch.allclose(sr.grad, 2 * (sr - hr).detach() / sr.numel(), atol=1e-9)
+    # the default is the paper's Charbonnier, and the choice is checked
+    assert SDDuSRLoss()(sr, hr, None)[1]["rec"] == pytest.approx(
+        charbonnier(sr, hr).item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="rec must be one of"):
+        SDDuSRLoss(rec="l3")
+    with pytest.raises(ValueError, match="differ"):
+        SDDuSRLoss(rec="mse")(sr, hr[..., :8], None)
+
+
 def _matching_brute_force(q_hw, k_hw, dy, dx):
     """Per query cell, the share of its 2x2 LR-crop pixels lying in each key cell, by counting."""
     t = torch.zeros(q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])

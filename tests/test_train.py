@@ -13,6 +13,7 @@ from support import TINY as SHARED_TINY
 from sddusr_engine.data import BOX_FILE, make_pair
 from sddusr_engine.train import (
     TrainConfig,
+    build_parser,
     calibrate_reference_path,
     compensate_warp_shift,
     cosine_lambda,
@@ -413,3 +414,23 @@ def test_training_with_coverage_warp_norm(tiny_data, tmp_path):
                  on_log=recs.append)  # fmt: skip
     assert all(math.isfinite(r["loss"]) for r in recs if "loss" in r)
     assert load_model(path).config.warp_norm == "coverage"
+
+
+def test_squared_error_fine_tuning_from_the_command_line(tiny_data, tmp_path):
+    """`--rec-loss mse` reaches the loss; the log's rec term is then the squared error."""
+    start = train(_cfg(tiny_data, tmp_path / "init", steps=2))
+    a = build_parser().parse_args(["--data", str(tiny_data), "--out", "x", "--rec-loss", "mse"])
+    assert a.rec_loss == "mse"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--data", "d", "--out", "x", "--rec-loss", "l3"])
+    first = {}
+    for loss in ("charbonnier", "mse"):
+        recs = []
+        train(_cfg(tiny_data, tmp_path / loss, steps=4, init=str(start), rec_loss=loss,
+                   train_only=("decoder",)), on_log=recs.append)  # fmt: skip
+        first[loss] = next(r["avg_rec"] for r in recs if "avg_rec" in r)
+    # the same weights and batch at step 1: mean(e^2) lies between mean(|e|)^2 and mean(|e|)
+    c = first["charbonnier"] - 1e-3  # Charbonnier's eps adds at most 1e-3 to mean(|e|)
+    assert 0.99 * c * c <= first["mse"] < first["charbonnier"]
+    ck = load_checkpoint(tmp_path / "mse" / "checkpoint.pt")
+    assert json.loads(ck["train_config"])["rec_loss"] == "mse"
