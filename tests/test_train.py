@@ -434,3 +434,34 @@ def test_squared_error_fine_tuning_from_the_command_line(tiny_data, tmp_path):
     assert 0.99 * c * c <= first["mse"] < first["charbonnier"]
     ck = load_checkpoint(tmp_path / "mse" / "checkpoint.pt")
     assert json.loads(ck["train_config"])["rec_loss"] == "mse"
+
+
+def test_bench_ensemble_numbers_are_the_engines(tiny_data, tmp_path):
+    """bench/ensemble_sweep.py and eval_weights.py --ensemble score what Engine(ensemble=N) gives."""
+    import sys
+    from pathlib import Path
+
+    from sddusr_engine.data import load_pairs, to_tensor
+    from sddusr_engine.engine import Engine
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import ensemble_sweep
+    import eval_weights
+
+    weights = str(train(_cfg(tiny_data, tmp_path / "w", steps=2)))
+
+    def engine_psnr(pair, n):
+        eng = Engine.from_pretrained(weights, device="cpu", dtype="fp32", tile=0, ensemble=n)
+        lr, lrc, ref, hr = (to_tensor(a)[None] for a in (pair.lr, pair.lrc, pair.ref, pair.hr))
+        return eval_weights._psnr(eval_weights._mse(eng.run(lr, lrc, ref), hr))
+
+    res = ensemble_sweep.sweep(weights, str(tiny_data), "test")
+    (test_pair,) = load_pairs(str(tiny_data), "test")
+    for n in (1, 8):
+        assert res["mean"][n]["full"] == pytest.approx(engine_psnr(test_pair, n), abs=1e-3)
+    assert "| 8 |" in ensemble_sweep.table(res)
+
+    two = eval_weights.evaluate(weights, str(tiny_data), "train", ensemble=2)
+    assert two["ensemble"] == 2
+    for row, pair in zip(two["rows"], load_pairs(str(tiny_data), "train"), strict=True):
+        assert row["psnr_sr"] == pytest.approx(engine_psnr(pair, 2), abs=1e-3)

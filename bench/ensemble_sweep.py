@@ -1,0 +1,123 @@
+"""What the engine's self-ensemble (`ensemble=N`) buys on a held-out split, for N = 1, 2, 4, 8.
+
+    python bench/ensemble_sweep.py --data ~/sddusr_work/pairs5 --threads 2 --json sweep.json
+
+The passes are nested (the first N of `engine.SYMMETRIES`), so one run of 8 passes per pair
+gives all four rows. Each pass is the network on the whole pair with the true reference,
+flipped/transposed and mapped back, clamped; N passes are averaged, as `Engine(ensemble=N)` and
+`bench/eval_weights.py --ensemble N` do. Metrics as in eval_weights: PSNR on RGB in [0,255], no
+border shave, full image / centre box / the rest, mean over pairs in dB. The last column is the
+forward time per pair on this machine (N passes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from _provenance import commit  # noqa: E402
+from eval_weights import _load, _mse, _psnr  # noqa: E402
+
+from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
+from sddusr_engine.engine import SYMMETRIES, apply_symmetry, undo_symmetry  # noqa: E402
+from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
+from sddusr_engine.model.network import pad_to_even  # noqa: E402
+
+SIZES = (1, 2, 4, 8)
+
+
+@torch.no_grad()
+def sweep(weights: str | None, data: str, split: str = "test", limit: int | None = None) -> dict:
+    model = _load(weights, "cpu")
+    rows = []
+    for t in load_pairs(data, split, limit=limit):
+        lr, hr, lrc, ref = (to_tensor(a)[None] for a in (t.lr, t.hr, t.lrc, t.ref))
+        y0, y1, x0, x1 = t.box
+        centre = torch.zeros(1, 1, *hr.shape[-2:], dtype=torch.bool)
+        centre[..., y0:y1, x0:x1] = True
+        h, w = lr.shape[-2:]
+        padded = pad_to_even(lr)
+        bic = bicubic_x2(lr)
+        row = {"name": t.name, "bicubic": _psnr(_mse(bic, hr))}
+        acc, seconds = torch.zeros_like(hr), 0.0
+        for k, s in enumerate(SYMMETRIES):
+            t0 = time.perf_counter()
+            out = model(*(apply_symmetry(x, s) for x in (padded, lrc, ref)))
+            seconds += time.perf_counter() - t0
+            acc += undo_symmetry(out, s).clamp(0, 1)[..., : 2 * h, : 2 * w]
+            n = k + 1
+            if n in SIZES:
+                sr = acc / n
+                row[n] = {
+                    "full": _psnr(_mse(sr, hr)),
+                    "centre": _psnr(_mse(sr, hr, centre)),
+                    "corner": _psnr(_mse(sr, hr, ~centre)),
+                    "seconds": seconds,
+                }
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    mean = {n: {m: float(np.mean([r[n][m] for r in rows])) for m in rows[0][n]} for n in SIZES}
+    bicubic = float(np.mean([r["bicubic"] for r in rows]))
+    return {
+        "weights": str(weights),
+        "data": str(data),
+        "split": split,
+        "pairs": len(rows),
+        "rows": rows,
+        "mean": mean,
+        "bicubic": bicubic,
+        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "commit": commit(short=True),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def table(res: dict) -> str:
+    lines = [
+        "| ensemble | full image | gain over bicubic | centre | corner | s per pair |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in SIZES:
+        m = res["mean"][n]
+        lines.append(
+            f"| {n} | {m['full']:.2f} | {m['full'] - res['bicubic']:+.2f} | {m['centre']:.2f} "
+            f"| {m['corner']:.2f} | {m['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default=None, help="safetensors file (default: the shipped one)")
+    ap.add_argument("--data", required=True, help="dataset root in the KeDuSR layout")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
+    res = sweep(a.weights, a.data, a.split, a.limit)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    print(
+        f"weights {res['weights']} | {res['pairs']} pairs of {a.data}/{a.split} | "
+        f"{res['hardware']} | torch {res['torch']} | commit {res['commit']} | {res['date']}"
+    )
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
