@@ -645,6 +645,7 @@ def batch(
                     "output": str(outdir),
                     "layout": layout,
                     "world": ctx.world,
+                    "ensemble": ensemble,
                     "results": [r.to_dict() for r in everything],
                 },
             )

@@ -91,11 +91,11 @@ def test_batch_writes_good_pairs_lists_bad_ones_and_resumes(raw_folder, tiny_wei
     assert status["good0"] == status["good1"] == "skipped"
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
 
-    res = invoke(*args, "--overwrite", "--report", tmp_path / "r3.json")
-    status = {
-        r["name"]: r["status"] for r in json.loads((tmp_path / "r3.json").read_text())["results"]
-    }
+    res = invoke(*args, "--overwrite", "--ensemble", 2, "--report", tmp_path / "r3.json")
+    r3 = json.loads((tmp_path / "r3.json").read_text())
+    status = {r["name"]: r["status"] for r in r3["results"]}
     assert status["good0"] == status["good1"] == "written"
+    assert r3["ensemble"] == 2 and report["ensemble"] == 1
     assert all((out / n).stat().st_mtime_ns != t for n, t in mtimes.items())
 
 
