@@ -22,3 +22,19 @@ def commit(short: bool = False) -> str:
             sha = ""
     sha = sha or "unknown"
     return sha[:10] if short and sha != "unknown" else sha
+
+
+def cpu_run_stamp() -> dict[str, str]:
+    """Where and when a CPU measurement ran: hardware and threads, torch, commit, date."""
+    import platform
+    import time
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return {
+        "hardware": f"{cpu}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "commit": commit(short=True),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _provenance import commit  # noqa: E402
+from _provenance import cpu_run_stamp  # noqa: E402
 from eval_weights import _load, _mse, _psnr  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
@@ -76,10 +75,7 @@ def sweep(weights: str | None, data: str, split: str = "test", limit: int | None
         "rows": rows,
         "mean": mean,
         "bicubic": bicubic,
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "commit": commit(short=True),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **cpu_run_stamp(),
     }
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _provenance import commit  # noqa: E402
+from _provenance import cpu_run_stamp  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.engine import SYMMETRIES, apply_symmetry, undo_symmetry  # noqa: E402
@@ -157,10 +156,7 @@ def evaluate(
         "rows": rows,
         "mean": mean,
         "device": device,
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "commit": commit(short=True),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **cpu_run_stamp(),
     }
 
 
