@@ -773,7 +773,7 @@ def _eval_tables(report: dict[str, Any]) -> None:
         )
     _wide().print(per)
     passes = report.get("ensemble", 1)
-    of = f", SR averaged over {passes} flipped passes" if passes > 1 else ""
+    of = f", both network rows averaged over {passes} flipped passes" if passes > 1 else ""
     mean = Table(title=f"mean over {report['count']} images{of}")
     mean.add_column("method")
     for c in ("PSNR", "PSNR center", "PSNR corner", "SSIM", "SSIM center", "SSIM corner"):
