@@ -2,7 +2,7 @@
 
     python bench/ensemble_sweep.py --data ~/sddusr_work/pairs5 --threads 2 --json sweep.json
 
-The passes are nested (the first N of `engine.SYMMETRIES`), so one run of 8 passes per pair
+The passes are nested (`engine.symmetric_passes`: the first N of `engine.SYMMETRIES`), so one run of 8 passes per pair
 gives all four rows. Each pass is the network on the whole pair with the true reference,
 flipped/transposed and mapped back, clamped; N passes are averaged, as `Engine(ensemble=N)` and
 `bench/eval_weights.py --ensemble N` do. Metrics as in eval_weights: PSNR on RGB in [0,255], no
@@ -28,9 +28,8 @@ from _provenance import cpu_run_stamp  # noqa: E402
 from eval_weights import _load, _mse, _psnr  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
-from sddusr_engine.engine import SYMMETRIES, apply_symmetry, undo_symmetry  # noqa: E402
+from sddusr_engine.engine import symmetric_passes  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
-from sddusr_engine.model.network import pad_to_even  # noqa: E402
 
 SIZES = (1, 2, 4, 8)
 
@@ -44,16 +43,20 @@ def sweep(weights: str | None, data: str, split: str = "test", limit: int | None
         y0, y1, x0, x1 = t.box
         centre = torch.zeros(1, 1, *hr.shape[-2:], dtype=torch.bool)
         centre[..., y0:y1, x0:x1] = True
-        h, w = lr.shape[-2:]
-        padded = pad_to_even(lr)
         bic = bicubic_x2(lr)
         row = {"name": t.name, "bicubic": _psnr(_mse(bic, hr))}
-        acc, seconds = torch.zeros_like(hr), 0.0
-        for k, s in enumerate(SYMMETRIES):
+        seconds = 0.0
+
+        def timed(k, *pair):
+            nonlocal seconds
             t0 = time.perf_counter()
-            out = model(*(apply_symmetry(x, s) for x in (padded, lrc, ref)))
+            out = model(*pair)
             seconds += time.perf_counter() - t0
-            acc += undo_symmetry(out, s).clamp(0, 1)[..., : 2 * h, : 2 * w]
+            return out
+
+        acc = 0
+        for k, out in enumerate(symmetric_passes(timed, lr, lrc, ref, max(SIZES))):
+            acc = acc + out
             n = k + 1
             if n in SIZES:
                 sr = acc / n

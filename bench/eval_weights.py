@@ -39,9 +39,8 @@ sys.path.insert(0, str(ROOT))
 from _provenance import cpu_run_stamp  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
-from sddusr_engine.engine import SYMMETRIES, apply_symmetry, undo_symmetry  # noqa: E402
+from sddusr_engine.engine import symmetric_passes  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
-from sddusr_engine.model.network import pad_to_even  # noqa: E402
 from sddusr_engine.weights import load_model  # noqa: E402
 
 
@@ -72,19 +71,20 @@ def _load(weights: str | None, device: str) -> torch.nn.Module:
 
 
 def _ensemble(model, n: int):
-    """model(lr, lrc, ref, return_aux) averaged over the first n SYMMETRIES, outputs clamped."""
+    """model(lr, lrc, ref, return_aux) averaged over n symmetric passes (the engine's
+    `symmetric_passes`); the aux (masks) is the plain pass's."""
 
     def forward(lr, lrc, ref, return_aux=False):
-        h, w = lr.shape[-2:]
-        lr = pad_to_even(lr)  # as the engine: flipped passes keep the LRC's 2-pixel cell grid
-        acc, aux = 0, None
-        for k, s in enumerate(SYMMETRIES[:n]):
-            out = model(*(apply_symmetry(t, s) for t in (lr, lrc, ref)), return_aux=k == 0)
-            if k == 0:
-                out, aux = out
-            acc = acc + undo_symmetry(out, s).clamp(0, 1)
-        sr = (acc / n)[..., : 2 * h, : 2 * w]
-        return (sr, aux) if return_aux else sr
+        aux = {}
+
+        def one_pass(k, *pair):
+            if k:
+                return model(*pair)
+            out, aux["plain"] = model(*pair, return_aux=True)
+            return out
+
+        sr = sum(symmetric_passes(one_pass, lr, lrc, ref, n)) / n
+        return (sr, aux["plain"]) if return_aux else sr
 
     return forward
 

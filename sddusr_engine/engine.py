@@ -14,7 +14,7 @@ mask, dictionary update). Then the LR image goes through in stages:
 
 With `ensemble=N` (2, 4 or 8) every pair goes through N times, flipped and transposed (LR, LRC
 and Ref alike), and the N outputs, mapped back, are averaged: geometric self-ensemble, N times
-the work for a sharper, less noisy estimate (bench/RESULTS.md has the measured gain).
+the work for a sharper, less noisy estimate (weights/MODEL_CARD.md has the measured gain).
 
 The engine is stateless per call: `run` and `super_resolve` are pure functions of their inputs.
 """
@@ -76,6 +76,21 @@ def undo_symmetry(x: torch.Tensor, sym: tuple[bool, bool, bool]) -> torch.Tensor
     dims = [d for d, f in ((-1, flip_w), (-2, flip_h)) if f]
     x = x.flip(dims) if dims else x
     return x.transpose(-1, -2) if transpose else x
+
+
+def symmetric_passes(forward, lr, lrc, ref, n: int):
+    """Yield, for each of the first n SYMMETRIES, `forward(k, lr, lrc, ref)` on the transformed
+    pair (lrc = ref = None allowed), mapped back, cropped to 2x LR's size and clamped to [0, 1],
+    in fp32. Their mean is the self-ensemble's output (an average of images, as eval scores them).
+
+    LR is padded to even sides before the flips: a flipped LR then keeps its matching cells on
+    the same 2-pixel grid as the LRC's (an even box origin stays even).
+    """
+    h, w = lr.shape[-2:]
+    lr = pad_to_even(lr)
+    for k, sym in enumerate(SYMMETRIES[:n]):
+        out = forward(k, *(None if t is None else apply_symmetry(t, sym) for t in (lr, lrc, ref)))
+        yield undo_symmetry(out, sym)[..., : 2 * h, : 2 * w].float().clamp(0, 1)
 
 
 class EngineError(ValueError):
@@ -376,24 +391,22 @@ class Engine:
         n = self.ensemble
         if n == 1:
             return self._forward(lr, lrc, ref, tile, progress, keep_maps, stage_hook, info)
-        h, w = lr.shape[-2:]
-        # Even sides before the flips: then a flipped LR keeps its matching cells on the same
-        # 2-pixel grid as the LRC's (an even box origin stays even).
-        lr = pad_to_even(lr)
-        acc = None
-        for k, sym in enumerate(SYMMETRIES[:n]):
+
+        def one_pass(k, lr, lrc, ref):
             part = info if k == 0 else RunInfo(tile=tile, timings=info.timings)
 
-            def step(done, total, k=k):
+            def step(done, total):
                 if progress is not None:
                     progress(k * total + done, n * total)
 
-            args = [None if t is None else apply_symmetry(t, sym) for t in (lr, lrc, ref)]
-            out = self._forward(*args, tile, step, keep_maps and k == 0, stage_hook, part)
-            out = undo_symmetry(out, sym).float().clamp_(0, 1)  # average images, as eval does
-            acc = out if acc is None else acc.add_(out)
+            out = self._forward(lr, lrc, ref, tile, step, keep_maps and k == 0, stage_hook, part)
             info.warnings.extend(w for w in part.warnings if w not in info.warnings)
-        return acc.div_(n).to(self.dtype)[..., : 2 * h, : 2 * w]
+            return out
+
+        acc = None
+        for out in symmetric_passes(one_pass, lr, lrc, ref, n):
+            acc = out if acc is None else acc.add_(out)
+        return acc.div_(n).to(self.dtype)
 
     def _halo_2x(self) -> int:
         """Output-pixel halo of the 2x stage: fringe of the warp/high-pass/gate inputs (16) plus
