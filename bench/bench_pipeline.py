@@ -97,6 +97,18 @@ def main(argv=None) -> int:
         help="engine memory layouts to time: nchw (the default) and/or nhwc (channels_last)",
     )
     ap.add_argument("--no-baseline", action="store_true", help="skip the fp32 whole-image baseline")
+    ap.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        choices=[1, 2, 4, 8],
+        help="also time each network with the geometric self-ensemble of N passes",
+    )
+    ap.add_argument(
+        "--shipped",
+        action="store_true",
+        help="also time the shipped default weights' network (its own, smaller configuration)",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--profile",
@@ -120,7 +132,32 @@ def main(argv=None) -> int:
     ].contiguous()
     ref = torch.nn.functional.interpolate(lrc, scale_factor=2, mode="bicubic").clamp(0, 1)
 
+    def engine_row(variant: str, eng: Engine, what: str, profile: bool = False) -> dict:
+        infos = []
+
+        def run(eng=eng, infos=infos):
+            out, info = eng.run(lr, lrc, ref, return_info=True)
+            infos.append(info)
+            return out
+
+        ms, peak, _ = _measure(run, device, args.repeats)
+        info = infos[-1]
+        if profile:
+            _profile(run, device, Path(args.profile) / f"profile_{variant}.txt")
+        row = {"variant": variant, "what": f"engine {backend} {precision} tile {info.tile} {what}",
+               "ms": ms, "peak_gib": peak, "stages_ms": info.timings}  # fmt: skip
+        if variant == "kedusr" and device.type == "cuda" and what == "nchw":
+            # the recorded number is an H100's
+            row["speedup_vs_kedusr_official_h100"] = KEDUSR_OFFICIAL_H100["ms"] / ms
+            row["memory_vs_kedusr_official_h100"] = peak / KEDUSR_OFFICIAL_H100["peak_gib"]
+        return row
+
     rows = []
+    if args.shipped:  # the network the default weights configure, with those weights
+        for n in sorted({1, args.ensemble}):
+            eng = Engine.from_pretrained(None, device, precision, backend, args.tile, ensemble=n)
+            rows.append(engine_row("shipped", eng, f"nchw ensemble {n}"))
+            del eng
     for variant in args.variants.split(","):
         torch.manual_seed(0)
         model = build_model(variant)
@@ -128,28 +165,11 @@ def main(argv=None) -> int:
             eng = Engine(
                 model, device, precision, backend, args.tile, channels_last=layout == "nhwc"
             )
-            infos = []
-
-            def run(eng=eng, infos=infos):
-                out, info = eng.run(lr, lrc, ref, return_info=True)
-                infos.append(info)
-                return out
-
-            ms, peak, _ = _measure(run, device, args.repeats)
-            info = infos[-1]
-            if args.profile and li == 0:
-                _profile(run, device, Path(args.profile) / f"profile_{variant}.txt")
-            row = {
-                "variant": variant,
-                "what": f"engine {backend} {precision} tile {info.tile} {layout}",
-                "ms": ms,
-                "peak_gib": peak,
-                "stages_ms": info.timings,
-            }
-            if variant == "kedusr" and device.type == "cuda":  # the recorded number is an H100's
-                row["speedup_vs_kedusr_official_h100"] = KEDUSR_OFFICIAL_H100["ms"] / ms
-                row["memory_vs_kedusr_official_h100"] = peak / KEDUSR_OFFICIAL_H100["peak_gib"]
-            rows.append(row)
+            rows.append(engine_row(variant, eng, layout, profile=bool(args.profile) and li == 0))
+            del eng
+        if args.ensemble > 1:
+            eng = Engine(model, device, precision, backend, args.tile, ensemble=args.ensemble)
+            rows.append(engine_row(variant, eng, f"nchw ensemble {args.ensemble}"))
             del eng
         if not args.no_baseline:
             base_model = build_model(variant).to(device).eval()

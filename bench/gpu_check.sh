@@ -2,7 +2,9 @@
 # GPU check, in one call of the device machine: the CUDA-only tests, then the stages named in
 # GPU_STAGES (default: the pipeline benchmark, the kernel benchmark and the launch-setting sweep);
 # with GPU_TRAIN=SECONDS and photos carried in .gpu_carry/ (see bench/gpu_train.sh), a profiled,
-# time-boxed training run after the tests. E.g. GPU_TRAIN=600 GPU_DEADLINE=560 GPU_STAGES= .
+# time-boxed training run after the tests (GPU_PROFILE=0: without the 6-step profile before it;
+# GPU_TRAIN_EXTRA: arguments for it, see bench/gpu_train.sh). E.g. GPU_TRAIN=600 GPU_DEADLINE=560
+# GPU_STAGES= .
 # Installs nothing. Each stage is time-boxed and a failing stage does not stop the next; all output
 # goes to $OUT/gpu_check.log, the benchmark rows to $OUT/*.json; a stage summary is printed last.
 # Exits non-zero if any stage failed.
@@ -52,7 +54,7 @@ stage tests "${GPU_TESTS_LIMIT:-240}" python -m pytest -q -m gpu tests -p no:cac
 if [[ -n "$prep_pid" ]]; then
     wait "$prep_pid" || failed=1
     tee -a "$LOG" <"$OUT/prepare.log"
-    stage profile 90 bench/gpu_train.sh profile "$OUT"
+    [[ ${GPU_PROFILE:-1} == 1 ]] && stage profile 90 bench/gpu_train.sh profile "$OUT"
     budget=$GPU_TRAIN
     if [[ -n "${GPU_DEADLINE:-}" ]]; then
         left=$((GPU_DEADLINE - SECONDS - ${GPU_TRAIN_MARGIN:-90}))
@@ -67,7 +69,8 @@ fi
 
 for name in ${GPU_STAGES-pipeline kernels sweep}; do
     case $name in
-    pipeline) stage pipeline 150 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT" ;;
+    # GPU_PIPELINE_ARGS: e.g. "--variants sddusr --no-baseline --shipped --ensemble 8"
+    pipeline) stage pipeline 150 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT" ${GPU_PIPELINE_ARGS:-} ;;
     kernels) stage kernels 120 python bench/bench_kernels.py --json "$OUT/kernels.json" ;;
     sweep) stage sweep 90 python bench/sweep_configs.py --json "$OUT/sweep.json" ;;
     *) echo "gpu_check.sh: unknown stage $name" | tee -a "$LOG"; failed=1 ;;

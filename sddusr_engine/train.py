@@ -92,6 +92,7 @@ class TrainConfig:
     init: str | None = None  # weights file to start from (fine-tuning); see init_from
     calibrate_reference: bool = False  # see calibrate_reference_path (fresh or --init runs)
     reset_alignment: bool = False  # with --init: SpyNet and the DCN offsets back to zero flow
+    grow: bool = False  # with --init into a deeper config: new residual blocks start as identity
     flow_weight: float = 0.0  # losses.flow_photometric_loss (not in the paper)
     flow_epe_weight: float = 0.0  # losses.flow_epe_loss, pairs with a true flow (not in the paper)
     flow_pretrain: int = 0  # SpyNet-only steps on flow_epe_loss before step 1 (fresh/--init runs)
@@ -305,6 +306,36 @@ def init_from(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]
     }
 
 
+def grow_identity(model: torch.nn.Module, fresh: list[str]) -> list[str]:
+    """Make every residual block or group that `init_from` left wholly fresh an identity map, so
+    that a deeper network (more trunk blocks or groups, more encoder/decoder blocks) starts out
+    computing exactly what the loaded, shallower one did. Zeroing a block's last conv does it:
+    x + lrelu(0) = x + 0 = x. The block's first conv gets gradient once the last one moves (the
+    zero-initialised residual of Fixup/ReZero). Returns the zeroed convs' names; other fresh
+    tensors (e.g. TDL when a kedusr file starts an sddusr model) are left as they are."""
+    from .model.blocks import ResBlock, ResList, TrunkBlock
+
+    fresh_set = set(fresh)
+    last_conv = {TrunkBlock: "conv2", ResBlock: "conv2", ResList: "conv_tail"}
+    zeroed: list[str] = []
+    done: list[str] = []  # zeroed modules' prefixes: their sub-blocks stay random
+    for name, module in model.named_modules():
+        attr = last_conv.get(type(module))
+        if attr is None or any(name.startswith(d + ".") for d in done):
+            continue
+        names = [f"{name}.{k}" for k, _ in module.named_parameters()]
+        if not names or not all(n in fresh_set for n in names):
+            continue
+        conv = getattr(module, attr)
+        with torch.no_grad():
+            conv.weight.zero_()
+            if conv.bias is not None:
+                conv.bias.zero_()
+        zeroed.append(f"{name}.{attr}")
+        done.append(name)
+    return zeroed
+
+
 @torch.no_grad()
 def calibrate_reference_path(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Give the warped-reference input of the fusion the magnitude of the LR features, without
@@ -516,6 +547,8 @@ def _train(cfg: TrainConfig, on_log) -> Path:
             budget_resolved = True
     elif cfg.init:
         init_report = init_from(model, cfg.init)
+        if cfg.grow:
+            init_report["grown"] = grow_identity(model, init_report["fresh"])
         if cfg.reset_alignment:
             _zero_alignment(model)
     shift_report = compensate_warp_shift(model) if step == 0 and cfg.warp_shift_init else None
@@ -785,6 +818,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --init: restart SpyNet and the deformable offsets from zero flow",
     )
     ap.add_argument(
+        "--grow",
+        action="store_true",
+        help="with --init into a deeper --model (more trunk/encoder/decoder blocks or trunk "
+        "groups): the new blocks start as identity, so training begins from the loaded network's "
+        "output",
+    )
+    ap.add_argument(
         "--train-only",
         default="",
         metavar="PREFIXES",
@@ -872,6 +912,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         match_weight=a.match_weight,
         match_temperature=a.match_temperature,
         init=a.init,
+        grow=a.grow,
         calibrate_reference=a.calibrate_reference,
         reset_alignment=a.reset_alignment,
         warp_shift_init=a.warp_shift_init,
