@@ -11,7 +11,9 @@ the `kedusr` network, each with the same random weights for both backends, and r
 - KeDuSR's official inference as recorded in DESIGN.md section 5 on one H100 (2375 ms, 15.4 GiB),
   as the ratio the issue asks for. That number was not measured by this script.
 
-Weights do not change the work, so random weights are used. `--cpu` runs a small size on the CPU
+`--shipped` adds the network the default weights configure (smaller than the full preset), with
+those weights; `--ensemble N` adds each network again with the geometric self-ensemble of N passes.
+Weights do not change the work, so random weights are used for the presets. `--cpu` runs a small size on the CPU
 to show the harness works; those numbers are CPU numbers. The table is printed last; `--json PATH`
 writes the rows with the device name, versions, date and commit.
 """

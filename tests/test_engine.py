@@ -337,3 +337,27 @@ def test_coverage_warp_norm_tiles_exactly(backend):
     published.load_state_dict(model.state_dict())
     published.mask_generator.forward = _HalfMask().forward
     assert (whole_image(published, lr, lrc, ref) - want).abs().max().item() > 1e-4
+
+
+def test_pipeline_benchmark_times_the_shipped_network_and_the_ensemble(tmp_path):
+    """bench/bench_pipeline.py (CPU harness size): --shipped adds the default weights' network
+    with and without --ensemble, and each variant gets an ensemble row with N passes' stages."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_pipeline
+
+    out = tmp_path / "pipeline.json"
+    args = ["--cpu", "--size", "48x64", "--variants", "kedusr", "--no-baseline", "--repeats", "1",
+            "--layouts", "nchw", "--shipped", "--ensemble", "2", "--json", str(out)]  # fmt: skip
+    assert bench_pipeline.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["what"].split("tile ")[1]) for r in rows] == [
+        ("shipped", "256 nchw ensemble 1"),
+        ("shipped", "256 nchw ensemble 2"),
+        ("kedusr", "256 nchw"),
+        ("kedusr", "256 nchw ensemble 2"),
+    ]
+    assert all(r["ms"] > 0 and r["stages_ms"]["decode"] > 0 for r in rows)

@@ -510,3 +510,24 @@ def test_bench_ensemble_numbers_are_the_engines(tiny_data, tmp_path):
     assert two["ensemble"] == 2
     for row, pair in zip(two["rows"], load_pairs(str(tiny_data), "train"), strict=True):
         assert row["psnr_sr"] == pytest.approx(engine_psnr(pair, 2), abs=1e-3)
+
+
+def test_region_oracles_bound_what_a_blend_could_win(tiny_data, tmp_path):
+    """bench/region_oracles.py: its SR columns are eval_weights' numbers, and the best-blend
+    bound is never below the network (a = 0 is one of the blends it chooses among)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import eval_weights
+    import region_oracles
+
+    weights = str(train(_cfg(tiny_data, tmp_path / "w", steps=2)))
+    res = region_oracles.oracles(weights, str(tiny_data), "train")
+    ref = eval_weights.evaluate(weights, str(tiny_data), "train")
+    for row, want in zip(res["rows"], ref["rows"], strict=True):
+        assert row["gain_db"] == pytest.approx(want["gain_db"], abs=1e-3)
+        assert row["corner_sr"] == pytest.approx(want["corner_sr"], abs=1e-3)
+        assert row["centre_sr"] == pytest.approx(want["center_true_ref"], abs=1e-3)
+        assert row["gain_blend_oracle_db"] >= row["gain_db"] - 1e-9
+    assert "| **mean** |" in region_oracles.table(res)
