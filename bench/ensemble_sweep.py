@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _provenance import cpu_run_stamp  # noqa: E402
-from eval_weights import _load, _mse, _psnr  # noqa: E402
+from eval_weights import _load, _mse, _psnr, centre_mask  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.engine import symmetric_passes  # noqa: E402
@@ -40,9 +40,7 @@ def sweep(weights: str | None, data: str, split: str = "test", limit: int | None
     rows = []
     for t in load_pairs(data, split, limit=limit):
         lr, hr, lrc, ref = (to_tensor(a)[None] for a in (t.lr, t.hr, t.lrc, t.ref))
-        y0, y1, x0, x1 = t.box
-        centre = torch.zeros(1, 1, *hr.shape[-2:], dtype=torch.bool)
-        centre[..., y0:y1, x0:x1] = True
+        centre = centre_mask(hr, t.box)
         bic = bicubic_x2(lr)
         row = {"name": t.name, "bicubic": _psnr(_mse(bic, hr))}
         seconds = 0.0

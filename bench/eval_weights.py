@@ -56,6 +56,14 @@ def _psnr(mse: float) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def centre_mask(hr: torch.Tensor, box) -> torch.Tensor:
+    """bool [1,1,H,W] on hr's grid and device: True inside box = (y0, y1, x0, x1), HR pixels."""
+    y0, y1, x0, x1 = box
+    mask = torch.zeros(1, 1, *hr.shape[-2:], dtype=torch.bool, device=hr.device)
+    mask[..., y0:y1, x0:x1] = True
+    return mask
+
+
 def _load(weights: str | None, device: str) -> torch.nn.Module:
     """A safetensors weights file, or a training checkpoint (`checkpoint.pt`) while it runs."""
     if weights is not None and str(weights).endswith(".pt"):
@@ -117,9 +125,7 @@ def evaluate(
             .clamp(0, 1)
             .to(device)
         )
-        y0, y1, x0, x1 = t.box
-        center = torch.zeros(1, 1, *hr.shape[-2:], dtype=torch.bool, device=device)
-        center[..., y0:y1, x0:x1] = True
+        center = centre_mask(hr, t.box)
         t0 = time.perf_counter()
         sr, aux = model(lr, lrc, ref, return_aux=True)
         dt = time.perf_counter() - t0

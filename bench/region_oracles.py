@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import cpu_run_stamp  # noqa: E402
-from eval_weights import _load, _mse, _psnr  # noqa: E402
+from eval_weights import _load, _mse, _psnr, centre_mask  # noqa: E402
 
 from sddusr_engine.data import _blur, load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
@@ -53,13 +53,12 @@ def oracles(weights: str | None, data: str, split: str = "test", limit: int | No
     for t in load_pairs(data, split, limit=limit):
         lr, hr, lrc, ref = (to_tensor(x)[None].double() for x in (t.lr, t.hr, t.lrc, t.ref))
         y0, y1, x0, x1 = t.box
-        centre = torch.zeros(1, 1, *hr.shape[-2:], dtype=torch.bool)
-        centre[..., y0:y1, x0:x1] = True
+        centre = centre_mask(hr, t.box)
         sr = net(lr.float(), lrc.float(), ref.float()).double().clamp(0, 1)
         no_ref = net(lr.float(), None, None).double().clamp(0, 1)
         bic = bicubic_x2(lr.float()).double().clamp(0, 1)
 
-        def region(x, m):
+        def region(x, m, hr=hr):
             return _psnr(_mse(x, hr, m))
 
         # the best single a for this photo (least squares against HR), the centre only
