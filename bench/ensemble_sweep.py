@@ -12,7 +12,6 @@ forward time per pair on this machine (N passes).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _provenance import cpu_run_stamp  # noqa: E402
-from eval_weights import _load, _mse, _psnr, centre_mask  # noqa: E402
+from eval_weights import _load, _mse, _psnr, centre_mask, held_out_parser  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.engine import symmetric_passes  # noqa: E402
@@ -95,13 +94,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--weights", default=None, help="safetensors file (default: the shipped one)")
-    ap.add_argument("--data", required=True, help="dataset root in the KeDuSR layout")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap = held_out_parser(__doc__)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

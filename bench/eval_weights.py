@@ -191,8 +191,9 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def held_out_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments the held-out bench scripts share: weights, data, split, threads, limit, json."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument(
         "--weights",
         default=None,
@@ -200,10 +201,15 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--data", required=True, help="dataset root in the KeDuSR layout")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = held_out_parser(__doc__)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--ensemble", type=int, default=1, choices=(1, 2, 4, 8), help="flipped passes averaged"
     )

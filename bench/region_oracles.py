@@ -18,7 +18,6 @@ Means are over pairs (dB). Prints the table last.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import cpu_run_stamp  # noqa: E402
-from eval_weights import _load, _mse, _psnr, centre_mask  # noqa: E402
+from eval_weights import _load, _mse, _psnr, centre_mask, held_out_parser  # noqa: E402
 
 from sddusr_engine.data import _blur, load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
@@ -120,13 +119,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--weights", default=None, help="safetensors (default: shipped) or .pt")
-    ap.add_argument("--data", required=True, help="dataset root in the KeDuSR layout")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--json", default=None)
+    ap = held_out_parser(__doc__)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
