@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _provenance import cpu_run_stamp  # noqa: E402
-from eval_weights import _load, _mse, _psnr, centre_mask, held_out_parser  # noqa: E402
+from eval_weights import _load, _mse, _psnr, centre_mask, held_out_parser, parse_held_out  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.engine import symmetric_passes  # noqa: E402
@@ -94,11 +94,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = held_out_parser(__doc__)
-    a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.set_flush_denormal(True)
+    a = parse_held_out(held_out_parser(__doc__), argv)
     res = sweep(a.weights, a.data, a.split, a.limit)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

@@ -207,16 +207,22 @@ def held_out_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def parse_held_out(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, then set the CPU threads (--threads) and flush denormals (the CPU's slow path)."""
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
+    return a
+
+
 def main(argv=None) -> None:
     ap = held_out_parser(__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--ensemble", type=int, default=1, choices=(1, 2, 4, 8), help="flipped passes averaged"
     )
-    a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.set_flush_denormal(True)
+    a = parse_held_out(ap, argv)
     res = evaluate(a.weights, a.data, a.split, a.device, a.limit, a.ensemble)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

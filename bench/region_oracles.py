@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import cpu_run_stamp  # noqa: E402
-from eval_weights import _load, _mse, _psnr, centre_mask, held_out_parser  # noqa: E402
+from eval_weights import _load, _mse, _psnr, centre_mask, held_out_parser, parse_held_out  # noqa: E402
 
 from sddusr_engine.data import _blur, load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
@@ -119,10 +119,7 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = held_out_parser(__doc__)
-    a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = parse_held_out(held_out_parser(__doc__), argv)
     res = oracles(a.weights, a.data, a.split, a.limit)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
