@@ -886,7 +886,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Path:
-    a = (parser or build_parser()).parse_args(argv)
+    parser = parser or build_parser()
+    a = parser.parse_args(argv)
+    if a.grow and not a.init:
+        parser.error("--grow needs --init: the weights file of the shallower network to grow from")
     cfg = TrainConfig(
         data=a.data,
         out=a.out,

@@ -226,6 +226,11 @@ def test_grow_starts_the_deeper_network_at_the_loaded_ones_output(tiny_data, tmp
     assert grow_identity(same, init_from(same, path)["fresh"]) == []
     # through train / the command line: the init event lists what was zeroed
     assert build_parser().parse_args(["--data", "d", "--out", "x", "--grow"]).grow
+    from sddusr_engine.train import main as train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--data", str(tiny_data), "--out", str(tmp_path / "n"), "--grow"])
+    assert exit_info.value.code == 2 and not (tmp_path / "n").exists()
     recs = []
     cfg = _cfg(tiny_data, tmp_path / "g", steps=1, init=str(path), grow=True,
                model={**TINY, **deeper})  # fmt: skip
