@@ -47,6 +47,12 @@ class ModelConfig:
     # "coverage" divides by the true overlap count and ignores the mask's holes
     # (matching.high_pass_covered). Not in the paper; weights record which they were trained with.
     warp_norm: str = "constant"
+    # With "coverage": also pass the warp's low band (the part the detail map subtracts), scaled
+    # by a learned per-channel gain that starts at zero (so the network starts as without it).
+    # The detail map keeps only what lies above about 1/8 cycle per pixel; where the LR's own low
+    # band is wrong (aliasing, JPEG) and the Ref's is right, the network could not take it from
+    # the Ref. Not in the paper; weights record it.
+    warp_low_band: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -57,6 +63,8 @@ class ModelConfig:
             )
         if self.warp_norm not in ("constant", "coverage"):
             raise ValueError(f"warp_norm must be 'constant' or 'coverage', got {self.warp_norm!r}")
+        if self.warp_low_band and self.warp_norm != "coverage":
+            raise ValueError('warp_low_band needs warp_norm="coverage"')
         if self.scale != 2:
             raise ValueError(f"only x2 is supported, got scale={self.scale}")
         if self.channels % self.ca_reduction:

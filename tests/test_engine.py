@@ -320,12 +320,16 @@ def test_channels_last_gives_the_same_output(variant, backend, tile):
     assert Engine(tiny_model(variant), "cpu", "fp32", backend).channels_last is False  # default
 
 
+@pytest.mark.parametrize("low_band", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_coverage_warp_norm_tiles_exactly(backend):
+def test_coverage_warp_norm_tiles_exactly(backend, low_band):
     """warp_norm="coverage" (true overlap counts, holes ignored) is local too: tiles equal the
-    whole image, on both backends."""
+    whole image, on both backends; so is its low band (`warp_low_band`, a non-zero gain)."""
     torch.manual_seed(5)
-    model = build_model("sddusr", **TINY, warp_norm="coverage").eval()
+    model = build_model("sddusr", **TINY, warp_norm="coverage", warp_low_band=low_band).eval()
+    if low_band:
+        with torch.no_grad():
+            model.low_band_gain.normal_(0.0, 0.5)
     model.mask_generator.forward = _HalfMask().forward
     lr, lrc, ref = torch.rand(1, 3, 72, 88), torch.rand(1, 3, 28, 36), torch.rand(1, 3, 56, 72)
     want = whole_image(model, lr, lrc, ref)
@@ -334,7 +338,7 @@ def test_coverage_warp_norm_tiles_exactly(backend):
     assert 0.2 < info.mask_fraction_lr < 0.8  # holes present
     # and it is not the published arithmetic
     published = build_model("sddusr", **TINY).eval()
-    published.load_state_dict(model.state_dict())
+    published.load_state_dict(model.state_dict(), strict=not low_band)
     published.mask_generator.forward = _HalfMask().forward
     assert (whole_image(published, lr, lrc, ref) - want).abs().max().item() > 1e-4
 

@@ -268,3 +268,38 @@ def test_covered_high_pass_is_the_image_detail_for_exact_matches():
     hf = high_pass_covered(holed, cov, alpha)
     assert hf[cov.expand_as(hf) == 0].abs().max() == 0
     assert hf.abs().max() < 2 * high_pass_covered(warp, cover, alpha).abs().max()
+
+
+def test_warp_low_band_adds_the_low_band_the_detail_map_removes():
+    """warp_low_band: detail + gain * low band, per channel, zero in the holes; the gain starts
+    at zero (the network computes what it did without it) and learns (it gets gradient)."""
+    from sddusr_engine import build_model
+    from sddusr_engine.config import ModelConfig
+    from sddusr_engine.model.matching import high_pass_covered, warp_coverage
+
+    torch.manual_seed(6)
+    warp = torch.rand(1, 3, 32, 40) * 5
+    active = (torch.rand(1, 1, 8, 10) > 0.3).float()
+    cov = warp_coverage(active)
+    alpha, gain = torch.tensor([0.7]), torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)
+    detail = high_pass_covered(warp, cov, alpha)
+    with_low = high_pass_covered(warp, cov, alpha, gain)
+    # the low band itself, from its definition: warped minus detail/(2 alpha), where covered
+    covered = cov > 0
+    low = (warp / cov.clamp_min(1.0)) - detail / (2 * alpha)
+    want = detail + gain * low * covered
+    torch.testing.assert_close(with_low, want, rtol=1e-5, atol=1e-5)
+    assert with_low[~covered.expand_as(with_low)].abs().max() == 0
+    torch.testing.assert_close(high_pass_covered(warp, cov, alpha, torch.zeros_like(gain)), detail)
+    with pytest.raises(ValueError, match="warp_low_band needs"):
+        ModelConfig(warp_low_band=True)
+    # in the network: zero gain = the same output; the gain is trained
+    base = build_model("sddusr", **TINY, warp_norm="coverage").eval()
+    low_net = build_model("sddusr", **TINY, warp_norm="coverage", warp_low_band=True).eval()
+    low_net.load_state_dict(base.state_dict(), strict=False)
+    lr, lrc, ref = torch.rand(1, 3, 32, 40), torch.rand(1, 3, 16, 16), torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(low_net(lr, lrc, ref), base(lr, lrc, ref), rtol=0, atol=0)
+    low_net.train()
+    low_net(lr, lrc, ref).square().mean().backward()
+    assert low_net.low_band_gain.grad.abs().max() > 0

@@ -187,7 +187,10 @@ def warp_coverage(active: torch.Tensor, ksize: int = 9, stride: int = 4) -> torc
 
 
 def high_pass_covered(
-    warp_sum: torch.Tensor, coverage: torch.Tensor, alpha: torch.Tensor
+    warp_sum: torch.Tensor,
+    coverage: torch.Tensor,
+    alpha: torch.Tensor,
+    low_gain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The `warp_norm="coverage"` detail map: the warp divided by its true overlap count, minus
     its local mean over covered pixels only, zero in the holes.
@@ -199,12 +202,17 @@ def high_pass_covered(
     count), against 0.53-0.67 for the registered Ref itself. Here the low band is a normalised
     convolution (cell sums and covered-pixel counts, each upsampled bilinearly, then divided),
     so holes neither darken nor ring their neighbours.
+
+    `low_gain` [1,C,1,1] (`warp_low_band`) adds that low band back, scaled per channel.
     """
     covered = (coverage > 0).to(warp_sum.dtype)
     warped = warp_sum / coverage.clamp_min(1.0)
     up = lambda t: F.interpolate(F.avg_pool2d(t, 4), scale_factor=4, mode="bilinear")  # noqa: E731
     low = up(warped) / up(covered).clamp_min(1e-3)
-    return 2.0 * alpha * (warped - low) * covered
+    detail = 2.0 * alpha * (warped - low)
+    if low_gain is not None:
+        detail = detail + low_gain * low
+    return detail * covered
 
 
 def high_pass(warp_sum: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

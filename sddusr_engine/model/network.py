@@ -87,6 +87,8 @@ class DualLensSR(nn.Module):
         # matching
         self.feature_match = MatchFeatures(config.match_channels)
         self.alpha = nn.Parameter(torch.ones(1))
+        if config.warp_low_band:  # zero: starts as the network without it (config.warp_low_band)
+            self.low_band_gain = nn.Parameter(torch.zeros(1, n, 1, 1))
         self.alphaConf2X = nn.Sequential(
             nn.Conv2d(1, 16, 7, 1, 3),
             nn.LeakyReLU(0.2),
@@ -206,7 +208,8 @@ class DualLensSR(nn.Module):
         else:
             active = m.warp_sum.new_ones(m.warp_sum.shape[0], 1, *m.confidence.shape[-2:])
         coverage = warp_coverage(active, self.config.patch_size, self.config.patch_stride)
-        return high_pass_covered(m.warp_sum, coverage, self.alpha)
+        low_gain = self.low_band_gain if self.config.warp_low_band else None
+        return high_pass_covered(m.warp_sum, coverage, self.alpha, low_gain)
 
     def fusion_input(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
         hf = self.reference_detail(m)
