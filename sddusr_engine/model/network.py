@@ -54,6 +54,14 @@ class MatchResult:
     query_map: torch.Tensor | None = None  # [B,m,hq,wq] the LR matching map (for its loss)
 
 
+# `warp_low_band`: the gain on the low band is 2·alpha·LOW_BAND_SCALE·low_band_gain, so a stored
+# value of 1/LOW_BAND_SCALE passes the whole warp (detail plus low band) at the detail's scale.
+# Adam moves a parameter by about the learning rate per step, whatever its gradient, and the
+# detail map's 2·alpha is about 30 in the shipped weights: unscaled, the gain would need tens of
+# thousands of steps to matter (a 300-step CPU run moved it by at most 0.005).
+LOW_BAND_SCALE = 100.0
+
+
 def _head(channels: int) -> nn.Sequential:
     # A plain conv (no activation), matching the published golden outputs; Sequential for its keys.
     return nn.Sequential(conv3x3(3, channels))
@@ -208,7 +216,9 @@ class DualLensSR(nn.Module):
         else:
             active = m.warp_sum.new_ones(m.warp_sum.shape[0], 1, *m.confidence.shape[-2:])
         coverage = warp_coverage(active, self.config.patch_size, self.config.patch_stride)
-        low_gain = self.low_band_gain if self.config.warp_low_band else None
+        low_gain = None
+        if self.config.warp_low_band:
+            low_gain = 2.0 * self.alpha * (LOW_BAND_SCALE * self.low_band_gain)
         return high_pass_covered(m.warp_sum, coverage, self.alpha, low_gain)
 
     def fusion_input(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
