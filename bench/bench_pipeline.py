@@ -14,8 +14,8 @@ the `kedusr` network, each with the same random weights for both backends, and r
 `--shipped` adds the network the default weights configure (smaller than the full preset), with
 those weights; `--ensemble N` adds each network again with the geometric self-ensemble of N passes.
 Weights do not change the work, so random weights are used for the presets. `--cpu` runs a small
-size on the CPU to show the harness works; those numbers are CPU numbers. The table is printed last; `--json PATH`
-writes the rows with the device name, versions, date and commit.
+size on the CPU to show the harness works; those numbers are CPU numbers. The table is printed
+last; `--json PATH` writes the rows with the device name, versions, date and commit.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
     python bench/ensemble_sweep.py --data ~/sddusr_work/pairs5 --threads 2 --json sweep.json
 
 The passes are nested (`engine.symmetric_passes`: the first N of `engine.SYMMETRIES`), so one
-run of 8 passes per pair gives all four rows. Each pass is the network on the whole pair with the true reference,
-flipped/transposed and mapped back, clamped; N passes are averaged, as `Engine(ensemble=N)` and
+run of 8 passes per pair gives all four rows. Each pass is the network on the whole pair with
+the true reference, flipped/transposed and mapped back, clamped; N passes are averaged, as `Engine(ensemble=N)` and
 `bench/eval_weights.py --ensemble N` do. Metrics as in eval_weights: PSNR on RGB in [0,255], no
 border shave, full image / centre box / the rest, mean over pairs in dB. The last column is the
 forward time per pair on this machine (N passes).

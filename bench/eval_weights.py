@@ -192,7 +192,8 @@ def table(res: dict) -> str:
 
 
 def held_out_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments the held-out bench scripts share: weights, data, split, threads, limit, json."""
+    """The arguments the held-out bench scripts share: weights, data, split, threads, limit,
+    json."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument(
         "--weights",

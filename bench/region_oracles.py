@@ -32,7 +32,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import cpu_run_stamp  # noqa: E402
 from eval_weights import _load, _mse, _psnr, centre_mask, held_out_parser, parse_held_out  # noqa: E402
