@@ -29,7 +29,8 @@ How a pair is made (all geometry in HR pixels, pixel centres at integer coordina
   dense refinement), exactly as `sddusr sr` prepares a raw pair, so the residual misalignment
   the network learns to handle is the one it meets at inference. `--ref-alignment simulated`
   instead uses the true mapping perturbed (rotation <= 0.75 deg, scale +-1%, shift +-2 px; the
-  first datasets' way, and the fallback for a photo registration cannot lock onto).
+  first datasets' way, and the fallback for a photo registration cannot lock onto), colour-matched
+  to LRC by the same `registration.colour_match`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from torch.utils.data import Dataset
 from .io import read_image
 from .registration import (
     FootprintNotFoundError,
+    colour_match,
     ref_to_tele_matrix,
     register,
     resample_reference,
@@ -311,7 +313,8 @@ def make_pair(
       be given;
     - "simulated": the true affine made slightly wrong by the `residual_*` parameters (the
       first datasets' way; also the fallback, recorded as "simulated-fallback", where
-      registration cannot find the telephoto, e.g. in a flat photo).
+      registration cannot find the telephoto, e.g. in a flat photo), colour-matched to LRC
+      as the registered Ref is.
 
     No random numbers are drawn after the telephoto is rendered, so both alignments give the
     same HR, LR, telephoto and box for the same rng.
@@ -389,12 +392,17 @@ def make_pair(
         ref_to_tele[:2, :2] = A_inv
         ref_to_tele[:2, 2] = qc + A_inv @ (np.array([box[2], box[0]], dtype=np.float64) - c_est)
         ref = cv2.warpAffine(
-            tele_u8,
+            tele_u8.astype(np.float32) / 255.0,
             ref_to_tele[:2],
             (bw, bh),
             flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_REFLECT,
         )
+        # Colour-matched to LRC as `resample_reference` does: the engine never shows the network
+        # a Ref in the telephoto's own exposure and white balance, so training must not either.
+        # (Left raw, a third of pairs5's training Refs were 5-15 % off in gain, which taught the
+        # fusion to distrust every Ref.)
+        ref = _to_u8(colour_match(np.clip(ref, 0.0, 1.0), lrc.astype(np.float32) / 255.0)[0])
     flow = _true_flow(box, (hc, wc), A, c, qc, ref_to_tele, parallax, refinement)
     return {
         "hr": hr_u8,

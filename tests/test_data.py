@@ -195,6 +195,41 @@ def test_make_pair_falls_back_where_registration_fails():
         make_pair(flat, np.random.default_rng(0), ref_alignment="sift")
 
 
+def _gain_offset(ref_u8: np.ndarray, lrc_u8: np.ndarray) -> list[tuple[float, float]]:
+    """Per-channel least-squares lrc ~ g·half(ref) + o on 2×2-pooled, blurred images."""
+    import cv2
+
+    half = cv2.resize(ref_u8.astype(np.float32), lrc_u8.shape[1::-1], interpolation=cv2.INTER_AREA)
+    a, b = cv2.GaussianBlur(half, (0, 0), 2.0), cv2.GaussianBlur(lrc_u8.astype(np.float32), (0, 0), 2.0)
+    fits = []
+    for c in range(3):
+        x = np.stack([a[..., c].ravel(), np.ones(a[..., c].size)], 1)
+        g, o = np.linalg.lstsq(x, b[..., c].ravel(), rcond=None)[0]
+        fits.append((float(g), float(o)))
+    return fits
+
+
+def test_simulated_reference_is_colour_matched_like_the_registered_one():
+    """The simulated Ref (and so the fallback one) has LRC's colours, not the telephoto's own
+    exposure and white balance: the engine colour-matches every Ref it shows the network, so a
+    training Ref left in the telephoto's colours would teach the fusion to distrust the Ref."""
+    from dataclasses import replace
+
+    from sddusr_engine.data import sample_params
+
+    src = _photo(520, 680, seed=4)
+    base = sample_params(np.random.default_rng(9))
+    for exposure, gains in ((1.15, (1.06, 0.94, 1.0)), (0.85, (0.95, 1.05, 0.94))):
+        params = replace(base, exposure=exposure, color_gains=gains, gamma=1.06)
+        p = make_pair(src, np.random.default_rng(9), params, ref_alignment="simulated")
+        raw_mean = p["tele"].reshape(-1, 3).mean(0)
+        lrc_mean = p["lrc"].reshape(-1, 3).mean(0)
+        assert np.abs(raw_mean - lrc_mean).max() > 8.0  # the telephoto itself is far off
+        assert np.abs(p["ref"].reshape(-1, 3).mean(0) - lrc_mean).max() < 2.0
+        for g, o in _gain_offset(p["ref"], p["lrc"]):
+            assert abs(g - 1.0) < 0.03 and abs(o) < 4.0, (exposure, g, o)
+
+
 def _fake_photo_manifest(tmp_path, n=5):
     photos = []
     for i in range(n):

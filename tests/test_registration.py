@@ -243,3 +243,40 @@ def test_dense_refinement_recovers_a_smooth_shift():
     assert err < 0.2, err
     assert np.abs(field).max() <= REFINE_MAX_PX
     assert dense_refinement(lrc[:20, :20], ref[:40, :40]) is None
+
+
+def test_colour_map_of_a_one_hue_scene_keeps_the_detail():
+    """A crop of nearly one hue (sky: collinear channels) leaves the 3×3 colour map undetermined
+    off that hue, and a Ref a few pixels off (before refinement) pulls the fit anywhere there;
+    the ridge keeps the identity's gain in those directions instead of a map that flattens or
+    blows up the Ref's detail. A scene that spans all colours still gets its exact map."""
+    import cv2
+
+    from sddusr_engine.registration import fit_colour_transform
+
+    hue = np.array([0.48, 0.80, 0.96])
+    u, _, _ = np.linalg.svd(np.eye(3) - np.outer(hue, hue) / (hue @ hue))
+    off_hue = u[:, :2]  # the two colour directions orthogonal to the hue
+    gains = np.array([0.97, 1.02, 1.02])
+    worst_plain = 0.0
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        t = cv2.GaussianBlur(rng.normal(0, 1, (96, 96)).astype(np.float32), (0, 0), 2.0)
+        t = 0.97 + 0.05 * t / t.std()
+        src = np.clip(hue * t[..., None] + rng.normal(0, 0.0005, (96, 96, 3)), 0, 1)
+        dst = np.roll(src, (3, 3), (0, 1)) * gains
+
+        def off_hue_gain(m):
+            true = np.linalg.norm(gains[:, None] * off_hue, axis=0)
+            return np.linalg.norm(m[:, :3] @ off_hue, axis=0) / true
+
+        ridged = off_hue_gain(fit_colour_transform(src, dst))
+        assert np.all(np.abs(ridged - 1) < 0.15), (seed, ridged)
+        plain = off_hue_gain(fit_colour_transform(src, dst, ridge=0.0))
+        worst_plain = max(worst_plain, float(np.abs(plain - 1).max()))
+    assert worst_plain > 0.5  # the unregularised fit really is lost there
+    rng = np.random.default_rng(7)
+    src = rng.uniform(0.05, 0.95, size=(64, 64, 3))
+    true = np.array([[0.9, 0.05, 0.0, 0.02], [0.0, 1.1, 0.03, -0.01], [0.02, 0.0, 0.95, 0.0]])
+    dst = np.clip(src @ true[:, :3].T + true[:, 3], 0, 1)
+    np.testing.assert_allclose(fit_colour_transform(src, dst), true, atol=0.01)
