@@ -375,14 +375,15 @@ def make_pair(
 
     # --- Ref on the 2xLRC grid ---
     ref, ref_to_tele, refinement, alignment = None, None, None, ref_alignment
+    fallback_reason = None
     if ref_alignment == "registration":
         lr_box = (ly0, ly0 + hc, lx0, lx0 + wc)
         try:
             fp = register(lr, tele_u8)
             ref, _, refinement = resample_reference(lr, tele_u8, fp, lr_box, return_refinement=True)
             ref_to_tele = ref_to_tele_matrix(fp, lr_box)
-        except FootprintNotFoundError:
-            alignment = "simulated-fallback"
+        except FootprintNotFoundError as e:
+            alignment, fallback_reason = "simulated-fallback", str(e)
     if ref is None:
         # the true affine, slightly wrong (Ref pixel r shows HR point box origin + r)
         A_est = (spacing * p.residual_scale) * _rot(p.tele_roll_deg + p.residual_rot_deg)
@@ -414,6 +415,7 @@ def make_pair(
         "params": p,
         "flow": flow,
         "alignment": alignment,
+        "fallback_reason": fallback_reason,
     }
 
 
@@ -558,6 +560,8 @@ def prepare_pairs(
                     "params": {k: v for k, v in pr.__dict__.items() if k != "extras"},
                 }
             )
+            if pair["fallback_reason"]:  # why registration gave up (the engine's own sentence)
+                pairs[-1]["fallback_reason"] = pair["fallback_reason"]
     (out / BOX_FILE).write_text(json.dumps(boxes, indent=0))
     manifest = {
         "seed": seed,

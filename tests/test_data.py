@@ -188,6 +188,7 @@ def test_make_pair_falls_back_where_registration_fails():
     flat = np.full((300, 420, 3), 0.5, np.float32)
     p = make_pair(flat, np.random.default_rng(0))
     assert p["alignment"] == "simulated-fallback"
+    assert "could not be found" in p["fallback_reason"]
     q = make_pair(flat, np.random.default_rng(0), ref_alignment="simulated")
     np.testing.assert_array_equal(p["ref"], q["ref"])
     np.testing.assert_array_equal(p["flow"], q["flow"])
@@ -200,7 +201,10 @@ def _gain_offset(ref_u8: np.ndarray, lrc_u8: np.ndarray) -> list[tuple[float, fl
     import cv2
 
     half = cv2.resize(ref_u8.astype(np.float32), lrc_u8.shape[1::-1], interpolation=cv2.INTER_AREA)
-    a, b = cv2.GaussianBlur(half, (0, 0), 2.0), cv2.GaussianBlur(lrc_u8.astype(np.float32), (0, 0), 2.0)
+    a, b = (
+        cv2.GaussianBlur(half, (0, 0), 2.0),
+        cv2.GaussianBlur(lrc_u8.astype(np.float32), (0, 0), 2.0),
+    )
     fits = []
     for c in range(3):
         x = np.stack([a[..., c].ravel(), np.ones(a[..., c].size)], 1)
