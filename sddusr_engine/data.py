@@ -29,8 +29,8 @@ How a pair is made (all geometry in HR pixels, pixel centres at integer coordina
   dense refinement), exactly as `sddusr sr` prepares a raw pair, so the residual misalignment
   the network learns to handle is the one it meets at inference. `--ref-alignment simulated`
   instead uses the true mapping perturbed (rotation <= 0.75 deg, scale +-1%, shift +-2 px; the
-  first datasets' way, and the fallback for a photo registration cannot lock onto), colour-matched
-  to LRC by the same `registration.colour_match`.
+  first datasets' way), colour-matched to LRC by the same `registration.colour_match`. A crop
+  registration cannot lock onto gets the engine's resampling from the true footprint.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from .io import read_image
 from .registration import (
     FootprintNotFoundError,
     colour_match,
+    footprint_from_homography,
     ref_to_tele_matrix,
     register,
     resample_reference,
@@ -312,9 +313,12 @@ def make_pair(
       exactly what `sddusr sr` does with a raw pair, so the network trains on the Ref it will
       be given;
     - "simulated": the true affine made slightly wrong by the `residual_*` parameters (the
-      first datasets' way; also the fallback, recorded as "simulated-fallback", where
-      registration cannot find the telephoto, e.g. in a flat photo), colour-matched to LRC
-      as the registered Ref is.
+      first datasets' way), colour-matched to LRC as the registered Ref is.
+
+    Where registration cannot find the telephoto (a flat crop), the Ref is resampled the same
+    way from the true footprint instead (`alignment` "true-footprint-fallback", with the
+    reason in `fallback_reason`). `tele_to_lr` is that true telephoto -> LR homography (without
+    the parallax).
 
     No random numbers are drawn after the telephoto is rendered, so both alignments give the
     same HR, LR, telephoto and box for the same rng.
@@ -374,16 +378,24 @@ def make_pair(
     tele_u8 = _jpeg(_to_u8(tele), p.tele_jpeg) if p.tele_jpeg else _to_u8(tele)
 
     # --- Ref on the 2xLRC grid ---
+    # The true telephoto -> LR mapping without the parallax (LR x = (HR x - 0.5) / 2).
+    tele_to_hr = np.eye(3)
+    tele_to_hr[:2, :2], tele_to_hr[:2, 2] = A, c - A @ qc
+    tele_to_lr = np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25], [0.0, 0.0, 1.0]]) @ tele_to_hr
     ref, ref_to_tele, refinement, alignment = None, None, None, ref_alignment
     fallback_reason = None
     if ref_alignment == "registration":
         lr_box = (ly0, ly0 + hc, lx0, lx0 + wc)
         try:
             fp = register(lr, tele_u8)
-            ref, _, refinement = resample_reference(lr, tele_u8, fp, lr_box, return_refinement=True)
-            ref_to_tele = ref_to_tele_matrix(fp, lr_box)
         except FootprintNotFoundError as e:
-            alignment, fallback_reason = "simulated-fallback", str(e)
+            # The engine refuses such a pair, so it never shows the network a Ref worse aligned
+            # than its registration leaves one: resample from the true footprint the same way
+            # (colour match and dense refinement included) rather than from a perturbed one.
+            fp = footprint_from_homography(tele_to_lr, tele_u8.shape[:2])
+            alignment, fallback_reason = "true-footprint-fallback", str(e)
+        ref, _, refinement = resample_reference(lr, tele_u8, fp, lr_box, return_refinement=True)
+        ref_to_tele = ref_to_tele_matrix(fp, lr_box)
     if ref is None:
         # the true affine, slightly wrong (Ref pixel r shows HR point box origin + r)
         A_est = (spacing * p.residual_scale) * _rot(p.tele_roll_deg + p.residual_rot_deg)
@@ -416,6 +428,7 @@ def make_pair(
         "flow": flow,
         "alignment": alignment,
         "fallback_reason": fallback_reason,
+        "tele_to_lr": tele_to_lr,
     }
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "colour_match",
     "estimate_footprint",
     "fit_colour_transform",
+    "footprint_from_homography",
     "ref_to_tele_matrix",
     "register",
     "resample_reference",
@@ -327,16 +328,33 @@ def register(
         res = _ecc_refine(wide_w, tele_w, h_w)
         if res is not None:
             h, cc, refined = up_w @ res[0] @ down_t, res[1], True
+    inlier_ratio = n_in / max(n_match, 1)
+    conf = (inlier_ratio * (1 - np.exp(-n_in / 40.0)) * max(cc, 0.0)) ** (1 / 3)
+    return footprint_from_homography(
+        h, tele_shape, confidence=float(np.clip(conf, 0.0, 1.0)), inliers=n_in, matches=n_match,
+        refined=refined,
+    )  # fmt: skip
+
+
+def footprint_from_homography(
+    h: np.ndarray,
+    tele_shape: tuple[int, int],
+    *,
+    confidence: float = 0.0,
+    inliers: int = 0,
+    matches: int = 0,
+    refined: bool = False,
+) -> Footprint:
+    """A `Footprint` for a known telephoto → wide homography (corners, zoom and roll derived)."""
+    h = np.asarray(h, np.float64)
     h = h / h[2, 2]
     corners = _corners(h, tele_shape)
     zoom, rot = _zoom_rotation(corners, tele_shape)
-    inlier_ratio = n_in / max(n_match, 1)
-    conf = (inlier_ratio * (1 - np.exp(-n_in / 40.0)) * max(cc, 0.0)) ** (1 / 3)
     return Footprint(
         homography=h,
-        confidence=float(np.clip(conf, 0.0, 1.0)),
-        inliers=n_in,
-        matches=n_match,
+        confidence=confidence,
+        inliers=inliers,
+        matches=matches,
         corners=corners,
         zoom=zoom,
         rotation_deg=rot,

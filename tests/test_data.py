@@ -184,16 +184,34 @@ def test_registered_reference_is_the_engines_and_better_aligned():
 
 
 def test_make_pair_falls_back_where_registration_fails():
-    """A featureless photo cannot be registered: the pair keeps the simulated alignment and says so."""
+    """A featureless photo cannot be registered: the pair says so and why, and its Ref is the
+    engine's resampling (colour match, dense refinement) from the true footprint, not a Ref
+    worse aligned than any the engine would show the network."""
+    from sddusr_engine.registration import footprint_from_homography, resample_reference
+
     flat = np.full((300, 420, 3), 0.5, np.float32)
     p = make_pair(flat, np.random.default_rng(0))
-    assert p["alignment"] == "simulated-fallback"
+    assert p["alignment"] == "true-footprint-fallback"
     assert "could not be found" in p["fallback_reason"]
-    q = make_pair(flat, np.random.default_rng(0), ref_alignment="simulated")
-    np.testing.assert_array_equal(p["ref"], q["ref"])
-    np.testing.assert_array_equal(p["flow"], q["flow"])
+    fp = footprint_from_homography(p["tele_to_lr"], p["tele"].shape[:2])
+    ref, _ = resample_reference(p["lr"], p["tele"], fp, tuple(v // 2 for v in p["box"]))
+    np.testing.assert_array_equal(p["ref"], ref)
     with pytest.raises(ValueError, match="ref_alignment"):
         make_pair(flat, np.random.default_rng(0), ref_alignment="sift")
+
+
+def test_true_footprint_is_where_registration_finds_the_telephoto():
+    """`tele_to_lr` (the fallback's footprint) uses the registration's pixel convention: on
+    textured photos the registered corners are within the parallax of the true ones."""
+    from sddusr_engine.registration import footprint_from_homography, register
+
+    for seed in (1, 3):
+        p = make_pair(_photo(520, 680, seed=seed), np.random.default_rng(seed))
+        assert p["alignment"] == "registration" and p["fallback_reason"] is None
+        true = footprint_from_homography(p["tele_to_lr"], p["tele"].shape[:2])
+        found = register(p["lr"], p["tele"])
+        assert np.abs(found.corners - true.corners).max() < p["params"].parallax_px + 0.5
+        assert abs(found.zoom - true.zoom) < 0.02
 
 
 def _gain_offset(ref_u8: np.ndarray, lrc_u8: np.ndarray) -> list[tuple[float, float]]:
