@@ -382,8 +382,7 @@ def make_pair(
     tele_to_hr = np.eye(3)
     tele_to_hr[:2, :2], tele_to_hr[:2, 2] = A, c - A @ qc
     tele_to_lr = np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25], [0.0, 0.0, 1.0]]) @ tele_to_hr
-    ref, ref_to_tele, refinement, alignment = None, None, None, ref_alignment
-    fallback_reason = None
+    refinement, alignment, fallback_reason = None, ref_alignment, None
     if ref_alignment == "registration":
         lr_box = (ly0, ly0 + hc, lx0, lx0 + wc)
         try:
@@ -396,7 +395,7 @@ def make_pair(
             alignment, fallback_reason = "true-footprint-fallback", str(e)
         ref, _, refinement = resample_reference(lr, tele_u8, fp, lr_box, return_refinement=True)
         ref_to_tele = ref_to_tele_matrix(fp, lr_box)
-    if ref is None:
+    else:
         # the true affine, slightly wrong (Ref pixel r shows HR point box origin + r)
         A_est = (spacing * p.residual_scale) * _rot(p.tele_roll_deg + p.residual_rot_deg)
         c_est = c + np.array(p.residual_shift)
