@@ -42,18 +42,31 @@ recipe=(
     --model channels=32 trunk_groups=2 trunk_blocks=3 encoder_blocks=2 decoder_blocks=2
     tokens=64 token_dim=32 global_skip=true warp_norm=coverage
 )
-# GPU_TRAIN_EXTRA: more arguments, after the recipe's (the last wins), e.g. a CPU smoke test's
+# GPU_TRAIN_EXTRA: more arguments, after the recipe's and the run's (the last wins: --seed too),
+# e.g. a CPU smoke test's
 # "--device cpu --batch-size 1 --crop 32"
 read -r -a extra <<<"${GPU_TRAIN_EXTRA:-}"
 recipe+=(${extra[@]+"${extra[@]}"})
+# GPU_TRAIN_INIT: the starting weights (default .gpu_carry/init.safetensors); "none" trains from
+# scratch. A missing file is an error, not a silent fresh start: a call made without
+# `carry: [".gpu_carry"]` once spent its minutes training from random weights.
+init_file=${GPU_TRAIN_INIT:-.gpu_carry/init.safetensors}
 init=()
-[[ -f .gpu_carry/init.safetensors ]] && init=(--init .gpu_carry/init.safetensors)
+need_init() {
+    [[ $init_file == none ]] && return
+    if [[ ! -f $init_file ]]; then
+        echo "gpu_train.sh: no starting weights at $init_file (GPU_TRAIN_INIT=none trains from scratch)" >&2
+        exit 2
+    fi
+    init=(--init "$init_file")
+}
 
 case ${1:?usage: gpu_train.sh prepare|profile OUT|run SECONDS OUT|SECONDS OUT} in
 prepare)
     prepare
     ;;
 profile)
+    need_init
     dest=${2:?output folder}
     mkdir -p "$dest"
     python bench/profile_train.py --rows 40 -- --data "$work/pairs" --steps 6 --log-every 1 \
@@ -61,6 +74,7 @@ profile)
     tail -n 60 "$dest/train_profile.txt"
     ;;
 run | [0-9]*)
+    need_init
     if [[ $1 == run ]]; then
         shift
     else
@@ -70,8 +84,8 @@ run | [0-9]*)
     dest=${2:?output folder}
     mkdir -p "$dest"
     python -m sddusr_engine.train --data "$work/pairs" --out "$work/run" \
-        ${init[@]+"${init[@]}"} --time-budget "$budget" --steps 100000 "${recipe[@]}" \
-        --log-every 50 --ckpt-every 500 --val-every 100000 --val-limit 6 --seed 11
+        --seed 11 --log-every 50 --ckpt-every 500 --val-every 100000 --val-limit 6 \
+        ${init[@]+"${init[@]}"} --time-budget "$budget" --steps 100000 "${recipe[@]}"
     cp "$work/run/weights.safetensors" "$dest/weights_gpu.safetensors"
     cp "$work/run/log.jsonl" "$dest/train_log.jsonl"
     ;;
