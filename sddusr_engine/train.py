@@ -100,6 +100,7 @@ class TrainConfig:
     train_only: tuple[str, ...] = ()  # parameter-name prefixes to train; empty = all (see freeze)
     ref_dropout: float = 0.0  # share of steps run with the reference switched off (not in paper)
     rec_loss: str = "charbonnier"  # L_rec: the paper's Charbonnier, or "mse" (PSNR fine-tuning)
+    ref_noise: float = 0.0  # max std (8-bit levels) of noise added to half the Refs (not in paper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,7 +589,10 @@ def _train(cfg: TrainConfig, on_log) -> Path:
              "trainable": sum(p.numel() for p in params), "frozen_tensors": len(frozen)})  # fmt: skip
 
     pairs = load_pairs(cfg.data, "train", limit=cfg.train_limit)
-    ds = DualLensDataset(pairs, crop=cfg.crop, ctx=cfg.ctx, seed=cfg.seed, p_center=cfg.p_center)
+    ds = DualLensDataset(
+        pairs, crop=cfg.crop, ctx=cfg.ctx, seed=cfg.seed, p_center=cfg.p_center,
+        ref_noise=cfg.ref_noise,
+    )  # fmt: skip
     val_pairs = []
     if cfg.val_every and (Path(cfg.data) / cfg.val_split / "LR").is_dir():
         val_pairs = load_pairs(cfg.data, cfg.val_split, limit=cfg.val_limit)
@@ -871,6 +875,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run this share of the steps with the reference switched off, so that the network "
         "also works without a telephoto (--no-reference-ok); not in the paper",
     )
+    ap.add_argument(
+        "--ref-noise",
+        type=float,
+        default=d.ref_noise,
+        metavar="LEVELS",
+        help="add Gaussian noise of std up to this many 8-bit levels to half the training Refs, "
+        "so that the fusion learns to trust a noisy telephoto less; not in the paper",
+    )
     ap.add_argument("--vgg19", default=None, help="VGG19 weights file: turns on L_per")
     ap.add_argument("--adversarial", action="store_true", help="turn on the RaGAN term")
     ap.add_argument("--log-every", type=int, default=d.log_every)
@@ -925,6 +937,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         flow_pretrain=a.flow_pretrain,
         ref_dropout=a.ref_dropout,
         rec_loss=a.rec_loss,
+        ref_noise=a.ref_noise,
         vgg19=a.vgg19,
         adversarial=a.adversarial,
         log_every=a.log_every,
