@@ -15,7 +15,8 @@ inference form of Sparse Feature Matching), whole images, no tiling:
 - the SFM masks' active fraction: LR-side mask and LRC-side mask, and their mean.
 
 `--ensemble N` averages N flipped/transposed passes, as the engine's `ensemble=N` does (the masks
-are the plain pass's).
+are the plain pass's). Weights that carry a low-band projection (sddusr_engine.low_band) get it
+outside the box, as in the engine; `--no-low-band` leaves it out.
 
 Prints a per-pair table, then the mean row last. Means are over pairs (PSNR averaged in dB).
 """
@@ -105,6 +106,7 @@ def evaluate(
     device: str = "cpu",
     limit: int | None = None,
     ensemble: int = 1,
+    low_band: bool = True,
 ) -> dict:
     net = _load(weights, device)
     model = net if ensemble == 1 else _ensemble(net, ensemble)
@@ -128,8 +130,13 @@ def evaluate(
         center = centre_mask(hr, t.box)
         t0 = time.perf_counter()
         sr, aux = model(lr, lrc, ref, return_aux=True)
-        dt = time.perf_counter() - t0
         sr_wrong = model(lr, lrc, wrong)
+        if low_band:  # the weights' low-band projection, outside the Ref's LR box (as the engine)
+            y0, y1, x0, x1 = t.box
+            box_lr = (y0 // 2, -(-y1 // 2), x0 // 2, -(-x1 // 2))
+            sr = net.project_low_band(sr, lr, box_lr)
+            sr_wrong = net.project_low_band(sr_wrong, lr, box_lr)
+        dt = time.perf_counter() - t0
         bic = bicubic_x2(lr)
         row = {
             "name": t.name,
@@ -156,6 +163,7 @@ def evaluate(
     return {
         "weights": str(weights),
         "ensemble": ensemble,
+        "low_band": bool(low_band and net.config.low_band_taps),
         "data": str(data),
         "split": split,
         "pairs": len(rows),
@@ -223,13 +231,18 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--ensemble", type=int, default=1, choices=(1, 2, 4, 8), help="flipped passes averaged"
     )
+    ap.add_argument(
+        "--no-low-band",
+        action="store_true",
+        help="leave out the weights' low-band projection (the network's own output)",
+    )
     a = parse_held_out(ap, argv)
-    res = evaluate(a.weights, a.data, a.split, a.device, a.limit, a.ensemble)
+    res = evaluate(a.weights, a.data, a.split, a.device, a.limit, a.ensemble, not a.no_low_band)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     m = res["mean"]
     print(
-        f"weights {res['weights']} | ensemble {res['ensemble']} | {res['pairs']} pairs of {a.data}/{a.split} | "
+        f"weights {res['weights']} | ensemble {res['ensemble']} | low band {res['low_band']} | {res['pairs']} pairs of {a.data}/{a.split} | "
         f"{res['hardware']} | torch {res['torch']} | commit {res['commit']} | {res['date']}"
     )
     print(

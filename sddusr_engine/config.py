@@ -53,6 +53,12 @@ class ModelConfig:
     # band is wrong (aliasing, JPEG) and the Ref's is right, the network could not take it from
     # the Ref. Not in the paper; weights record it.
     warp_low_band: bool = False
+    # Low-band projection (sddusr_engine.low_band): outside the telephoto's footprint, the
+    # engine takes the output's band below `low_band_sigma` HR pixels from a linear x2
+    # upsampler of `low_band_taps` x `low_band_taps` LR taps, fitted on the training pairs and
+    # stored in the weights. 0 and 0.0: off. Not in the paper; weights record it.
+    low_band_taps: int = 0
+    low_band_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -65,6 +71,10 @@ class ModelConfig:
             raise ValueError(f"warp_norm must be 'constant' or 'coverage', got {self.warp_norm!r}")
         if self.warp_low_band and self.warp_norm != "coverage":
             raise ValueError('warp_low_band needs warp_norm="coverage"')
+        if (self.low_band_taps > 0) != (self.low_band_sigma > 0):
+            raise ValueError("low_band_taps and low_band_sigma must both be set, or both be 0")
+        if self.low_band_taps and self.low_band_taps % 2 == 0:
+            raise ValueError(f"low_band_taps must be odd, got {self.low_band_taps}")
         if self.scale != 2:
             raise ValueError(f"only x2 is supported, got scale={self.scale}")
         if self.channels % self.ca_reduction:

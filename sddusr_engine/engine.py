@@ -256,12 +256,16 @@ class Engine:
         return_info: bool = False,
         keep_maps: bool = False,
         stage_hook: StageHook | None = None,
+        box: tuple[int, int, int, int] | None = None,
     ):
         """Super-resolve a pre-aligned triplet (LR, its centre crop LRC, Ref at 2x LRC's size).
 
         Images as PIL images or RGB uint8/uint16 arrays give an array of LR's bit depth; RGB
         float tensors [1,3,H,W] in [0,1] give a tensor. lrc = ref = None switches the reference off.
         `stage_hook(stage)` returns a context manager entered around each stage (for profilers).
+        `box`: where LRC lies in LR, (y0, y1, x0, x1) in LR pixels, for the weights' low-band
+        projection (outside it); when not given, LRC is looked up in LR as an exact crop, and
+        if it is not one the projection is skipped (with a warning in the info).
         """
         if (lrc is None) != (ref is None):
             raise EngineError("give both LRC and Ref, or neither (to run without the reference).")
@@ -283,7 +287,7 @@ class Engine:
                     f"Ref must be exactly twice the size of LRC and LRC's sides even: LRC is "
                     f"{hc}x{wc}, Ref is {tensors[2].shape[-2]}x{tensors[2].shape[-1]}."
                 )
-        sr, info = self._run_tensors(*tensors, progress, keep_maps, stage_hook)
+        sr, info = self._run_tensors(*tensors, progress, keep_maps, stage_hook, box)
         out = sr if as_tensor else imageio.from_tensor(sr, bit_depth)
         return (out, info) if return_info else out
 
@@ -327,14 +331,20 @@ class Engine:
             return (out, info) if return_info else out
         reg_ms = 1e3 * (time.perf_counter() - t0)
         out, info = self.run(
-            pair.lr, pair.lrc, pair.ref, progress=progress, return_info=True, keep_maps=keep_maps
+            pair.lr,
+            pair.lrc,
+            pair.ref,
+            progress=progress,
+            return_info=True,
+            keep_maps=keep_maps,
+            box=tuple(int(v) for v in pair.box),
         )
         info.timings = {"registration": reg_ms, **info.timings}
         info.footprint, info.box = pair.footprint, tuple(int(v) for v in pair.box)
         return (out, info) if return_info else out
 
     # -- internals ------------------------------------------------------------------------------
-    def _run_tensors(self, lr, lrc, ref, progress, keep_maps, stage_hook):
+    def _run_tensors(self, lr, lrc, ref, progress, keep_maps, stage_hook, box=None):
         flip = self.config.channel_order == "bgr"  # KeDuSR's release was trained on BGR images
 
         def prep(t):
@@ -364,8 +374,26 @@ class Engine:
                 tile = smaller
         if tile != self.tile:
             info.warnings.append(f"GPU out of memory: retried with {tile}-pixel tiles.")
+        if self.config.low_band_taps:
+            sr = self._project_low_band(sr, prep(lr), lrc, box, info, stage_hook)
         sr = (sr.flip(1) if flip else sr).clamp(0, 1)
         return self._to_host(sr), info
+
+    @torch.inference_mode()
+    def _project_low_band(self, sr, lr, lrc, box, info: RunInfo, stage_hook) -> torch.Tensor:
+        """The weights' low-band projection outside the telephoto (everywhere without one)."""
+        from .low_band import locate_crop
+
+        with _StageTimer(self.device, info.timings, stage_hook)("low_band"):
+            if lrc is not None and box is None:
+                box = locate_crop(lr, lrc)
+                if box is None:
+                    info.warnings.append(
+                        "LRC is not a crop of LR and no box was given: the low-band projection "
+                        "was skipped."
+                    )
+                    return sr
+            return self.model.project_low_band(sr, lr, None if lrc is None else box)
 
     def _to_host(self, sr: torch.Tensor) -> torch.Tensor:
         """The result as a new fp32 CPU tensor. From a GPU it travels in the engine's dtype into

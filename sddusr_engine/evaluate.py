@@ -184,8 +184,9 @@ def evaluate(
         row: dict[str, Any] = {"name": item.name, "box": list(item.box)}
         with torch.inference_mode():
             for m in methods:
-                if m == "sr":
-                    out = engine.run(lr, lrc, ref)
+                if m == "sr":  # the LR box: where the low-band projection stops
+                    y0, y1, x0, x1 = item.box
+                    out = engine.run(lr, lrc, ref, box=(y0 // 2, -(-y1 // 2), x0 // 2, -(-x1 // 2)))
                 elif m == "no_ref":
                     out = engine.run_without_reference(lr)
                 else:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig, get_config
 from ..kernels import KernelOps, get_ops
+from ..low_band import LinearUpsampler, project_low_band
 from .align import FlowGuidedAlign
 from .blocks import FusionBlock, PixelShuffleUp, ResList, Trunk, conv3x3
 from .flow import SpyNet
@@ -112,6 +113,8 @@ class DualLensSR(nn.Module):
         self.fusion_tail = nn.Sequential(conv3x3(config.fusion_channels, n), nn.LeakyReLU(0.2))
         self.decoder = ResList(n, config.decoder_blocks)
         self.decoder_tail = nn.Sequential(conv3x3(n, n // 2), nn.LeakyReLU(0.2), conv3x3(n // 2, 3))
+        if config.low_band_taps:  # applied by the engine to the whole output (low_band.py)
+            self.low_band_upsampler = LinearUpsampler(config.low_band_taps)
         if config.global_skip:  # start as exactly bicubic
             nn.init.zeros_(self.decoder_tail[-1].weight)
             nn.init.zeros_(self.decoder_tail[-1].bias)
@@ -234,6 +237,15 @@ class DualLensSR(nn.Module):
         x = self.fusion_tail(fused)
         out = self.decoder_tail(self.decoder(x) + f_lr)
         return out + lr_up if self.config.global_skip else out
+
+    def project_low_band(self, sr, lr, box_lr=None):
+        """The low-band projection (sddusr_engine.low_band) when the weights carry one, else `sr`
+        unchanged. `box_lr`: the telephoto's rectangle in LR pixels; None: no reference, so
+        everywhere."""
+        if not self.config.low_band_taps:
+            return sr
+        sigma = self.config.low_band_sigma
+        return project_low_band(sr, lr, self.low_band_upsampler, sigma, box_lr)
 
     # -- whole image ----------------------------------------------------------------------------
     def forward(self, lr, lrc, ref, return_aux: bool = False):

@@ -1,0 +1,210 @@
+"""Low-band projection: the output's smooth band, outside the telephoto, from a linear upsampler.
+
+Why: the network is at its weakest where the telephoto does not reach. There its residual over
+bicubic carries a faint error in the band below a couple of HR pixels (tenth session, model
+card): on a clean, smooth photo it lands below a plain linear filter by more than 1 dB. A linear
+x2 upsampler fitted by least squares on the training pairs gets that band right on average. So,
+outside the telephoto's footprint, the engine keeps the network's band above `sigma` and takes
+the band below from the linear upsampler:
+
+    out = sr + weight * G_sigma * (linear(lr) - sr)
+
+`weight` is 1 outside the footprint, 0 inside it (where the telephoto supplies that band, better
+than any linear filter), with a linear ramp between; with no reference it is 1 everywhere.
+
+The upsampler: for each of the 4 output phases (2i+a, 2j+b), a K x K filter on the LR around
+(i, j), shared by the three channels. `python -m sddusr_engine.low_band` fits it on a pairs folder
+and writes it, with sigma, into a weights file (config fields `low_band_taps`, `low_band_sigma`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RAMP_HR = 16  # width (HR pixels) of the blend from the footprint's edge outward
+
+
+class LinearUpsampler(nn.Module):
+    """x2 linear upsampler: per output phase a K x K filter on the LR, the same for R, G and B."""
+
+    def __init__(self, taps: int):
+        super().__init__()
+        if taps < 1 or taps % 2 == 0:
+            raise ValueError(f"taps must be a positive odd number, got {taps}")
+        self.k = taps
+        # [4 phases (a*2+b), 1, K, K]; a fitted file fills it (zeros until then)
+        self.register_buffer("taps", torch.zeros(4, 1, taps, taps))
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr [B,C,H,W] -> [B,C,2H,2W], in the taps' dtype promoted with lr's."""
+        b, c, h, w = lr.shape
+        x = F.pad(lr.reshape(b * c, 1, h, w), (self.k // 2,) * 4, mode="replicate")
+        y = F.conv2d(x, self.taps.to(lr.dtype))  # [B*C, 4, H, W]
+        return F.pixel_shuffle(y, 2).reshape(b, c, 2 * h, 2 * w)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian of std `sigma` pixels per channel, edges replicated."""
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float64) ** 2) / (2 * sigma * sigma))
+    k = (k / k.sum()).to(device=x.device, dtype=x.dtype)
+    c = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def outside_weight(
+    hw: tuple[int, int],
+    box_lr: tuple[int, int, int, int] | None,
+    device,
+    dtype,
+    ramp: int = RAMP_HR,
+) -> torch.Tensor:
+    """[1,1,H,W] on the 2x grid of size `hw`: 0 inside the LR box (y0, y1, x0, x1) scaled x2,
+    rising linearly to 1 over `ramp` pixels outside it; all ones when `box_lr` is None."""
+    h, w = hw
+    if box_lr is None:
+        return torch.ones(1, 1, h, w, device=device, dtype=dtype)
+    y0, y1, x0, x1 = (2 * int(v) for v in box_lr)
+    ys = torch.arange(h, device=device, dtype=torch.float32)
+    xs = torch.arange(w, device=device, dtype=torch.float32)
+    dy = torch.clamp(torch.maximum(y0 - ys, ys - (y1 - 1)), min=0)  # 0 inside the rows
+    dx = torch.clamp(torch.maximum(x0 - xs, xs - (x1 - 1)), min=0)
+    d = torch.maximum(dy[:, None], dx[None, :])  # Chebyshev distance outside the box
+    return (d / ramp).clamp(max=1).to(dtype)[None, None]
+
+
+def project_low_band(
+    sr: torch.Tensor,
+    lr: torch.Tensor,
+    upsampler: LinearUpsampler,
+    sigma: float,
+    box_lr: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """sr [B,3,2H,2W] with its band below `sigma` (HR pixels) replaced by `upsampler(lr)`'s,
+    outside `box_lr` (the telephoto's LR rectangle; None: everywhere). `sr` is clamped to
+    [0, 1] first, as the image it stands for. Computed in fp32."""
+    h, w = sr.shape[-2:]
+    sr32 = sr.float().clamp(0, 1)
+    lin = upsampler(lr.float())[..., :h, :w]
+    low = gaussian_blur(lin - sr32, sigma)
+    weight = outside_weight((h, w), box_lr, sr.device, torch.float32)
+    return (sr32 + weight * low).clamp(0, 1).to(sr.dtype)
+
+
+def locate_crop(lr: torch.Tensor, lrc: torch.Tensor, tol: float = 2 / 255):
+    """Where `lrc` [1,3,h,w] lies in `lr` [1,3,H,W] as an exact crop (the published datasets'
+    LR_center is one): the LR box (y0, y1, x0, x1), or None when no position matches to within
+    `tol` mean absolute difference. Cross-correlation by FFT, window energies by cumulative sums."""
+    H, W = lr.shape[-2:]
+    h, w = lrc.shape[-2:]
+    if h > H or w > W:
+        return None
+    a = lr[0].double().mean(0)
+    t = lrc[0].double().mean(0)
+    a0, t0 = a - a.mean(), t - a.mean()
+    corr = torch.fft.irfft2(torch.fft.rfft2(a0) * torch.fft.rfft2(t0, s=(H, W)).conj(), s=(H, W))
+    c = F.pad(a0.square().cumsum(0).cumsum(1), (1, 0, 1, 0))
+    energy = c[h:, w:] - c[:-h, w:] - c[h:, :-w] + c[:-h, :-w]  # sum of a0^2 per window
+    ssd = energy - 2 * corr[: H - h + 1, : W - w + 1] + t0.square().sum()
+    y, x = divmod(int(torch.argmin(ssd)), W - w + 1)
+    diff = (lr[0, :, y : y + h, x : x + w].float() - lrc[0].float()).abs().mean()
+    return (y, y + h, x, x + w) if float(diff) <= tol else None
+
+
+# -- fitting --------------------------------------------------------------------------------------
+def _lr_taps(lr: torch.Tensor, k: int) -> torch.Tensor:
+    """lr [3,H,W] -> [3*H*W, K*K]: each LR pixel's K x K neighbourhood, edges replicated."""
+    x = F.pad(lr[:, None], (k // 2,) * 4, mode="replicate")
+    return F.unfold(x, k).permute(0, 2, 1).reshape(-1, k * k)
+
+
+def fit_upsampler(
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    taps: int = 7,
+    keep: float = 0.25,
+    ridge: float = 1e-4,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Least-squares taps [4,1,K,K] from (lr [3,H,W], hr [3,2H,2W]) pairs in [0,1].
+
+    Normal equations accumulated in float64 over a seeded random `keep` fraction of each
+    image's pixels (all pixels make a 49-column system of tens of millions of rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    ata = torch.zeros(taps * taps, taps * taps, dtype=torch.float64)
+    aty = torch.zeros(4, taps * taps, dtype=torch.float64)
+    n = 0
+    for lr, hr in pairs:
+        h, w = lr.shape[-2:]
+        if tuple(hr.shape[-2:]) != (2 * h, 2 * w):
+            raise ValueError(f"HR {tuple(hr.shape)} is not twice LR {tuple(lr.shape)}")
+        a = _lr_taps(lr.double(), taps)
+        idx = torch.randperm(a.shape[0], generator=gen)[: max(1, int(keep * a.shape[0]))]
+        a = a[idx]
+        ata += a.T @ a
+        for p, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            aty[p] += a.T @ hr[:, dy::2, dx::2].reshape(-1).double()[idx]
+        n += 1
+    if n == 0:
+        raise ValueError("no pairs to fit the upsampler on")
+    eye = torch.eye(taps * taps, dtype=torch.float64)
+    sol = torch.linalg.solve(ata + ridge * eye, aty.T).T  # [4, K*K]
+    return sol.float().reshape(4, 1, taps, taps)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m sddusr_engine.low_band",
+        description="Fit the linear x2 upsampler on a pairs folder's training split and write it, "
+        "with the projection's sigma, into a copy of a weights file.",
+    )
+    ap.add_argument("--data", required=True, help="pairs folder (sddusr data prepare output)")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--weights", required=True, help="the network's weights (.safetensors)")
+    ap.add_argument("--out", required=True, help="weights file to write")
+    ap.add_argument("--taps", type=int, default=7)
+    ap.add_argument("--sigma", type=float, default=1.0, help="HR pixels")
+    args = ap.parse_args(argv)
+
+    from dataclasses import replace
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from .data import load_pairs, to_tensor
+    from .io import atomic_output
+    from .weights import read_weights
+
+    _, config = read_weights(args.weights)
+    pairs = load_pairs(args.data, args.split)
+    taps = fit_upsampler(((to_tensor(t.lr), to_tensor(t.hr)) for t in pairs), args.taps)
+    tensors = {
+        k: v for k, v in load_file(args.weights).items() if not k.startswith("low_band_upsampler.")
+    }
+    tensors["low_band_upsampler.taps"] = taps.contiguous()  # float32 whatever the rest is
+    with safe_open(args.weights, "pt") as f:
+        meta = dict(f.metadata() or {})
+    config = replace(config, low_band_taps=args.taps, low_band_sigma=args.sigma)
+    meta["config"] = json.dumps(config.to_dict())
+    meta["low_band_fit"] = json.dumps(
+        {"data": str(args.data), "split": args.split, "pairs": len(pairs), "taps": args.taps}
+    )
+    out = Path(args.out)
+    with atomic_output(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    print(f"{out}: upsampler fitted on {len(pairs)} pairs, sigma {args.sigma} HR px")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
