@@ -393,7 +393,14 @@ class Engine:
                         "was skipped."
                     )
                     return sr
-            return self.model.project_low_band(sr, lr, None if lrc is None else box)
+            region = None if lrc is None else box
+            try:
+                return self.model.project_low_band(sr, lr, region)
+            except torch.cuda.OutOfMemoryError:  # a few full-size images: finish on the CPU
+                torch.cuda.empty_cache()
+                out = self.model.project_low_band(sr.cpu(), lr.cpu(), region)
+                info.warnings.append("GPU out of memory: the low-band projection ran on the CPU.")
+                return out.to(self.device)
 
     def _to_host(self, sr: torch.Tensor) -> torch.Tensor:
         """The result as a new fp32 CPU tensor. From a GPU it travels in the engine's dtype into

@@ -45,10 +45,10 @@ class LinearUpsampler(nn.Module):
         self.register_buffer("taps", torch.zeros(4, 1, taps, taps))
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        """lr [B,C,H,W] -> [B,C,2H,2W], in the taps' dtype promoted with lr's."""
+        """lr [B,C,H,W] -> [B,C,2H,2W], on lr's device and in its dtype."""
         b, c, h, w = lr.shape
         x = F.pad(lr.reshape(b * c, 1, h, w), (self.k // 2,) * 4, mode="replicate")
-        y = F.conv2d(x, self.taps.to(lr.dtype))  # [B*C, 4, H, W]
+        y = F.conv2d(x, self.taps.to(device=lr.device, dtype=lr.dtype))  # [B*C, 4, H, W]
         return F.pixel_shuffle(y, 2).reshape(b, c, 2 * h, 2 * w)
 
 

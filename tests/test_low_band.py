@@ -197,3 +197,25 @@ def test_low_band_weights_round_trip(tmp_path):
     assert back.config.low_band_taps == 5 and back.config.low_band_sigma == 1.5
     torch.testing.assert_close(back.low_band_upsampler.taps, model.low_band_upsampler.taps)
     assert back.low_band_upsampler.taps.shape == (4, 1, 5, 5)
+
+
+def test_projection_out_of_gpu_memory_finishes_on_the_cpu(monkeypatch):
+    """A GPU out of memory in the projection: the CPU computes it, and the info says so."""
+    model = _model_with_low_band()
+    eng = Engine(model, "cpu", "fp32", "torch", tile=0)
+    calls = []
+    real = model.project_low_band
+
+    def flaky(sr, lr, box=None):
+        calls.append(sr.device.type)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(sr, lr, box)
+
+    monkeypatch.setattr(model, "project_low_band", flaky)
+    lr = torch.rand(1, 3, 24, 32)
+    out, info = eng.run(lr, return_info=True)
+    assert len(calls) == 2 and any("low-band projection ran on the CPU" in w for w in info.warnings)
+    with torch.no_grad():
+        raw = model(lr, None, None).clamp(0, 1)
+    torch.testing.assert_close(out, real(raw, lr), atol=2e-4, rtol=0)
