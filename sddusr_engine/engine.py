@@ -221,6 +221,8 @@ class Engine:
         self.channels_last = bool(channels_last)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=layout)
+        if model.config.low_band_taps:  # the projection runs in fp32: keep its taps exact
+            self.model.low_band_upsampler.float()
         self.model.use_kernels(self.backend)
         self.config = model.config
         self._pinned: torch.Tensor | None = None  # host staging buffer of `_to_host` (CUDA)

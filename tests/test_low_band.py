@@ -219,3 +219,17 @@ def test_projection_out_of_gpu_memory_finishes_on_the_cpu(monkeypatch):
     with torch.no_grad():
         raw = model(lr, None, None).clamp(0, 1)
     torch.testing.assert_close(out, real(raw, lr), atol=2e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_engine_keeps_the_taps_in_fp32_and_matches_fp32():
+    model = _model_with_low_band()
+    taps = model.low_band_upsampler.taps.clone()
+    eng = Engine(model, "cuda", "fp16", "torch", tile=0)
+    assert eng.model.low_band_upsampler.taps.dtype == torch.float32
+    torch.testing.assert_close(eng.model.low_band_upsampler.taps.cpu(), taps)
+    lr = torch.rand(1, 3, 32, 40)
+    out = eng.run(lr)
+    ref32 = Engine(_model_with_low_band(), "cpu", "fp32", "torch", tile=0).run(lr)
+    assert (out - ref32).abs().max() < 2e-2  # the network in fp16, the projection in fp32
