@@ -743,6 +743,8 @@ def eval_(
         variant=eng.config.variant,
         dtype=str(eng.dtype).replace("torch.", ""),
         ensemble=eng.ensemble,
+        # sigma of the weights' low-band projection outside the centre rect (None: none)
+        low_band_sigma=eng.config.low_band_sigma or None,
     )
     _eval_tables(report)
     if json_path is not None:

@@ -115,3 +115,28 @@ def test_eval_limit_and_errors(dataset, tiny_weights, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"other.png": BOX}))
     res = invoke("eval", dataset, "--weights", tiny_weights, "--boxes", tmp_path / "b.json")
     assert res.exit_code == 1 and "centre rect" in res.stderr and "Traceback" not in res.output
+
+
+def test_eval_projects_the_low_band_outside_the_centre_only(dataset, tiny_weights, tmp_path):
+    """Weights with a low-band projection: `eval` passes the centre rect to the engine, so the
+    centre's scores equal the plain network's and the corners' change; the JSON records sigma."""
+    from dataclasses import replace
+
+    from sddusr_engine.model.network import DualLensSR
+    from sddusr_engine.weights import read_weights, save_weights
+
+    tensors, config = read_weights(tiny_weights)
+    model = DualLensSR(replace(config, low_band_taps=3, low_band_sigma=1.5))
+    model.load_state_dict(tensors, strict=False)
+    with torch.no_grad():  # a smooth upsampler, far from the network's output
+        model.low_band_upsampler.taps.fill_(1 / 9)
+    lb = save_weights(model, tmp_path / "lb.safetensors")
+    for name, w in (("plain", tiny_weights), ("lb", lb)):
+        res = invoke("eval", dataset, "--weights", w, "--device", "cpu",
+                     "--json", tmp_path / f"{name}.json")  # fmt: skip
+        assert res.exit_code == 0, res.output
+    plain, proj = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "lb"))
+    assert plain["low_band_sigma"] is None and proj["low_band_sigma"] == 1.5
+    for a, b in zip(plain["images"], proj["images"], strict=True):
+        assert b["sr"]["psnr_center"] == pytest.approx(a["sr"]["psnr_center"], abs=1e-9)
+        assert abs(b["sr"]["psnr_corner"] - a["sr"]["psnr_corner"]) > 1e-3
