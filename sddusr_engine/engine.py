@@ -289,6 +289,17 @@ class Engine:
                     f"Ref must be exactly twice the size of LRC and LRC's sides even: LRC is "
                     f"{hc}x{wc}, Ref is {tensors[2].shape[-2]}x{tensors[2].shape[-1]}."
                 )
+        if box is not None:
+            y0, y1, x0, x1 = (int(v) for v in box)
+            h, w = tensors[0].shape[-2:]
+            lrc_hw = None if tensors[1] is None else tuple(tensors[1].shape[-2:])
+            if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w) or (
+                lrc_hw is not None and lrc_hw != (y1 - y0, x1 - x0)
+            ):
+                raise EngineError(
+                    f"box {tuple(box)} must be LRC's rectangle (y0, y1, x0, x1) inside the "
+                    f"{h}x{w} LR" + (f", {lrc_hw[0]}x{lrc_hw[1]} like LRC." if lrc_hw else ".")
+                )
         sr, info = self._run_tensors(*tensors, progress, keep_maps, stage_hook, box)
         out = sr if as_tensor else imageio.from_tensor(sr, bit_depth)
         return (out, info) if return_info else out

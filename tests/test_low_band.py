@@ -7,7 +7,7 @@ from support import TINY
 
 from sddusr_engine import build_model
 from sddusr_engine.config import ModelConfig
-from sddusr_engine.engine import Engine
+from sddusr_engine.engine import Engine, EngineError
 from sddusr_engine.low_band import (
     RAMP_HR,
     LinearUpsampler,
@@ -135,6 +135,8 @@ def test_engine_projects_outside_the_box_and_finds_the_box_itself():
     torch.testing.assert_close(out, want, atol=2e-4, rtol=0)
     assert (out - raw)[..., :8, :].abs().max() > 1e-3  # the corners changed
     torch.testing.assert_close(eng.run(lr, lrc, ref), out)  # box found by locate_crop
+    with pytest.raises(EngineError, match="must be LRC's rectangle"):
+        eng.run(lr, lrc, ref, box=(12, 36, 16, 50))
     # an LRC that is not a crop of LR: the projection is skipped, and the info says so
     other, info = eng.run(lr, torch.rand_like(lrc), ref, return_info=True)
     assert any("low-band projection was skipped" in w for w in info.warnings)
