@@ -388,13 +388,14 @@ class Engine:
         if tile != self.tile:
             info.warnings.append(f"GPU out of memory: retried with {tile}-pixel tiles.")
         if self.config.low_band_taps:
-            sr = self._project_low_band(sr, prep(lr), lrc, box, info, stage_hook)
+            sr = self._project_low_band(sr, prep(lr), prep(lrc), box, info, stage_hook)
         sr = (sr.flip(1) if flip else sr).clamp(0, 1)
         return self._to_host(sr), info
 
     @torch.inference_mode()
     def _project_low_band(self, sr, lr, lrc, box, info: RunInfo, stage_hook) -> torch.Tensor:
-        """The weights' low-band projection outside the telephoto (everywhere without one)."""
+        """The weights' low-band projection outside the telephoto (everywhere without one).
+        `lr` and `lrc` as the network sees them (device, dtype, channel order)."""
         from .low_band import locate_crop
 
         with _StageTimer(self.device, info.timings, stage_hook)("low_band"):

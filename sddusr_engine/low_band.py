@@ -173,7 +173,9 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", required=True, help="the network's weights (.safetensors)")
     ap.add_argument("--out", required=True, help="weights file to write")
     ap.add_argument("--taps", type=int, default=7)
-    ap.add_argument("--sigma", type=float, default=1.0, help="HR pixels")
+    ap.add_argument(
+        "--sigma", type=float, default=2.0, help="HR pixels (2.0: the shipped weights' choice)"
+    )
     args = ap.parse_args(argv)
 
     from dataclasses import replace

@@ -148,6 +148,23 @@ def test_engine_projects_outside_the_box_and_finds_the_box_itself():
     )
 
 
+def test_bgr_weights_find_the_box_in_their_own_channel_order():
+    """The engine looks LRC up in LR as the network sees both (BGR weights flip both)."""
+    torch.manual_seed(6)
+    model = build_model(
+        "sddusr", global_skip=True, low_band_taps=3, low_band_sigma=1.0, channel_order="bgr",
+        **TINY,
+    )  # fmt: skip
+    with torch.no_grad():
+        model.low_band_upsampler.taps.fill_(1 / 9)
+    eng = Engine(model.eval(), "cpu", "fp32", "torch", tile=0)
+    lr = torch.rand(1, 3, 32, 48)
+    lrc, ref = lr[..., 8:24, 12:36].clone(), torch.rand(1, 3, 32, 48)
+    found, info = eng.run(lr, lrc, ref, return_info=True)
+    assert not info.warnings
+    torch.testing.assert_close(found, eng.run(lr, lrc, ref, box=(8, 24, 12, 36)))
+
+
 def test_fit_command_writes_weights_that_load_with_the_taps(tmp_path):
     """`python -m sddusr_engine.low_band` on a two-pair folder: the network's tensors are kept
     as stored, the taps are those `fit_upsampler` finds, the config and fit are recorded."""
