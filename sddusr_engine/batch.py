@@ -429,10 +429,11 @@ def _compute(
             sr, info = engine.super_resolve(
                 data["wide"], data["tele"], missing_reference=missing_reference, return_info=True
             )
-        timings = dict(getattr(info, "timings", {}) or {})
-        notes = [str(w) for w in getattr(info, "warnings", []) or []]
-        return sr, {k: float(v) for k, v in timings.items()}, notes
-    return engine.run(data["lr"], data["lrc"], data["ref"]), {}, []
+    else:  # a triplet: its info too (a skipped low-band projection is a warning)
+        sr, info = engine.run(data["lr"], data["lrc"], data["ref"], return_info=True)
+    timings = dict(getattr(info, "timings", {}) or {})
+    notes = [str(w) for w in getattr(info, "warnings", []) or []]
+    return sr, {k: float(v) for k, v in timings.items()}, notes
 
 
 def _empty_cache() -> None:

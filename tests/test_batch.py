@@ -136,3 +136,31 @@ def test_torchrun_two_cpu_ranks_split_the_pairs(tmp_path, tiny_weights):
         assert mine["world"] == 2 and mine["rank"] == rank
         assert [r["name"] for r in mine["results"]] == names[rank::2]
         assert all(r["rank"] == rank and r["status"] == "written" for r in mine["results"])
+
+
+def test_triplet_warnings_reach_the_report(tmp_path):
+    """A published-layout triplet whose LR_center is not a crop of its LR: with weights that
+    carry the low-band projection, the pair is written and the report says the projection was
+    skipped (the engine's info warnings travel for triplets as for raw pairs)."""
+    import torch
+    from support import TINY
+
+    from sddusr_engine import build_model
+    from sddusr_engine.weights import save_weights
+
+    torch.manual_seed(0)
+    model = build_model("sddusr", low_band_taps=3, low_band_sigma=1.0, **TINY)
+    with torch.no_grad():
+        model.low_band_upsampler.taps.fill_(1 / 9)
+    weights = save_weights(model, tmp_path / "lb.safetensors")
+    root = published_folder(tmp_path / "pub", 2)
+    lrc = root / "test" / "LR_center" / "0001.png"
+    write_image(lrc, 255 - read_image(lrc))  # no longer a crop of LR
+    res = invoke("batch", root, "-o", tmp_path / "out", "--weights", weights, "--device", "cpu",
+                 "--report", tmp_path / "r.json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert rows["0001"]["status"] == "written"
+    assert "low-band projection was skipped" in (rows["0001"]["message"] or "")
+    assert rows["0000"]["message"] is None  # an exact crop: found, projected, nothing to say
+    assert "low_band" in rows["0000"]["timings"]
