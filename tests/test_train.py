@@ -536,3 +536,30 @@ def test_region_oracles_bound_what_a_blend_could_win(tiny_data, tmp_path):
         assert row["centre_sr"] == pytest.approx(want["center_true_ref"], abs=1e-3)
         assert row["gain_blend_oracle_db"] >= row["gain_db"] - 1e-9
     assert "| **mean** |" in region_oracles.table(res)
+
+
+def test_low_band_sweep_scores_what_the_fitted_file_gives(tiny_data, tmp_path):
+    """bench/low_band_sweep.py at sigma s equals eval_weights on the file that
+    `python -m sddusr_engine.low_band --sigma s` writes (same fit, same projection)."""
+    import sys
+    from pathlib import Path
+
+    from sddusr_engine.low_band import _main as fit_low_band
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import eval_weights
+    import low_band_sweep
+
+    weights = str(train(_cfg(tiny_data, tmp_path / "w", steps=2)))
+    lb = tmp_path / "lb.safetensors"
+    fit_low_band(
+        ["--data", str(tiny_data), "--weights", weights, "--out", str(lb), "--sigma", "1.5"]
+    )
+    # the train split: eval_weights needs two pairs (its wrong-reference control)
+    res = low_band_sweep.sweep(weights, str(tiny_data), "train", str(tiny_data))
+    got = eval_weights.evaluate(str(lb), str(tiny_data), "train")
+    assert got["low_band"] is True
+    assert res["mean"]["outside_1.5"] == pytest.approx(got["mean"]["gain_db"], abs=1e-4)
+    plain = eval_weights.evaluate(str(lb), str(tiny_data), "train", low_band=False)
+    assert res["mean"]["network"] == pytest.approx(plain["mean"]["gain_db"], abs=1e-4)
+    assert abs(res["mean"]["outside_1.5"] - res["mean"]["network"]) > 1e-3  # it did project
