@@ -42,6 +42,7 @@ from _provenance import cpu_run_stamp  # noqa: E402
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.engine import symmetric_passes  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
+from sddusr_engine.low_band import lr_box  # noqa: E402
 from sddusr_engine.weights import load_model  # noqa: E402
 
 
@@ -129,14 +130,13 @@ def evaluate(
         )
         center = centre_mask(hr, t.box)
         t0 = time.perf_counter()
+        # the weights' low-band projection (if any) outside the Ref's LR box, as the engine does
+        box = lr_box(t.box) if low_band else None
         sr, aux = model(lr, lrc, ref, return_aux=True)
-        sr_wrong = model(lr, lrc, wrong)
-        if low_band:  # the weights' low-band projection, outside the Ref's LR box (as the engine)
-            y0, y1, x0, x1 = t.box
-            box_lr = (y0 // 2, -(-y1 // 2), x0 // 2, -(-x1 // 2))
-            sr = net.project_low_band(sr, lr, box_lr)
-            sr_wrong = net.project_low_band(sr_wrong, lr, box_lr)
+        sr = net.project_low_band(sr, lr, box) if low_band else sr
         dt = time.perf_counter() - t0
+        sr_wrong = model(lr, lrc, wrong)
+        sr_wrong = net.project_low_band(sr_wrong, lr, box) if low_band else sr_wrong
         bic = bicubic_x2(lr)
         row = {
             "name": t.name,

@@ -28,7 +28,12 @@ from eval_weights import _load, held_out_parser, parse_held_out  # noqa: E402
 
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
-from sddusr_engine.low_band import LinearUpsampler, fit_upsampler, project_low_band  # noqa: E402
+from sddusr_engine.low_band import (  # noqa: E402
+    LinearUpsampler,
+    fit_upsampler,
+    lr_box,
+    project_low_band,
+)
 
 SIGMAS = (0.7, 1.0, 1.5, 2.0, 3.0)
 
@@ -51,8 +56,7 @@ def sweep(weights, data, split, fit_data, taps=7, whole_only=False, limit=None) 
         hr = to_tensor(t.hr)[None]
         sr = net(lr, lrc, ref).clamp(0, 1)
         bic = bicubic_x2(lr).clamp(0, 1)
-        y0, y1, x0, x1 = t.box
-        box = (y0 // 2, -(-y1 // 2), x0 // 2, -(-x1 // 2))
+        box = lr_box(t.box)
         row = {"name": t.name, "network": _gain(sr, bic, hr)}
         for s in SIGMAS:
             row[f"outside_{s}"] = _gain(project_low_band(sr, lr, up, s, box), bic, hr)

@@ -34,6 +34,7 @@ import torch
 
 from . import io as imageio
 from .kernels import HAS_TRITON
+from .low_band import locate_crop
 from .model.matching import MaskGenerator, sparse_match, warp_by_index
 from .model.network import (
     DualLensSR,
@@ -396,8 +397,6 @@ class Engine:
     def _project_low_band(self, sr, lr, lrc, box, info: RunInfo, stage_hook) -> torch.Tensor:
         """The weights' low-band projection outside the telephoto (everywhere without one).
         `lr` and `lrc` as the network sees them (device, dtype, channel order)."""
-        from .low_band import locate_crop
-
         with _StageTimer(self.device, info.timings, stage_hook)("low_band"):
             if lrc is not None and box is None:
                 box = locate_crop(lr, lrc)

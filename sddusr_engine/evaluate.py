@@ -30,6 +30,7 @@ import torch
 
 from .batch import find_boxes
 from .io import IMAGE_SUFFIXES, read_image, to_tensor
+from .low_band import lr_box
 from .metrics import region_metrics
 from .model.network import upsample_bicubic
 
@@ -185,8 +186,7 @@ def evaluate(
         with torch.inference_mode():
             for m in methods:
                 if m == "sr":  # the LR box: where the low-band projection stops
-                    y0, y1, x0, x1 = item.box
-                    out = engine.run(lr, lrc, ref, box=(y0 // 2, -(-y1 // 2), x0 // 2, -(-x1 // 2)))
+                    out = engine.run(lr, lrc, ref, box=lr_box(item.box))
                 elif m == "no_ref":
                     out = engine.run_without_reference(lr)
                 else:

@@ -84,6 +84,12 @@ def outside_weight(
     return (d / ramp).clamp(max=1).to(dtype)[None, None]
 
 
+def lr_box(hr_box) -> tuple[int, int, int, int]:
+    """A centre rect in HR pixels (y0, y1, x0, x1) as the LR box that covers it."""
+    y0, y1, x0, x1 = (int(v) for v in hr_box)
+    return y0 // 2, -(-y1 // 2), x0 // 2, -(-x1 // 2)
+
+
 def project_low_band(
     sr: torch.Tensor,
     lr: torch.Tensor,
@@ -181,18 +187,16 @@ def _main(argv: list[str] | None = None) -> int:
     from dataclasses import replace
 
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from .data import load_pairs, to_tensor
     from .io import atomic_output
     from .weights import read_weights
 
-    _, config = read_weights(args.weights)
+    tensors, config = read_weights(args.weights)  # as stored (a float16 file stays float16)
     pairs = load_pairs(args.data, args.split)
     taps = fit_upsampler(((to_tensor(t.lr), to_tensor(t.hr)) for t in pairs), args.taps)
-    tensors = {
-        k: v for k, v in load_file(args.weights).items() if not k.startswith("low_band_upsampler.")
-    }
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("low_band_upsampler.")}
     tensors["low_band_upsampler.taps"] = taps.contiguous()  # float32 whatever the rest is
     with safe_open(args.weights, "pt") as f:
         meta = dict(f.metadata() or {})

@@ -15,6 +15,7 @@ from sddusr_engine.low_band import (
     fit_upsampler,
     gaussian_blur,
     locate_crop,
+    lr_box,
     outside_weight,
     project_low_band,
 )
@@ -68,6 +69,8 @@ def test_outside_weight_is_zero_in_the_box_and_ramps_out():
     assert w[20 - RAMP_HR, 45] == 1 and w[39 + RAMP_HR, 45] == 1
     assert w[19, 45] == pytest.approx(1 / RAMP_HR) and w[30, 60] == pytest.approx(1 / RAMP_HR)
     assert (outside_weight((6, 8), None, "cpu", torch.float32) == 1).all()
+    # an HR rect as the LR box that covers it (odd ends round outward)
+    assert lr_box((16, 47, 24, 71)) == (8, 24, 12, 36) and lr_box((2, 4, 6, 8)) == (1, 2, 3, 4)
 
 
 def test_projection_swaps_only_the_low_band_and_only_outside():
