@@ -16,7 +16,10 @@ inference form of Sparse Feature Matching), whole images, no tiling:
 
 `--ensemble N` averages N flipped/transposed passes, as the engine's `ensemble=N` does (the masks
 are the plain pass's). Weights that carry a low-band projection (sddusr_engine.low_band) get it
-outside the box, as in the engine; `--no-low-band` leaves it out.
+outside the box, as in the engine; `--no-low-band` leaves it out. `--adapt N` runs the engine's
+self-adaptation (`sddusr_engine.adapt`) per pair before the projection: outside the box the
+output is then the adapted copy's, reference-free (the wrong-reference control and the masks are
+the centre's and stay those of the plain network; `forward_s` includes the fine-tune).
 
 Prints a per-pair table, then the mean row last. Means are over pairs (PSNR averaged in dB).
 """
@@ -39,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from _provenance import cpu_run_stamp  # noqa: E402
 
+from sddusr_engine.adapt import AdaptSettings, adapt_single_image_path, blend_outside  # noqa: E402
 from sddusr_engine.data import load_pairs, to_tensor  # noqa: E402
 from sddusr_engine.engine import symmetric_passes  # noqa: E402
 from sddusr_engine.evaluate import bicubic_x2  # noqa: E402
@@ -108,6 +112,7 @@ def evaluate(
     limit: int | None = None,
     ensemble: int = 1,
     low_band: bool = True,
+    adapt: int = 0,
 ) -> dict:
     net = _load(weights, device)
     model = net if ensemble == 1 else _ensemble(net, ensemble)
@@ -133,6 +138,13 @@ def evaluate(
         # the weights' low-band projection (if any) outside the Ref's LR box, as the engine does
         box = lr_box(t.box) if low_band else None
         sr, aux = model(lr, lrc, ref, return_aux=True)
+        if adapt:  # as the engine's `adapt`: the adapted copy's reference-free output outside
+            b = lr_box(t.box)
+            y0, y1, x0, x1 = b
+            teacher = sr[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]
+            student = adapt_single_image_path(net, lr, teacher, b, AdaptSettings(steps=adapt))
+            sr_out = (student if ensemble == 1 else _ensemble(student, ensemble))(lr, None, None)
+            sr = blend_outside(sr, sr_out, b)
         sr = net.project_low_band(sr, lr, box) if low_band else sr
         dt = time.perf_counter() - t0
         sr_wrong = model(lr, lrc, wrong)
@@ -164,6 +176,7 @@ def evaluate(
         "weights": str(weights),
         "ensemble": ensemble,
         "low_band": bool(low_band and net.config.low_band_taps),
+        "adapt": adapt,
         "data": str(data),
         "split": split,
         "pairs": len(rows),
@@ -236,13 +249,22 @@ def main(argv=None) -> None:
         action="store_true",
         help="leave out the weights' low-band projection (the network's own output)",
     )
+    ap.add_argument(
+        "--adapt",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="self-adaptation steps per pair, as the engine's --adapt (0: off)",
+    )
     a = parse_held_out(ap, argv)
-    res = evaluate(a.weights, a.data, a.split, a.device, a.limit, a.ensemble, not a.no_low_band)
+    res = evaluate(
+        a.weights, a.data, a.split, a.device, a.limit, a.ensemble, not a.no_low_band, a.adapt
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     m = res["mean"]
     print(
-        f"weights {res['weights']} | ensemble {res['ensemble']} | low band {res['low_band']} | {res['pairs']} pairs of {a.data}/{a.split} | "
+        f"weights {res['weights']} | ensemble {res['ensemble']} | low band {res['low_band']} | adapt {res['adapt']} | {res['pairs']} pairs of {a.data}/{a.split} | "
         f"{res['hardware']} | torch {res['torch']} | commit {res['commit']} | {res['date']}"
     )
     print(

@@ -34,6 +34,7 @@ import torch
 
 from . import io as imageio
 from .kernels import HAS_TRITON
+from .adapt import AdaptSettings, adapt_single_image_path, blend_outside, crop_size
 from .low_band import locate_crop
 from .model.matching import MaskGenerator, sparse_match, warp_by_index
 from .model.network import (
@@ -63,6 +64,7 @@ SYMMETRIES = (
     (True, False, True),
 )
 ENSEMBLE_SIZES = (1, 2, 4, 8)
+MAX_ADAPT_STEPS = 10_000  # self-adaptation steps per pair (a typo guard, not a tuned limit)
 
 
 def apply_symmetry(x: torch.Tensor, sym: tuple[bool, bool, bool]) -> torch.Tensor:
@@ -112,6 +114,7 @@ class RunInfo:
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     ensemble: int = 1  # passes averaged (geometric self-ensemble); timings are their sums
+    adapt_steps: int = 0  # self-adaptation steps run (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("footprint", "maps")}
@@ -201,10 +204,14 @@ class Engine:
         tile: int = 256,
         channels_last: bool = False,
         ensemble: int = 1,
+        adapt: int = 0,
     ):
         if ensemble not in ENSEMBLE_SIZES:
             raise EngineError(f"ensemble must be one of {ENSEMBLE_SIZES}, got {ensemble}.")
         self.ensemble = int(ensemble)
+        if not 0 <= int(adapt) <= MAX_ADAPT_STEPS:
+            raise EngineError(f"adapt must be 0 (off) to {MAX_ADAPT_STEPS} steps, got {adapt}.")
+        self.adapt = AdaptSettings(steps=int(adapt))
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.backend = _resolve_backend(backend, self.device)
@@ -238,15 +245,17 @@ class Engine:
         tile: int = 256,
         variant: str | None = None,
         ensemble: int = 1,
+        adapt: int = 0,
     ) -> Engine:
         """Load weights (`path=None`: the shipped default) onto `device` in `dtype`.
 
         `tile` is the LR tile side in pixels (0 = the whole image at once); `ensemble` (1, 2, 4
-        or 8) averages that many flipped/transposed passes (N times the time).
+        or 8) averages that many flipped/transposed passes (N times the time); `adapt` > 0 runs
+        that many steps of self-adaptation per pair with a reference (`sddusr_engine.adapt`).
         """
         dev = _resolve_device(device)
         model = load_model(path, variant=variant, device="cpu", dtype=torch.float32)
-        return cls(model, dev, dtype, backend, tile, ensemble=ensemble)
+        return cls(model, dev, dtype, backend, tile, ensemble=ensemble, adapt=adapt)
 
     # -- public API -----------------------------------------------------------------------------
     def run(
@@ -388,10 +397,50 @@ class Engine:
                 tile = smaller
         if tile != self.tile:
             info.warnings.append(f"GPU out of memory: retried with {tile}-pixel tiles.")
+        if lrc is not None and box is None and (self.adapt.steps or self.config.low_band_taps):
+            box = locate_crop(prep(lr), prep(lrc))  # None when LRC is not an exact crop of LR
+        if self.adapt.steps and lrc is not None:
+            sr = self._adapted(sr, prep(lr), box, tile, progress, stage_hook, info)
         if self.config.low_band_taps:
             sr = self._project_low_band(sr, prep(lr), prep(lrc), box, info, stage_hook)
         sr = (sr.flip(1) if flip else sr).clamp(0, 1)
         return self._to_host(sr), info
+
+    def _adapted(self, sr, lr, box, tile, progress, stage_hook, info: RunInfo) -> torch.Tensor:
+        """Self-adaptation (`sddusr_engine.adapt`): a copy of the network fine-tuned on this pair,
+        with `sr`'s footprint as its target, then run without the reference; its output outside
+        the box, `sr` inside. `sr` unchanged (and a warning) when there is no box to learn from."""
+        if box is None or crop_size(box, self.adapt.crop) == 0:
+            info.warnings.append(
+                "self-adaptation was skipped: "
+                + ("LRC is not a crop of LR and no box was given." if box is None
+                   else f"the telephoto's box {tuple(box)} is too small to learn from.")
+            )
+            return sr
+        y0, y1, x0, x1 = box
+        timer = _StageTimer(self.device, info.timings, stage_hook)
+        with timer("adapt"):
+            try:
+                student = adapt_single_image_path(
+                    self.model, lr, sr[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1], box, self.adapt
+                )
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                info.warnings.append("GPU out of memory: self-adaptation was skipped.")
+                return sr
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        student = student.to(dtype=self.dtype, memory_format=layout).use_kernels(self.backend)
+        if self.config.low_band_taps:
+            student.low_band_upsampler.float()
+        main, self.model = self.model, student
+        try:
+            part = RunInfo(tile=tile, timings={})
+            outside = self._ensemble_forward(lr, None, None, tile, progress, False, stage_hook, part)
+        finally:
+            self.model = main
+        info.timings["adapted_pass"] = sum(part.timings.values())
+        info.adapt_steps = self.adapt.steps
+        return blend_outside(sr, outside, box)
 
     @torch.inference_mode()
     def _project_low_band(self, sr, lr, lrc, box, info: RunInfo, stage_hook) -> torch.Tensor:
@@ -399,13 +448,11 @@ class Engine:
         `lr` and `lrc` as the network sees them (device, dtype, channel order)."""
         with _StageTimer(self.device, info.timings, stage_hook)("low_band"):
             if lrc is not None and box is None:
-                box = locate_crop(lr, lrc)
-                if box is None:
-                    info.warnings.append(
-                        "LRC is not a crop of LR and no box was given: the low-band projection "
-                        "was skipped."
-                    )
-                    return sr
+                info.warnings.append(
+                    "LRC is not a crop of LR and no box was given: the low-band projection "
+                    "was skipped."
+                )
+                return sr
             region = None if lrc is None else box
             try:
                 return self.model.project_low_band(sr, lr, region)
