@@ -113,10 +113,12 @@ def evaluate(
     ensemble: int = 1,
     low_band: bool = True,
     adapt: int = 0,
+    whole_only: bool = False,
 ) -> dict:
     net = _load(weights, device)
     model = net if ensemble == 1 else _ensemble(net, ensemble)
-    pairs = load_pairs(data, split, limit=limit)
+    pairs = [t for t in load_pairs(data, split) if not whole_only or t.name.endswith("_0.png")]
+    pairs = pairs[:limit] if limit else pairs
     if len(pairs) < 2:
         raise SystemExit("need at least two pairs (the wrong-reference control uses another photo)")
     rows = []
@@ -179,6 +181,7 @@ def evaluate(
         "adapt": adapt,
         "data": str(data),
         "split": split,
+        "whole_only": whole_only,
         "pairs": len(rows),
         "rows": rows,
         "mean": mean,
@@ -256,9 +259,13 @@ def main(argv=None) -> None:
         metavar="STEPS",
         help="self-adaptation steps per pair, as the engine's --adapt (0: off)",
     )
+    ap.add_argument(
+        "--whole-only", action="store_true", help="only the pairs made from whole photos (*_0.png)"
+    )
     a = parse_held_out(ap, argv)
     res = evaluate(
-        a.weights, a.data, a.split, a.device, a.limit, a.ensemble, not a.no_low_band, a.adapt
+        a.weights, a.data, a.split, a.device, a.limit, a.ensemble, not a.no_low_band, a.adapt,
+        a.whole_only,
     )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

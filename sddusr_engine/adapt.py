@@ -69,20 +69,23 @@ def adapt_single_image_path(
     side = crop_size(box, settings.crop)
     if side == 0:
         raise ValueError(f"the box {box} is too small to adapt on")
-    student = copy.deepcopy(model).float().use_kernels("torch").eval()
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=settings.lr)
-    gen = torch.Generator().manual_seed(settings.seed)  # crop positions drawn on the CPU
-    lr32, teacher32 = lr.float(), teacher.float()
-    t = TRIM_HR
-    with torch.enable_grad():
+    # callers may hold inference mode (the engine, eval): train outside it, on plain copies
+    with torch.inference_mode(False), torch.enable_grad():
+        student = copy.deepcopy(model).float().use_kernels("torch").eval()
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=settings.lr)
+        gen = torch.Generator().manual_seed(settings.seed)  # crop positions drawn on the CPU
+        lr32, teacher32 = lr.float().clone(), teacher.float().clone()
+        t = TRIM_HR
         for _ in range(settings.steps):
             ys = torch.randint(y0, y1 - side + 1, (settings.batch,), generator=gen).tolist()
             xs = torch.randint(x0, x1 - side + 1, (settings.batch,), generator=gen).tolist()
             x = torch.cat([lr32[..., y : y + side, xx : xx + side] for y, xx in zip(ys, xs)])
             want = torch.cat(
                 [
-                    teacher32[..., 2 * (y - y0) : 2 * (y - y0 + side), 2 * (xx - x0) : 2 * (xx - x0 + side)]
+                    teacher32[
+                        ..., 2 * (y - y0) : 2 * (y - y0 + side), 2 * (xx - x0) : 2 * (xx - x0 + side)
+                    ]
                     for y, xx in zip(ys, xs)
                 ]
             )

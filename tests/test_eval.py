@@ -140,3 +140,21 @@ def test_eval_projects_the_low_band_outside_the_centre_only(dataset, tiny_weight
     for a, b in zip(plain["images"], proj["images"], strict=True):
         assert b["sr"]["psnr_center"] == pytest.approx(a["sr"]["psnr_center"], abs=1e-9)
         assert abs(b["sr"]["psnr_corner"] - a["sr"]["psnr_corner"]) > 1e-3
+
+
+def test_eval_adapts_the_corners_only(dataset, tiny_weights, tmp_path):
+    """`--adapt N`: the centre's scores stay the plain network's, the corners change, the
+    reference-free row is untouched, the JSON and the table say so; a negative N is refused."""
+    for name, extra in (("plain", ()), ("adapt", ("--adapt", 3))):
+        res = invoke("eval", dataset, "--weights", tiny_weights, "--device", "cpu",
+                     "--json", tmp_path / f"{name}.json", *extra)  # fmt: skip
+        assert res.exit_code == 0, res.output
+    assert "self-adaptation 3 steps" in res.stdout
+    plain, adapted = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "adapt"))
+    assert plain["adapt"] == 0 and adapted["adapt"] == 3
+    for a, b in zip(plain["images"], adapted["images"], strict=True):
+        assert b["sr"]["psnr_center"] == pytest.approx(a["sr"]["psnr_center"], abs=1e-9)
+        assert abs(b["sr"]["psnr_corner"] - a["sr"]["psnr_corner"]) > 1e-4
+        assert b["no_ref"] == a["no_ref"]
+    res = invoke("eval", dataset, "--weights", tiny_weights, "--adapt", -1)
+    assert res.exit_code == 2 and "--adapt must be 0" in res.stderr and "Traceback" not in res.output
