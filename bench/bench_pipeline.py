@@ -12,7 +12,8 @@ the `kedusr` network, each with the same random weights for both backends, and r
   as the ratio the issue asks for. That number was not measured by this script.
 
 `--shipped` adds the network the default weights configure (smaller than the full preset), with
-those weights; `--ensemble N` adds each network again with the geometric self-ensemble of N passes.
+those weights; `--ensemble N` adds each network again with the geometric self-ensemble of N passes;
+`--adapt N` (with `--shipped`) adds the shipped weights with N steps of self-adaptation per pair.
 Weights do not change the work, so random weights are used for the presets. `--cpu` runs a small
 size on the CPU to show the harness works; those numbers are CPU numbers. The table is printed
 last; `--json PATH` writes the rows with the device name, versions, date and commit.
@@ -111,6 +112,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="also time the shipped default weights' network (its own, smaller configuration)",
     )
+    ap.add_argument(
+        "--adapt",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="with --shipped: also time the shipped weights with STEPS of self-adaptation",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--profile",
@@ -159,6 +167,10 @@ def main(argv=None) -> int:
         for n in sorted({1, args.ensemble}):
             eng = Engine.from_pretrained(None, device, precision, backend, args.tile, ensemble=n)
             rows.append(engine_row("shipped", eng, f"nchw ensemble {n}"))
+            del eng
+        if args.adapt:
+            eng = Engine.from_pretrained(None, device, precision, backend, args.tile, adapt=args.adapt)
+            rows.append(engine_row("shipped", eng, f"nchw adapt {args.adapt}"))
             del eng
     for variant in args.variants.split(","):
         torch.manual_seed(0)

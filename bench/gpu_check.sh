@@ -69,8 +69,9 @@ fi
 
 for name in ${GPU_STAGES-pipeline kernels sweep}; do
     case $name in
-    # GPU_PIPELINE_ARGS: e.g. "--variants sddusr --no-baseline --shipped --ensemble 8"
-    pipeline) stage pipeline 150 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT" ${GPU_PIPELINE_ARGS:-} ;;
+    # GPU_PIPELINE_ARGS: e.g. "--variants sddusr --no-baseline --shipped --ensemble 8"; the default
+    # also times the shipped weights plain and with 100 steps of self-adaptation (never yet on a GPU)
+    pipeline) stage pipeline 180 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT" ${GPU_PIPELINE_ARGS---shipped --adapt 100} ;;
     kernels) stage kernels 120 python bench/bench_kernels.py --json "$OUT/kernels.json" ;;
     sweep) stage sweep 90 python bench/sweep_configs.py --json "$OUT/sweep.json" ;;
     *) echo "gpu_check.sh: unknown stage $name" | tee -a "$LOG"; failed=1 ;;
