@@ -169,7 +169,9 @@ def main(argv=None) -> int:
             rows.append(engine_row("shipped", eng, f"nchw ensemble {n}"))
             del eng
         if args.adapt:
-            eng = Engine.from_pretrained(None, device, precision, backend, args.tile, adapt=args.adapt)
+            eng = Engine.from_pretrained(
+                None, device, precision, backend, args.tile, adapt=args.adapt
+            )
             rows.append(engine_row("shipped", eng, f"nchw adapt {args.adapt}"))
             del eng
     for variant in args.variants.split(","):

@@ -264,7 +264,14 @@ def main(argv=None) -> None:
     )
     a = parse_held_out(ap, argv)
     res = evaluate(
-        a.weights, a.data, a.split, a.device, a.limit, a.ensemble, not a.no_low_band, a.adapt,
+        a.weights,
+        a.data,
+        a.split,
+        a.device,
+        a.limit,
+        a.ensemble,
+        not a.no_low_band,
+        a.adapt,
         a.whole_only,
     )
     if a.json:

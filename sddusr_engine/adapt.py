@@ -80,13 +80,17 @@ def adapt_single_image_path(
         for _ in range(settings.steps):
             ys = torch.randint(y0, y1 - side + 1, (settings.batch,), generator=gen).tolist()
             xs = torch.randint(x0, x1 - side + 1, (settings.batch,), generator=gen).tolist()
-            x = torch.cat([lr32[..., y : y + side, xx : xx + side] for y, xx in zip(ys, xs)])
+            x = torch.cat(
+                [lr32[..., y : y + side, xx : xx + side] for y, xx in zip(ys, xs, strict=True)]
+            )
             want = torch.cat(
                 [
                     teacher32[
-                        ..., 2 * (y - y0) : 2 * (y - y0 + side), 2 * (xx - x0) : 2 * (xx - x0 + side)
+                        ...,
+                        2 * (y - y0) : 2 * (y - y0 + side),
+                        2 * (xx - x0) : 2 * (xx - x0 + side),
                     ]
-                    for y, xx in zip(ys, xs)
+                    for y, xx in zip(ys, xs, strict=True)
                 ]
             )
             out = student(x, None, None)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from . import io as imageio
-from .kernels import HAS_TRITON
 from .adapt import AdaptSettings, adapt_single_image_path, blend_outside, crop_size
+from .kernels import HAS_TRITON
 from .low_band import locate_crop
 from .model.matching import MaskGenerator, sparse_match, warp_by_index
 from .model.network import (
@@ -413,8 +413,11 @@ class Engine:
         if box is None or crop_size(box, self.adapt.crop) == 0:
             info.warnings.append(
                 "self-adaptation was skipped: "
-                + ("LRC is not a crop of LR and no box was given." if box is None
-                   else f"the telephoto's box {tuple(box)} is too small to learn from.")
+                + (
+                    "LRC is not a crop of LR and no box was given."
+                    if box is None
+                    else f"the telephoto's box {tuple(box)} is too small to learn from."
+                )
             )
             return sr
         y0, y1, x0, x1 = box
@@ -435,7 +438,9 @@ class Engine:
         main, self.model = self.model, student
         try:
             part = RunInfo(tile=tile, timings={})
-            outside = self._ensemble_forward(lr, None, None, tile, progress, False, stage_hook, part)
+            outside = self._ensemble_forward(
+                lr, None, None, tile, progress, False, stage_hook, part
+            )
         finally:
             self.model = main
         info.timings["adapted_pass"] = sum(part.timings.values())

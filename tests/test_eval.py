@@ -157,4 +157,6 @@ def test_eval_adapts_the_corners_only(dataset, tiny_weights, tmp_path):
         assert abs(b["sr"]["psnr_corner"] - a["sr"]["psnr_corner"]) > 1e-4
         assert b["no_ref"] == a["no_ref"]
     res = invoke("eval", dataset, "--weights", tiny_weights, "--adapt", -1)
-    assert res.exit_code == 2 and "--adapt must be 0" in res.stderr and "Traceback" not in res.output
+    assert (
+        res.exit_code == 2 and "--adapt must be 0" in res.stderr and "Traceback" not in res.output
+    )
