@@ -94,3 +94,24 @@ def test_results_do_not_share_the_staging_buffer(dtype):
     assert first.device.type == "cpu" and first.dtype == torch.float32
     assert torch.equal(first, kept) and not torch.equal(first, second)
     assert not eng.channels_last  # the default (bench/RESULTS.md says why)
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights not present")
+def test_self_adaptation_on_the_gpu_keeps_the_centre_and_matches_fp32():
+    """`--adapt` on CUDA: the fine-tune runs in fp32 on the torch ops, the adapted pass in fp16
+    on the Triton kernels; the centre is the plain run's, the corners change, and the result is
+    within the half-precision budget of the fp32 torch run."""
+    wide, tele = read_image(SAMPLE / "wide.jpg"), read_image(SAMPLE / "tele.jpg")
+    plain, _ = Engine.from_pretrained(device="cuda", dtype="fp16").super_resolve(
+        wide, tele, return_info=True
+    )
+    fast = Engine.from_pretrained(device="cuda", dtype="fp16", backend="triton", adapt=20)
+    out, info = fast.super_resolve(wide, tele, return_info=True)
+    assert info.adapt_steps == 20 and info.timings["adapt"] > 0 and not info.warnings
+    y0, y1, x0, x1 = (2 * v for v in info.box)
+    m = 24  # beyond the blend's ramp
+    inner = np.s_[y0 + m : y1 - m, x0 + m : x1 - m]
+    assert np.abs(out[inner].astype(int) - plain[inner].astype(int)).max() <= 1
+    assert np.abs(out[:16].astype(int) - plain[:16].astype(int)).max() > 0
+    ref32 = Engine.from_pretrained(device="cuda", dtype="fp32", backend="torch", adapt=20)
+    assert psnr(out.astype(np.float64), ref32.super_resolve(wide, tele).astype(np.float64)) > 40.0
