@@ -107,7 +107,8 @@ def test_self_adaptation_on_the_gpu_keeps_the_centre_and_matches_fp32():
     )
     fast = Engine.from_pretrained(device="cuda", dtype="fp16", backend="triton", adapt=20)
     out, info = fast.super_resolve(wide, tele, return_info=True)
-    assert info.adapt_steps == 20 and info.timings["adapt"] > 0 and not info.warnings
+    assert info.adapt_steps == 20 and info.timings["adapt"] > 0
+    assert not any("self-adaptation" in w for w in info.warnings)
     y0, y1, x0, x1 = (2 * v for v in info.box)
     m = 24  # beyond the blend's ramp
     inner = np.s_[y0 + m : y1 - m, x0 + m : x1 - m]
