@@ -138,15 +138,15 @@ def evaluate(
         center = centre_mask(hr, t.box)
         t0 = time.perf_counter()
         # the weights' low-band projection (if any) outside the Ref's LR box, as the engine does
-        box = lr_box(t.box) if low_band else None
+        lbox = lr_box(t.box)
+        box = lbox if low_band else None
         sr, aux = model(lr, lrc, ref, return_aux=True)
         if adapt:  # as the engine's `adapt`: the adapted copy's reference-free output outside
-            b = lr_box(t.box)
-            y0, y1, x0, x1 = b
+            y0, y1, x0, x1 = lbox
             teacher = sr[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]
-            student = adapt_single_image_path(net, lr, teacher, b, AdaptSettings(steps=adapt))
+            student = adapt_single_image_path(net, lr, teacher, lbox, AdaptSettings(steps=adapt))
             sr_out = (student if ensemble == 1 else _ensemble(student, ensemble))(lr, None, None)
-            sr = blend_outside(sr, sr_out, b)
+            sr = blend_outside(sr, sr_out, lbox)
         sr = net.project_low_band(sr, lr, box) if low_band else sr
         dt = time.perf_counter() - t0
         sr_wrong = model(lr, lrc, wrong)

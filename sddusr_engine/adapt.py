@@ -60,9 +60,9 @@ def adapt_single_image_path(
     """A float32 copy of `model` fine-tuned so that its reference-free output on LR crops inside
     `box` (LR pixels, y0, y1, x0, x1) matches `teacher` [1,3,2h,2w] (the network's output with the
     reference over the box, at 2x). `lr` [1,3,H,W] in [0,1] on the device to train on. `model`
-    is left as it was. Deterministic for a given seed and device. The copy runs the plain
-    PyTorch ops while it trains (the Triton kernels have no backward); the caller sets its
-    backend and precision for inference."""
+    is left as it was. Deterministic on the CPU for a given seed (on a GPU, up to cuDNN's
+    nondeterministic convolution backward). The copy runs the plain PyTorch ops while it trains
+    (the Triton kernels have no backward); the caller sets its backend and precision after."""
     y0, y1, x0, x1 = (int(v) for v in box)
     if tuple(teacher.shape[-2:]) != (2 * (y1 - y0), 2 * (x1 - x0)):
         raise ValueError(f"teacher {tuple(teacher.shape)} is not 2x the box {box}")
@@ -72,7 +72,7 @@ def adapt_single_image_path(
     # callers may hold inference mode (the engine, eval): train outside it, on plain copies
     with torch.inference_mode(False), torch.enable_grad():
         student = copy.deepcopy(model).float().use_kernels("torch").eval()
-        params = [p for p in student.parameters() if p.requires_grad]
+        params = [p.requires_grad_(True) for p in student.parameters()]  # all of it, even if frozen
         opt = torch.optim.Adam(params, lr=settings.lr)
         gen = torch.Generator().manual_seed(settings.seed)  # crop positions drawn on the CPU
         lr32, teacher32 = lr.float().clone(), teacher.float().clone()

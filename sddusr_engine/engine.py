@@ -433,8 +433,6 @@ class Engine:
                 return sr
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         student = student.to(dtype=self.dtype, memory_format=layout).use_kernels(self.backend)
-        if self.config.low_band_taps:
-            student.low_band_upsampler.float()
         main, self.model = self.model, student
         try:
             part = RunInfo(tile=tile, timings={})
