@@ -377,12 +377,14 @@ class Engine:
             t = t.flip(1) if flip else t
             return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
+        # once: the retries and the stages after the network share the same device copies
+        lr_d, lrc_d, ref_d = prep(lr), prep(lrc), prep(ref)
         tile = self.tile
         while True:
             info = RunInfo(tile=tile, ensemble=self.ensemble)
             try:
                 sr = self._ensemble_forward(
-                    prep(lr), prep(lrc), prep(ref), tile, progress, keep_maps, stage_hook, info
+                    lr_d, lrc_d, ref_d, tile, progress, keep_maps, stage_hook, info
                 )
                 break
             except torch.cuda.OutOfMemoryError:
@@ -398,11 +400,11 @@ class Engine:
         if tile != self.tile:
             info.warnings.append(f"GPU out of memory: retried with {tile}-pixel tiles.")
         if lrc is not None and box is None and (self.adapt.steps or self.config.low_band_taps):
-            box = locate_crop(prep(lr), prep(lrc))  # None when LRC is not an exact crop of LR
+            box = locate_crop(lr_d, lrc_d)  # None when LRC is not an exact crop of LR
         if self.adapt.steps and lrc is not None:
-            sr = self._adapted(sr, prep(lr), box, tile, progress, stage_hook, info)
+            sr = self._adapted(sr, lr_d, box, tile, progress, stage_hook, info)
         if self.config.low_band_taps:
-            sr = self._project_low_band(sr, prep(lr), prep(lrc), box, info, stage_hook)
+            sr = self._project_low_band(sr, lr_d, lrc_d, box, info, stage_hook)
         sr = (sr.flip(1) if flip else sr).clamp(0, 1)
         return self._to_host(sr), info
 
