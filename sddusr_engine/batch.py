@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DatasetLayoutError as BatchUsageError
 from .io import IMAGE_SUFFIXES, atomic_output, read_image, write_image
 
 __all__ = [
@@ -48,10 +49,6 @@ __all__ = [
 ]
 
 OUTPUT_SUFFIXES = ("png", "tif", "tiff", "jpg", "jpeg")
-
-
-class BatchUsageError(ValueError):
-    """The input folder is not in a layout the batch runner knows (a usage error, exit code 2)."""
 
 
 @dataclass(frozen=True)

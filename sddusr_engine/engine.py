@@ -34,6 +34,7 @@ import torch
 
 from . import io as imageio
 from .adapt import AdaptSettings, adapt_single_image_path, blend_outside, crop_size
+from .errors import EngineError
 from .kernels import HAS_TRITON
 from .low_band import locate_crop
 from .model.matching import MaskGenerator, sparse_match, warp_by_index
@@ -94,10 +95,6 @@ def symmetric_passes(forward, lr, lrc, ref, n: int):
     for k, sym in enumerate(SYMMETRIES[:n]):
         out = forward(k, *(None if t is None else apply_symmetry(t, sym) for t in (lr, lrc, ref)))
         yield undo_symmetry(out, sym)[..., : 2 * h, : 2 * w].float().clamp(0, 1)
-
-
-class EngineError(ValueError):
-    """A request the engine cannot serve (bad option, out of memory at the smallest tile, ...)."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .batch import find_boxes
+from .errors import EvalError
 from .io import IMAGE_SUFFIXES, read_image, to_tensor
 from .low_band import lr_box
 from .metrics import region_metrics
@@ -48,10 +49,6 @@ __all__ = [
 
 METHODS = ("sr", "no_ref", "bicubic")
 METRICS = ("psnr", "psnr_center", "psnr_corner", "ssim", "ssim_center", "ssim_corner")
-
-
-class EvalError(ValueError):
-    """The dataset is not in the published layout, or one of its images does not fit it."""
 
 
 @dataclass(frozen=True)

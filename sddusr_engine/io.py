@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import ImageReadError
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "ImageReadError",
@@ -47,10 +49,6 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"
 _EXIF_ORIENTATION = 0x0112
 _truncation_lock = threading.Lock()
-
-
-class ImageReadError(ValueError):
-    """A file could not be read as a complete image."""
 
 
 # ----------------------------------------------------------------------------- reading

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .errors import FootprintNotFoundError
 from .io import as_rgb_array
 
 __all__ = [
@@ -47,10 +48,6 @@ _NOT_FOUND = "the telephoto image could not be found in the wide image"
 # Ridge of the colour map's 3×3 toward the identity, as a variance per pixel: a colour direction
 # whose spread in the picture is under about sqrt(3e-5) ≈ 0.005 (1.4 grey levels) keeps gain 1.
 COLOUR_RIDGE = 3e-5
-
-
-class FootprintNotFoundError(ValueError):
-    """The telephoto image could not be located in the wide image."""
 
 
 @dataclass(frozen=True)

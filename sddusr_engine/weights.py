@@ -22,15 +22,12 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, get_config
+from .errors import WeightsError
 from .io import atomic_output
 
 FORMAT_TAG = "sddusr-engine"
 _CONTAINER_KEYS = ("params_ema", "params", "state_dict", "model", "net", "generator")
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "sddusr_default.safetensors"
-
-
-class WeightsError(ValueError):
-    """A weights file that is missing, unreadable, or does not match the network."""
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,0 +1,63 @@
+"""The errors a user can act on: one base class, so the CLI's error boundary is one `isinstance`.
+
+Every error raised for bad input, a bad option or a resource the engine cannot get derives from
+`SddusrError` and carries a message that is one complete sentence (more lines may follow, e.g. a
+list of missing weight keys). `exit_code` is the CLI's exit status for it: 2 for a usage error
+(an option out of range, a folder in neither layout), 1 for everything else. Anything that is not
+an `SddusrError` is a bug and is reported as one.
+
+Each subclass also derives from the built-in exception its callers would reach for first
+(`ValueError`, `FileNotFoundError`, `MemoryError`), so library code that catches those still works.
+"""
+
+from __future__ import annotations
+
+
+class SddusrError(Exception):
+    """Base of every user-facing error."""
+
+    exit_code = 1
+
+
+class UsageError(SddusrError, ValueError):
+    """An option or argument out of range, or a combination that does not make sense."""
+
+    exit_code = 2
+
+
+class EngineError(SddusrError, ValueError):
+    """A request the engine cannot serve: inputs of the wrong shape, a device that is not there."""
+
+
+class OutOfMemoryError(EngineError, MemoryError):
+    """The device ran out of memory even at the smallest tile."""
+
+
+class ImageReadError(SddusrError, ValueError):
+    """An image file that is missing, unreadable, truncated or of an unsupported kind."""
+
+
+class WeightsError(SddusrError, ValueError):
+    """A weights file that is missing, corrupt, or does not fit the network."""
+
+
+class FootprintNotFoundError(SddusrError, ValueError):
+    """The telephoto could not be found in the wide image, or its footprint is not plausible."""
+
+
+class DatasetError(SddusrError, ValueError):
+    """A dataset folder in neither supported layout, or an item with a missing part."""
+
+
+class DatasetLayoutError(DatasetError, UsageError):
+    """A folder that holds neither layout at all (a usage error: exit status 2)."""
+
+    exit_code = 2
+
+
+class EvalError(DatasetError):
+    """An evaluation that cannot be run on the data given."""
+
+
+class TrainingError(SddusrError, ValueError):
+    """A training run that cannot start or go on: a bad option, a checkpoint that does not fit."""
