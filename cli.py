@@ -331,8 +331,8 @@ def _map_images(info, lr_shape) -> dict[str, Any]:
     for name in ("mask_lr", "mask_lrc"):
         if name in maps:
             m = (np.asarray(maps[name], np.float32) > 0.5).astype(np.uint8) * 255
-            if name == "mask_lrc" and info.box is not None:
-                y0, y1, x0, x1 = info.box
+            if name == "mask_lrc" and info.box_lr is not None:
+                y0, y1, x0, x1 = info.box_lr
                 images[name] = cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_NEAREST)
             else:
                 images[name] = big(m)
@@ -342,12 +342,12 @@ def _map_images(info, lr_shape) -> dict[str, Any]:
     if "index" in maps:
         idx = np.asarray(maps["index"]).astype(np.int64)
         wk = int(np.asarray(maps.get("key_grid_width", 0)))
-        if wk <= 0 and info.box is not None:
-            wk = max(1, (info.box[3] - info.box[2]) // 2)
+        if wk <= 0 and info.box_lr is not None:
+            wk = max(1, (info.box_lr[3] - info.box_lr[2]) // 2)
         wk = max(wk, 1)
         valid = idx >= 0
-        if info.box is not None:
-            hk = max(1, (info.box[1] - info.box[0]) // 2)
+        if info.box_lr is not None:
+            hk = max(1, (info.box_lr[1] - info.box_lr[0]) // 2)
         else:
             hk = max(1, int(idx.max()) // wk + 1) if valid.any() else 1
         rgb = np.zeros((*idx.shape, 3), np.uint8)
@@ -419,7 +419,7 @@ def demo(
     sr_path, cmp_path = outdir / "sr.png", outdir / "comparison.png"
     write_image(sr_path, sr)
     corners = None if info.footprint is None else info.footprint.corners
-    write_image(cmp_path, comparison_image(wide, sr, corners, info.box))
+    write_image(cmp_path, comparison_image(wide, sr, corners, info.box_lr))
     for w in info.warnings:
         err.print(Text(f"warning: {w}", style="yellow"), soft_wrap=True)
     total = sum(info.timings.values())

@@ -61,3 +61,9 @@ class EvalError(DatasetError):
 
 class TrainingError(SddusrError, ValueError):
     """A training run that cannot start or go on: a bad option, a checkpoint that does not fit."""
+
+
+class SettingsError(EngineError, UsageError):
+    """An engine setting out of range (tile, ensemble, adaptation steps, precision, backend)."""
+
+    exit_code = 2

@@ -80,7 +80,8 @@ class AlignedPair:
     """The engine's inputs from a raw pair.
 
     lr: the wide image. lrc: lr[y0:y1, x0:x1]. ref: the telephoto resampled onto the 2×LRC grid and
-    colour-matched to the wide image. box: (y0, y1, x0, x1). footprint: the registration used.
+    colour-matched to the wide image. box_lr: (y0, y1, x0, x1) in wide (LR) pixels.
+    footprint: the registration used.
     colour: 3×4 float64 matrix M applied as ref_rgb ← M[:, :3] @ tele_rgb + M[:, 3] (values in
     [0, 1]).
     """
@@ -88,7 +89,7 @@ class AlignedPair:
     lr: np.ndarray
     lrc: np.ndarray
     ref: np.ndarray
-    box: tuple[int, int, int, int]
+    box_lr: tuple[int, int, int, int]
     footprint: Footprint
     colour: np.ndarray
 
@@ -469,7 +470,7 @@ def align_reference(
     box = center_crop_box(fp, lr.shape)
     ref, colour = resample_reference(lr, tele, fp, box)
     y0, y1, x0, x1 = box
-    return AlignedPair(lr=lr, lrc=lr[y0:y1, x0:x1], ref=ref, box=box, footprint=fp, colour=colour)
+    return AlignedPair(lr=lr, lrc=lr[y0:y1, x0:x1], ref=ref, box_lr=box, footprint=fp, colour=colour)
 
 
 def ref_to_tele_matrix(footprint: Footprint, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -5,8 +5,10 @@ import torch
 from support import TINY
 
 from sddusr_engine import build_model
-from sddusr_engine.adapt import AdaptSettings, adapt_single_image_path, blend_outside, crop_size
-from sddusr_engine.engine import Engine, EngineError
+from sddusr_engine.engine import Engine
+from sddusr_engine.engine.adapt import AdaptSettings, adapt_single_image_path, crop_size
+from sddusr_engine.engine.postprocess import blend_outside
+from sddusr_engine.errors import EngineError
 
 
 def _model(seed=0):
@@ -72,8 +74,8 @@ def test_engine_adapts_outside_the_footprint_only():
     lr, lrc, ref, box = _pair()
     plain = Engine(model, "cpu", "fp32", "torch", tile=0)
     adapted = Engine(model, "cpu", "fp32", "torch", tile=0, adapt=5)
-    base = plain.run(lr, lrc, ref, box=box)
-    out, info = adapted.run(lr, lrc, ref, box=box, return_info=True)
+    base = plain.run(lr, lrc, ref, box_lr=box)
+    out, info = adapted.run(lr, lrc, ref, box_lr=box, return_info=True)
     torch.testing.assert_close(out[..., 16:64, 24:88], base[..., 16:64, 24:88], atol=1e-6, rtol=0)
     assert (out - base)[..., :8, :].abs().max() > 1e-4  # the corners are the adapted copy's
     assert info.adapt_steps == 5 and "adapt" in info.timings and "adapted_pass" in info.timings

@@ -34,7 +34,9 @@ def test_shipped_weights_on_the_sample_pair_are_unchanged():
     from sddusr_engine import Engine
 
     eng = Engine.from_pretrained(device="cpu", dtype="fp32", backend="torch")
-    sr = eng.run(to_tensor(pair.lr), to_tensor(pair.lrc), to_tensor(pair.ref), box=tuple(pair.box))
+    sr = eng.run(
+        to_tensor(pair.lr), to_tensor(pair.lrc), to_tensor(pair.ref), box_lr=tuple(pair.box_lr)
+    )
     for name, (ys, xs) in record.windows(sr.shape[-2:]).items():
         diff = (sr[..., ys, xs] - want[name]).abs().max().item()
         assert diff <= 1e-6, f"{name}: max abs {diff:.3g}"

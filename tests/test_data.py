@@ -179,7 +179,7 @@ def test_registered_reference_is_the_engines_and_better_aligned():
     assert np.abs(pooled_mean - reg["lrc"].reshape(-1, 3).mean(0)).max() < 3.0
     # align_reference (the engine's entry) still cuts its own box and agrees with itself
     ap = align_reference(reg["lr"], reg["tele"])
-    by0, by1, bx0, bx1 = ap.box
+    by0, by1, bx0, bx1 = ap.box_lr
     assert ap.ref.shape[:2] == (2 * (by1 - by0), 2 * (bx1 - bx0))
 
 

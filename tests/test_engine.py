@@ -8,13 +8,9 @@ import torch
 from support import TINY as _SHARED_TINY
 
 from sddusr_engine import build_model
-from sddusr_engine.engine import (
-    SYMMETRIES,
-    Engine,
-    EngineError,
-    apply_symmetry,
-    undo_symmetry,
-)
+from sddusr_engine.engine import Engine
+from sddusr_engine.engine.ensemble import SYMMETRIES, apply_symmetry, undo_symmetry
+from sddusr_engine.errors import EngineError
 from sddusr_engine.registration import FootprintNotFoundError
 from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
 
@@ -141,7 +137,7 @@ def test_super_resolve_raw_pair_reports_footprint():
     eng = Engine(tiny_model("sddusr"), "cpu", "fp32", "torch", tile=0)
     out, info = eng.super_resolve(wide, tele, return_info=True)
     assert out.shape == (2 * wide.shape[0], 2 * wide.shape[1], 3) and out.dtype == wide.dtype
-    y0, y1, x0, x1 = info.box
+    y0, y1, x0, x1 = info.box_lr
     assert (y1 - y0) % 2 == 0 and (x1 - x0) % 2 == 0
     assert 1.7 < info.footprint.zoom < 2.3
     assert "registration" in info.timings
@@ -162,24 +158,26 @@ def test_tele_not_found_errors_or_falls_back():
 
 def test_out_of_memory_halves_the_tile(monkeypatch):
     eng = Engine(tiny_model("kedusr"), "cpu", "fp32", "torch", tile=128)
-    real = Engine._forward
+    import sddusr_engine.engine.core as core
+
+    real = core.tiled_forward
     tiles = []
 
-    def flaky(self, lr, lrc, ref, tile, *args):
+    def flaky(model, lr, lrc, ref, tile, *args):
         tiles.append(tile)
         if tile > 32:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, lr, lrc, ref, tile, *args)
+        return real(model, lr, lrc, ref, tile, *args)
 
-    monkeypatch.setattr(Engine, "_forward", flaky)
+    monkeypatch.setattr(core, "tiled_forward", flaky)
     lr, lrc, ref = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 16, 16), torch.rand(1, 3, 32, 32)
     out, info = eng.run(lr, lrc, ref, return_info=True)
     assert tiles == [128, 64, 32] and info.tile == 32 and "out of memory" in info.warnings[0]
 
-    def always(self, *args):
+    def always(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(Engine, "_forward", always)
+    monkeypatch.setattr(core, "tiled_forward", always)
     with pytest.raises(EngineError, match="ran out of memory"):
         eng.run(lr, lrc, ref)
 

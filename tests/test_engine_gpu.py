@@ -109,7 +109,7 @@ def test_self_adaptation_on_the_gpu_keeps_the_centre_and_matches_fp32():
     out, info = fast.super_resolve(wide, tele, return_info=True)
     assert info.adapt_steps == 20 and info.timings["adapt"] > 0
     assert not any("self-adaptation" in w for w in info.warnings)
-    y0, y1, x0, x1 = (2 * v for v in info.box)
+    y0, y1, x0, x1 = (2 * v for v in info.box_lr)
     m = 24  # beyond the blend's ramp
     inner = np.s_[y0 + m : y1 - m, x0 + m : x1 - m]
     assert np.abs(out[inner].astype(int) - plain[inner].astype(int)).max() <= 1

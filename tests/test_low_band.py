@@ -7,18 +7,12 @@ from support import TINY
 
 from sddusr_engine import build_model
 from sddusr_engine.config import ModelConfig
-from sddusr_engine.engine import Engine, EngineError
-from sddusr_engine.low_band import (
-    RAMP_HR,
-    LinearUpsampler,
-    _main,
-    fit_upsampler,
-    gaussian_blur,
-    locate_crop,
-    lr_box,
-    outside_weight,
-    project_low_band,
-)
+from sddusr_engine.engine import Engine
+from sddusr_engine.engine.postprocess import gaussian_blur, project_low_band
+from sddusr_engine.errors import EngineError
+from sddusr_engine.geometry import RAMP_HR, locate_crop, lr_box, outside_weight
+from sddusr_engine.low_band import _main, fit_upsampler
+from sddusr_engine.model.low_band import LinearUpsampler
 from sddusr_engine.weights import load_model, save_weights
 
 
@@ -131,7 +125,7 @@ def test_engine_projects_outside_the_box_and_finds_the_box_itself():
     with torch.no_grad():
         raw = model(lr, lrc, ref).clamp(0, 1)
     eng = Engine(model, "cpu", "fp32", "torch", tile=32)
-    out, info = eng.run(lr, lrc, ref, box=box, return_info=True)
+    out, info = eng.run(lr, lrc, ref, box_lr=box, return_info=True)
     assert "low_band" in info.timings
     torch.testing.assert_close(out[..., 24:72, 32:96], raw[..., 24:72, 32:96], atol=2e-4, rtol=0)
     want = project_low_band(raw, lr, model.low_band_upsampler, 1.5, box)
@@ -139,7 +133,7 @@ def test_engine_projects_outside_the_box_and_finds_the_box_itself():
     assert (out - raw)[..., :8, :].abs().max() > 1e-3  # the corners changed
     torch.testing.assert_close(eng.run(lr, lrc, ref), out)  # box found by locate_crop
     with pytest.raises(EngineError, match="must be LRC's rectangle"):
-        eng.run(lr, lrc, ref, box=(12, 36, 16, 50))
+        eng.run(lr, lrc, ref, box_lr=(12, 36, 16, 50))
     # an LRC that is not a crop of LR: the projection is skipped, and the info says so
     other, info = eng.run(lr, torch.rand_like(lrc), ref, return_info=True)
     assert any("low-band projection was skipped" in w for w in info.warnings)
@@ -165,7 +159,7 @@ def test_bgr_weights_find_the_box_in_their_own_channel_order():
     lrc, ref = lr[..., 8:24, 12:36].clone(), torch.rand(1, 3, 32, 48)
     found, info = eng.run(lr, lrc, ref, return_info=True)
     assert not info.warnings
-    torch.testing.assert_close(found, eng.run(lr, lrc, ref, box=(8, 24, 12, 36)))
+    torch.testing.assert_close(found, eng.run(lr, lrc, ref, box_lr=(8, 24, 12, 36)))
 
 
 def test_fit_command_writes_weights_that_load_with_the_taps(tmp_path):
@@ -208,8 +202,11 @@ def test_weights_without_the_projection_are_unchanged_by_it():
     torch.manual_seed(4)
     model = build_model("sddusr", global_skip=True, **TINY).eval()
     assert not hasattr(model, "low_band_upsampler")
-    sr = torch.rand(1, 3, 20, 20)
-    assert model.project_low_band(sr, torch.rand(1, 3, 10, 10)) is sr
+    lr = torch.rand(1, 3, 10, 10)
+    out, info = Engine(model, "cpu", "fp32", "torch", tile=0).run(lr, return_info=True)
+    with torch.no_grad():
+        raw = model(lr, None, None).clamp(0, 1)
+    assert torch.equal(out, raw) and "low_band" not in info.timings
 
 
 def test_low_band_weights_round_trip(tmp_path):
@@ -226,21 +223,22 @@ def test_projection_out_of_gpu_memory_finishes_on_the_cpu(monkeypatch):
     model = _model_with_low_band()
     eng = Engine(model, "cpu", "fp32", "torch", tile=0)
     calls = []
-    real = model.project_low_band
+    import sddusr_engine.engine.core as core
 
-    def flaky(sr, lr, box=None):
+    def flaky(sr, lr, upsampler, sigma, box_lr=None):
         calls.append(sr.device.type)
         if len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(sr, lr, box)
+        return project_low_band(sr, lr, upsampler, sigma, box_lr)
 
-    monkeypatch.setattr(model, "project_low_band", flaky)
+    monkeypatch.setattr(core, "project_low_band", flaky)
     lr = torch.rand(1, 3, 24, 32)
     out, info = eng.run(lr, return_info=True)
     assert len(calls) == 2 and any("low-band projection ran on the CPU" in w for w in info.warnings)
     with torch.no_grad():
         raw = model(lr, None, None).clamp(0, 1)
-    torch.testing.assert_close(out, real(raw, lr), atol=2e-4, rtol=0)
+    want = project_low_band(raw, lr, model.low_band_upsampler, model.config.low_band_sigma)
+    torch.testing.assert_close(out, want, atol=2e-4, rtol=0)
 
 
 @pytest.mark.gpu

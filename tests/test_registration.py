@@ -139,7 +139,7 @@ def test_align_reference_shapes_geometry_and_colour(hr):
     )
     pair = align_reference(wide, tele)
     assert isinstance(pair, AlignedPair)
-    y0, y1, x0, x1 = pair.box
+    y0, y1, x0, x1 = pair.box_lr
     assert pair.lrc.shape == (y1 - y0, x1 - x0, 3)
     assert pair.ref.shape == (2 * (y1 - y0), 2 * (x1 - x0), 3)
     assert pair.ref.dtype == np.uint8 and pair.lr is not None
@@ -160,7 +160,7 @@ def test_align_reference_with_given_footprint_and_uint16(hr):
     fp = register(wide, tele)
     pair = align_reference(wide.astype(np.uint16) * 257, tele.astype(np.uint16) * 257, fp)
     assert pair.footprint is fp and pair.ref.dtype == np.uint16
-    y0, y1, x0, x1 = pair.box
+    y0, y1, x0, x1 = pair.box_lr
     assert pair.ref.shape[:2] == (2 * (y1 - y0), 2 * (x1 - x0))
 
 
@@ -212,7 +212,7 @@ def test_center_crop_box_invariants(zoom, rot, dx, dy, th, tw):
 
 def test_sample_pair_aligned_reference_is_colour_matched():
     pair = align_reference(read_image(SAMPLE / "wide.jpg"), read_image(SAMPLE / "tele.jpg"))
-    y0, y1, x0, x1 = pair.box
+    y0, y1, x0, x1 = pair.box_lr
     assert (y1 - y0) % 2 == 0 and (x1 - x0) % 2 == 0 and y0 % 2 == 0 and x0 % 2 == 0
     ref_down = pair.ref.astype(np.float64).reshape(y1 - y0, 2, x1 - x0, 2, 3).mean((1, 3))
     diff = ref_down - pair.lrc.astype(np.float64)

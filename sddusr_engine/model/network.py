@@ -1,7 +1,9 @@
 """The two networks assembled: `kedusr` (published KeDuSR) and `sddusr` (KeDuSR + SFM + TDL).
 
 Stages are separate methods so that the engine can run the reference context once per pair and
-stream the LR image through the rest in tiles. No device, dtype or file logic lives here.
+stream the LR image through the rest in tiles, and the network describes its own halos
+(`DualLensSR.tiling`), so the engine holds no counted constants. No device, dtype, file or
+post-processing logic lives here.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from torch import nn
 
 from ..config import ModelConfig, get_config
 from ..kernels import KernelOps, get_ops
-from ..low_band import LinearUpsampler, project_low_band
 from .align import FlowGuidedAlign
 from .blocks import FusionBlock, PixelShuffleUp, ResList, Trunk, conv3x3
 from .flow import SpyNet
+from .low_band import LinearUpsampler
 from .matching import (
     MaskGenerator,
     MatchFeatures,
@@ -42,6 +44,22 @@ class ReferenceContext:
     dicts: Dictionaries | None  # TDL, sddusr only
     taps: dict[str, torch.Tensor] = field(default_factory=dict)
     empty: bool = False  # no reference (`empty_context`): nothing can match
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the network may be cut into tiles whose stitched output equals a whole-image pass.
+
+    Halos are the receptive radii of the stages that run per tile, rounded up to the grids the
+    stages work on; the engine adds them around each tile and crops them off again.
+    """
+
+    trunk_tiles: bool  # False: the trunk's channel attention pools over the whole image
+    trunk_halo_lr: int  # LR pixels of context each trunk tile needs
+    match_halo_lr: int  # LR pixels of context of the matching features and SFM masks
+    decode_halo_hr: int  # output pixels of context of the 2x stage (multiple of 8)
+    cell_hr: int  # output pixels per matching cell: 2x-stage tiles are aligned to it
+    fusion_pools_globally: bool  # the fusion block's channel attention needs the whole image
 
 
 @dataclass
@@ -113,7 +131,7 @@ class DualLensSR(nn.Module):
         self.fusion_tail = nn.Sequential(conv3x3(config.fusion_channels, n), nn.LeakyReLU(0.2))
         self.decoder = ResList(n, config.decoder_blocks)
         self.decoder_tail = nn.Sequential(conv3x3(n, n // 2), nn.LeakyReLU(0.2), conv3x3(n // 2, 3))
-        if config.low_band_taps:  # applied by the engine to the whole output (low_band.py)
+        if config.low_band_taps:  # used by the engine's post-processing (engine/postprocess.py)
             self.low_band_upsampler = LinearUpsampler(config.low_band_taps)
         if config.global_skip:  # start as exactly bicubic
             nn.init.zeros_(self.decoder_tail[-1].weight)
@@ -162,9 +180,64 @@ class DualLensSR(nn.Module):
             empty=True,
         )
 
+    # -- how it tiles ---------------------------------------------------------------------------
+    @property
+    def tiling(self) -> Tiling:
+        c = self.config
+        # trunk: the head conv (1) + per group its blocks (2 convs each) and the group conv (1),
+        # + the trunk's tail conv (1)
+        trunk = 2 + c.trunk_groups * (2 * c.trunk_blocks + 1)
+        # matching features: four 3x3 convs (two at LR, two at 1/2 LR) and the map conv, then the
+        # 3x3 descriptor and the SFM generator: 16 LR pixels covers them with the 2x2 pooling grid
+        match = 16
+        # 2x stage, in output pixels: the warp/high-pass/gate inputs' fringe (a 9x9 patch of
+        # stride 4 and the 7x7 + 3x3 confidence convs after a x4 bicubic: 16), the fusion block's
+        # two 3x3 convs and 7x7 spatial attention (5), the fusion tail (1), the decoder's blocks
+        # and group conv (2 per block + 1), the decoder tail (2)
+        radius = 16 + 5 + 1 + (2 * c.decoder_blocks + 1) + 2
+        return Tiling(
+            trunk_tiles=not c.trunk_channel_attention,
+            trunk_halo_lr=trunk,
+            match_halo_lr=match,
+            decode_halo_hr=-(-radius // 8) * 8,
+            cell_hr=c.patch_stride,  # a matching cell (2 LR pixels) is one warp stride
+            fusion_pools_globally=True,
+        )
+
     # -- LR branch (streams in tiles) -----------------------------------------------------------
     def lr_trunk(self, lr: torch.Tensor) -> torch.Tensor:
         return self.SISR(lr)
+
+    def query_maps(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr [B,3,H,W] -> [B, m (+2 with SFM), H/2, W/2]: the matching map and the SFM logits,
+        stacked so that a tiled caller stitches one tensor (`split_query_maps` takes it apart)."""
+        f_m, q_map = self.feature_match(lr)
+        if not self.config.use_sfm:
+            return q_map
+        return torch.cat([q_map, self.mask_generator(f_m)], dim=1)
+
+    def split_query_maps(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(matching map, hard SFM mask or None) from `query_maps`' stacked output."""
+        m = self.config.match_channels
+        if not self.config.use_sfm:
+            return maps, None
+        return maps[:, :m], MaskGenerator.hard_mask(maps[:, m:])
+
+    def sparse_match(self, q_map, q_mask, ctx: ReferenceContext):
+        """(confidence, index, work counts): top-1 of every active query among the active keys."""
+        return sparse_match(q_map, ctx.key_map, q_mask, ctx.key_mask, self.ops.patch_match)
+
+    def warp(self, ctx: ReferenceContext, index: torch.Tensor) -> torch.Tensor:
+        """The summed fold of the aligned Ref patches that `index` [B,hq,wq] picks."""
+        return warp_by_index(ctx.f_ref_align, index, self.ops.patch_warp)
+
+    def fusion_pool_input(self, fused: torch.Tensor) -> torch.Tensor:
+        """The map whose whole-image channel mean the fusion block's channel attention pools."""
+        return self.AdaFuison.gated(fused)
+
+    def fuse(self, fused: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The fusion block; `pooled` [1,C,1,1] is the whole image's mean when run in tiles."""
+        return self.AdaFuison(fused, pooled)
 
     def match(self, lr: torch.Tensor, ctx: ReferenceContext) -> MatchResult:
         """Match the LR tile's patches against the whole LRC and warp the aligned Ref patches."""
@@ -237,15 +310,6 @@ class DualLensSR(nn.Module):
         x = self.fusion_tail(fused)
         out = self.decoder_tail(self.decoder(x) + f_lr)
         return out + lr_up if self.config.global_skip else out
-
-    def project_low_band(self, sr, lr, box_lr=None):
-        """The low-band projection (sddusr_engine.low_band) when the weights carry one, else `sr`
-        unchanged. `box_lr`: the telephoto's rectangle in LR pixels; None: no reference, so
-        everywhere."""
-        if not self.config.low_band_taps:
-            return sr
-        sigma = self.config.low_band_sigma
-        return project_low_band(sr, lr, self.low_band_upsampler, sigma, box_lr)
 
     # -- whole image ----------------------------------------------------------------------------
     def forward(self, lr, lrc, ref, return_aux: bool = False):

@@ -36,7 +36,10 @@ def windows(hw: tuple[int, int]) -> dict[str, tuple[slice, slice]]:
         "top_right": (slice(0, s), slice(w - s, w)),
         "bottom_left": (slice(h - s, h), slice(0, s)),
         "bottom_right": (slice(h - s, h), slice(w - s, w)),
-        "centre": (slice(h // 2 - s // 2, h // 2 + s // 2), slice(w // 2 - s // 2, w // 2 + s // 2)),
+        "centre": (
+            slice(h // 2 - s // 2, h // 2 + s // 2),
+            slice(w // 2 - s // 2, w // 2 + s // 2),
+        ),
     }
 
 
@@ -54,7 +57,7 @@ def run_sample():
     from sddusr_engine.io import to_tensor
 
     sr = eng.run(
-        to_tensor(pair.lr), to_tensor(pair.lrc), to_tensor(pair.ref), box=tuple(pair.box)
+        to_tensor(pair.lr), to_tensor(pair.lrc), to_tensor(pair.ref), box_lr=tuple(pair.box_lr)
     )
     return sr8, sr, np.asarray(info.footprint.homography, dtype=np.float64)
 
@@ -71,7 +74,9 @@ def run_kedusr(checkpoint: Path) -> dict[str, torch.Tensor]:
     io = load_file(str(GOLDEN / "kedusr_golden_io.safetensors"))
     out = {}
     for tile in (0, 64):
-        eng = Engine.from_pretrained(checkpoint, device="cpu", dtype="fp32", backend="torch", tile=tile)
+        eng = Engine.from_pretrained(
+            checkpoint, device="cpu", dtype="fp32", backend="torch", tile=tile
+        )
         out[f"tile{tile}"] = eng.run(io["in_lr"], io["in_lrc"], io["in_ref"]).contiguous()
     return out
 
@@ -88,7 +93,9 @@ def main() -> int:
         tensors[name] = sr[..., ys, xs].contiguous()
     save_file(tensors, str(HERE / "sample.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
-        save_file(run_kedusr(kedusr_checkpoint(Path(tmp) / "k.pth")), str(HERE / "kedusr.safetensors"))
+        save_file(
+            run_kedusr(kedusr_checkpoint(Path(tmp) / "k.pth")), str(HERE / "kedusr.safetensors")
+        )
     print(f"recorded into {HERE}")
     return 0
 

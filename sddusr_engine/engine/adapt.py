@@ -1,21 +1,20 @@
 """Self-adaptation: teach the single-image path, per photo, what the reference path does there.
 
-Why: outside the telephoto's footprint the network has only its single-image path, and on photos
-it has not seen that path is weak (the model card, tenth and eleventh sessions). Inside the
-footprint, though, the same photo has a far better estimate: the network's own output with the
-telephoto. That gives a training pair made of this very photo, with its own content, blur, noise
-and JPEG: the LR inside the footprint as the input, the reference path's output there as the
-target. A short fine-tune of a copy of the network on it, with the reference switched off, and a
-reference-free pass of that copy over the whole image, give better corners.
+Outside the telephoto's footprint the network has only its single-image path, and on photos it
+has not seen that path is weak. Inside the footprint the same photo has a far better estimate:
+the network's own output with the telephoto. That gives a training pair made of this very photo,
+with its own content, blur, noise and JPEG: the LR inside the footprint as the input, the
+reference path's output there as the target. A short fine-tune of a copy of the network on it,
+with the reference switched off, and a reference-free pass of that copy over the whole image,
+give better corners (weights/MODEL_CARD.md has the measured gain).
 
-The target is the network's output with the telephoto, not the telephoto itself. Trained on the
+The target is the network's output with the telephoto, not the telephoto itself: trained on the
 raw telephoto, the copy also learns the telephoto's own differences from the scene (its blur,
-noise and resampling): on a clean photo whose telephoto is noisier than the network's estimate
-(RainDrops, held-out split) that cost 2 dB in the corners. The network's output has already
-weighed how far to trust the telephoto, so it is a safe teacher.
+noise and resampling), which cost 2 dB in the corners of a clean photo with a noisy telephoto
+(docs/decisions.md). The network's output has already weighed how far to trust the telephoto.
 
-The result keeps the ordinary output inside the footprint and takes the adapted copy's outside it,
-with the low-band projection's ramp between (`low_band.outside_weight`).
+The engine keeps the ordinary output inside the footprint and the adapted copy's outside it
+(`postprocess.blend_outside`).
 """
 
 from __future__ import annotations
@@ -25,15 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .low_band import outside_weight
-
 TRIM_HR = 8  # output pixels left out of the loss at each crop edge (no context beyond the crop)
 MIN_CROP = 16  # LR pixels: smaller boxes leave too little inside the trimmed loss
 
 
 @dataclass(frozen=True)
 class AdaptSettings:
-    """The fine-tune's recipe. The defaults are the measured ones (model card, eleventh session)."""
+    """The fine-tune's recipe. The defaults are the measured ones (weights/MODEL_CARD.md)."""
 
     steps: int = 100
     lr: float = 2e-5
@@ -101,11 +98,3 @@ def adapt_single_image_path(
     for p in student.parameters():
         p.requires_grad_(False)
     return student
-
-
-def blend_outside(
-    inside: torch.Tensor, outside: torch.Tensor, box: tuple[int, int, int, int]
-) -> torch.Tensor:
-    """`inside` within the LR box (scaled x2), `outside` beyond it, with the projection's ramp."""
-    w = outside_weight(inside.shape[-2:], box, inside.device, torch.float32)
-    return (inside.float() * (1 - w) + outside.float() * w).to(inside.dtype)

@@ -1,0 +1,32 @@
+"""The linear x2 upsampler whose output's low band the engine keeps outside the telephoto.
+
+A model part with fitted taps and no learning: for each of the 4 output phases (2i+a, 2j+b), a
+K x K filter on the LR around (i, j), shared by the three channels. The taps are fitted by least
+squares on training pairs (`python -m sddusr_engine.train.low_band_fit`) and stored with the
+weights; the projection that uses them is `sddusr_engine.engine.postprocess`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearUpsampler(nn.Module):
+    """x2 linear upsampler: per output phase a K x K filter on the LR, the same for R, G and B."""
+
+    def __init__(self, taps: int):
+        super().__init__()
+        if taps < 1 or taps % 2 == 0:
+            raise ValueError(f"taps must be a positive odd number, got {taps}")
+        self.k = taps
+        # [4 phases (a*2+b), 1, K, K]; a fitted file fills it (zeros until then)
+        self.register_buffer("taps", torch.zeros(4, 1, taps, taps))
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr [B,C,H,W] -> [B,C,2H,2W], on lr's device and in its dtype."""
+        b, c, h, w = lr.shape
+        x = F.pad(lr.reshape(b * c, 1, h, w), (self.k // 2,) * 4, mode="replicate")
+        y = F.conv2d(x, self.taps.to(device=lr.device, dtype=lr.dtype))  # [B*C, 4, H, W]
+        return F.pixel_shuffle(y, 2).reshape(b, c, 2 * h, 2 * w)
