@@ -363,9 +363,9 @@ def _map_images(info, lr_shape) -> dict[str, Any]:
 
 
 def _sample_dir() -> Path:
-    from importlib.resources import files
+    from sddusr_engine.shipped import sample_dir
 
-    return Path(str(files("sddusr_engine") / "assets" / "sample"))
+    return sample_dir()
 
 
 @app.command(epilog="Example: sddusr demo -o ./sddusr-demo")

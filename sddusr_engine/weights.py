@@ -24,10 +24,11 @@ from torch import nn
 from .config import ModelConfig, get_config
 from .errors import WeightsError
 from .io import atomic_output
+from .shipped import default_weights
 
 FORMAT_TAG = "sddusr-engine"
 _CONTAINER_KEYS = ("params_ema", "params", "state_dict", "model", "net", "generator")
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "sddusr_default.safetensors"
+DEFAULT_WEIGHTS = default_weights()
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -181,9 +182,7 @@ def load_model(
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise WeightsError(f"{path} has non-finite values in {len(bad)} tensors, e.g. {bad[0]}")
-    model.load_state_dict(tensors, strict=True, assign=True)
-    for p in model.feature_match.sub_mean.parameters():
-        p.requires_grad_(False)
+    model.load_state_dict(tensors, strict=True, assign=True)  # keeps fixed layers frozen
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -1,0 +1,1 @@
+"""Files shipped with the package (the sample pair), installed as sddusr_engine.assets."""
