@@ -145,7 +145,7 @@ def test_imports_flow_down_the_layers():
 
 
 def test_every_module_states_its_job_and_stays_short():
-    for name, path in _modules().items():
+    for path in _modules().values():
         doc = ast.get_docstring(ast.parse(path.read_text()))
         assert doc and len(doc.split()) >= 4, f"{path} has no opening docstring stating its job"
         lines = len(path.read_text().splitlines())
