@@ -160,3 +160,12 @@ def test_shipped_default_weights_load_and_use_the_reference():
     assert (true - wrong)[centre].abs().mean() > 1e-3
     # outside the centre only the whole-image statistics and unconfident matches move
     assert (true - wrong)[outside].abs().mean() < 0.5 * (true - wrong)[centre].abs().mean()
+
+
+def test_loading_keeps_the_fixed_normalisation_frozen(tmp_path):
+    """The matching features' mean/std shift is a fixed layer: loaded, it stays out of training."""
+    path = save_weights(build_model("sddusr", **TINY), tmp_path / "w.safetensors")
+    model = load_model(path)
+    fixed = list(model.feature_match.sub_mean.parameters())
+    assert fixed and not any(p.requires_grad for p in fixed)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "sub_mean" not in n)
