@@ -16,6 +16,10 @@ Conventions, chosen to reproduce KeDuSR's evaluation code (`crop_psnr.py`, Basic
   left of the box; `kedusr_compat=True` (the default) reproduces that, so numbers compare with
   published ones, and `kedusr_compat=False` offsets the box by the 5-pixel margin so that each map
   value counts in the region that holds its window's centre.
+
+`psnr_tensor` is the same PSNR on [0, 1] float tensors (training's validation and the benchmarks):
+the first argument (a network's output) is clamped to [0, 1], both are scaled to [0, 255] in
+float64, and an optional boolean mask picks the pixels the squared error is averaged over.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import math
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-__all__ = ["psnr", "region_metrics", "ssim", "ssim_map"]
+__all__ = ["psnr", "psnr_tensor", "region_metrics", "ssim", "ssim_map"]
 
 _C1 = (0.01 * 255) ** 2
 _C2 = (0.03 * 255) ** 2
@@ -65,6 +71,25 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB over all pixels and channels, peak 255 (float inputs are in [0, 255])."""
     a, b = _pair(a, b)
     return _psnr_from_mse(float(np.mean((a - b) ** 2)))
+
+
+def psnr_tensor(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """PSNR in dB of image tensors in [0, 1] (same shape), peak 255, `a` clamped to [0, 1] first.
+
+    `mask`: a boolean tensor that broadcasts to the images' shape (e.g. [1, 1, H, W]); the MSE is
+    then taken over the pixels where it is True (all channels). `inf` when the MSE is 0.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    x, y = a.detach().clamp(0, 1).double() * 255, b.detach().double() * 255
+    if mask is None:
+        mse = F.mse_loss(x, y).item()
+    else:
+        m = mask.to(device=x.device, dtype=torch.bool).expand_as(x)
+        if not m.any():
+            return math.nan
+        mse = (x - y).square()[m].mean().item()
+    return _psnr_from_mse(mse)
 
 
 def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader
 
 from .config import ModelConfig, get_config
 from .data import DualLensDataset, Triplet, load_pairs, to_tensor
-from .evaluate import bicubic_x2
 from .losses import REC_LOSSES, LossWeights, SDDuSRLoss
+from .model.network import upsample_bicubic as bicubic_x2  # psnr() below clamps it
 
 CHECKPOINT = "checkpoint.pt"
 
