@@ -1,5 +1,6 @@
 """`sddusr eval` on a tiny dataset in the published layout: its PSNR must equal the one computed here
-independently (numpy formula), for SR, the no-reference network and bicubic."""
+independently (numpy formula), for SR, the no-reference network, bicubic and the wrong-reference
+control, photo by photo; the mask fractions, gains and summary follow from the same outputs."""
 
 import csv
 import json
@@ -160,3 +161,192 @@ def test_eval_adapts_the_corners_only(dataset, tiny_weights, tmp_path):
     assert (
         res.exit_code == 2 and "--adapt must be 0" in res.stderr and "Traceback" not in res.output
     )
+
+
+# Three images, the third with a larger centre rect: its reference is another size, so the control
+# of the image before it resizes that reference onto its own Ref grid.
+BOXES3 = {"0001": BOX, "0002": BOX, "0003": [8, 40, 16, 80]}
+
+
+@pytest.fixture(scope="module")
+def dataset3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("DuSR-three")
+    rng = np.random.default_rng(5)
+    for sub in ("LR", "HR", "LR_center", "Ref_SIFT"):
+        (root / "test" / sub).mkdir(parents=True)
+    for name, (y0, y1, x0, x1) in BOXES3.items():
+        hr = np.clip(rng.normal(128, 60, (64, 96, 3)), 0, 255).astype(np.uint8)
+        lr = hr.reshape(32, 2, 48, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+        write_image(root / "test" / "HR" / f"{name}.png", hr)
+        write_image(root / "test" / "LR" / f"{name}.png", lr)
+        write_image(
+            root / "test" / "LR_center" / f"{name}.png", lr[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2]
+        )
+        ref = np.clip(
+            hr[y0:y1, x0:x1].astype(int) + rng.integers(-6, 7, (y1 - y0, x1 - x0, 3)), 0, 255
+        )
+        write_image(root / "test" / "Ref_SIFT" / f"{name}.png", ref.astype(np.uint8))
+    (root / "boxes.json").write_text(json.dumps({f"{k}.png": v for k, v in BOXES3.items()}))
+    return root
+
+
+def _triplet(root, name):
+    from sddusr_engine.io import read_image
+
+    return [
+        read_image(root / "test" / s / f"{name}.png") for s in ("LR", "LR_center", "Ref_SIFT", "HR")
+    ]
+
+
+def test_evaluate_controls_and_per_photo_rows_match_an_independent_psnr(
+    dataset3, tiny_weights, tmp_path
+):
+    """`evaluate()` (what `sddusr eval` prints and writes): every per-photo number against the
+    numpy formula on the engine's own outputs, the wrong-reference control with the next photo's
+    reference (resized onto this photo's grid), the SFM mask fractions against the network's own
+    masks, and the summary as the mean of the per-photo differences."""
+    from sddusr_engine.evaluate import SUMMARY, evaluate, write_csv
+    from sddusr_engine.weights import load_model
+
+    eng = Engine.from_pretrained(tiny_weights, device="cpu", dtype="fp32")
+    report = evaluate(eng, dataset3, weights=tiny_weights)
+    assert report["count"] == 3 and [r["name"] for r in report["images"]] == [
+        "0001",
+        "0002",
+        "0003",
+    ]
+    assert report["dataset"] == str(dataset3) and report["weights"] == str(tiny_weights)
+    assert report["device"] == "cpu" and report["ensemble"] == 1 and report["adapt"] == 0
+    assert report["machine"] and report["date"] and report["torch"] == torch.__version__
+    net = load_model(tiny_weights, device="cpu").eval()
+    names = list(BOXES3)
+    for i, row in enumerate(report["images"]):
+        lr, lrc, ref, hr = _triplet(dataset3, row["name"])
+        y0, y1, x0, x1 = BOXES3[row["name"]]
+        assert row["box_hr"] == [y0, y1, x0, x1]
+        inside = np.zeros(hr.shape[:2], bool)
+        inside[y0:y1, x0:x1] = True
+        other = names[(i + 1) % 3]
+        other_ref = to_tensor(_triplet(dataset3, other)[2])
+        wrong = F.interpolate(other_ref, size=ref.shape[:2], mode="bicubic", align_corners=False)
+        with torch.inference_mode():
+            sr = img(eng.run(to_tensor(lr), to_tensor(lrc), to_tensor(ref)))
+            sr_wrong = img(eng.run(to_tensor(lr), to_tensor(lrc), wrong.clamp(0, 1)))
+            _, aux = net(to_tensor(lr), to_tensor(lrc), to_tensor(ref), return_aux=True)
+        bic = img(F.interpolate(to_tensor(lr), scale_factor=2, mode="bicubic", align_corners=False))
+        assert row["sr"]["psnr_center"] == pytest.approx(psnr(sr, hr, inside), abs=1e-6)
+        assert row["bicubic"]["psnr"] == pytest.approx(psnr(bic, hr), abs=1e-6)
+        assert row["wrong_ref"]["other"] == other
+        assert set(row["wrong_ref"]) == {"other", "psnr_center", "ssim_center"}
+        assert row["wrong_ref"]["psnr_center"] == pytest.approx(
+            psnr(sr_wrong, hr, inside), abs=1e-6
+        )
+        assert 0 < row["wrong_ref"]["ssim_center"] <= 1
+        assert row["ref_gain_db"] == pytest.approx(
+            psnr(sr, hr, inside) - psnr(sr_wrong, hr, inside), abs=1e-6
+        )
+        assert row["gain_db"] == pytest.approx(psnr(sr, hr) - psnr(bic, hr), abs=1e-6)
+        assert row["no_ref_gain_db"] == pytest.approx(
+            row["no_ref"]["psnr"] - psnr(bic, hr), abs=1e-9
+        )
+        mask_lr, mask_lrc = (float(aux[k].float().mean()) for k in ("mask_lr", "mask_lrc"))
+        assert row["mask_fraction_lr"] == pytest.approx(mask_lr, abs=1e-9)
+        assert row["mask_fraction_lrc"] == pytest.approx(mask_lrc, abs=1e-9)
+        assert row["mask_fraction"] == pytest.approx((mask_lr + mask_lrc) / 2, abs=1e-9)
+        assert row["seconds"] > 0
+    # the control changes something: another photo's reference is not this one's
+    assert any(abs(r["ref_gain_db"]) > 1e-5 for r in report["images"])
+    for k in SUMMARY:
+        want = np.mean(
+            [
+                r[k] if k in r else r["wrong_ref"][k.removeprefix("wrong_ref_")]
+                for r in report["images"]
+            ]
+        )
+        assert report["summary"][k] == pytest.approx(want, abs=1e-9), k
+    assert report["summary"]["gain_db"] == pytest.approx(
+        report["mean"]["sr"]["psnr"] - report["mean"]["bicubic"]["psnr"], abs=1e-9
+    )
+
+    write_csv(report, tmp_path / "m.csv")
+    with open(tmp_path / "m.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 3 + 3
+    sr1 = next(r for r in rows if r["image"] == "0001" and r["method"] == "sr")
+    assert sr1["wrong_ref"] == "0002"
+    assert float(sr1["ref_gain_db"]) == pytest.approx(report["images"][0]["ref_gain_db"], abs=1e-5)
+    assert float(sr1["mask_fraction"]) == pytest.approx(
+        report["images"][0]["mask_fraction"], abs=1e-5
+    )
+    bic1 = next(r for r in rows if r["image"] == "0001" and r["method"] == "bicubic")
+    assert bic1["ref_gain_db"] == "" and bic1["wrong_ref"] == ""
+    mean_sr = next(r for r in rows if r["image"] == "mean" and r["method"] == "sr")
+    assert float(mean_sr["ref_gain_db"]) == pytest.approx(
+        report["summary"]["ref_gain_db"], abs=1e-5
+    )
+
+
+def test_evaluate_selects_ensembles_and_refuses(dataset3, tiny_weights):
+    """`only` (a glob on the names) then `limit`; the control cycles within what is evaluated and
+    is absent for one photo; the ensemble is the engine's (scored as Engine(ensemble=2) gives);
+    methods may be a subset; errors are EvalErrors."""
+    from sddusr_engine.errors import EvalError
+    from sddusr_engine.evaluate import evaluate, find_dataset
+
+    eng = Engine.from_pretrained(tiny_weights, device="cpu", dtype="fp32", ensemble=2)
+    two = evaluate(eng, dataset3, only="000[13]")
+    assert [r["name"] for r in two["images"]] == ["0001", "0003"]
+    assert [r["wrong_ref"]["other"] for r in two["images"]] == ["0003", "0001"]
+    assert two["ensemble"] == 2
+    lr, lrc, ref, hr = _triplet(dataset3, "0001")
+    with torch.inference_mode():
+        sr = img(eng.run(to_tensor(lr), to_tensor(lrc), to_tensor(ref)))
+    assert two["images"][0]["sr"]["psnr"] == pytest.approx(psnr(sr, hr), abs=1e-6)
+
+    one = evaluate(eng, find_dataset(dataset3), limit=1, methods=("sr", "bicubic"))
+    assert (
+        one["count"] == 1
+        and one["methods"] == ["sr", "bicubic"]
+        and "no_ref" not in one["images"][0]
+    )
+    assert one["images"][0]["wrong_ref"] is None and one["images"][0]["ref_gain_db"] is None
+    assert one["images"][0]["no_ref_gain_db"] is None and math.isnan(one["summary"]["ref_gain_db"])
+    assert one["dataset"] is None
+    bare = evaluate(eng, dataset3, limit=2, methods=("bicubic",), wrong_reference=False)
+    assert bare["count"] == 2 and all(r["wrong_ref"] is None for r in bare["images"])
+    assert all(r["mask_fraction"] is None for r in bare["images"])
+    assert bare["images"][0]["bicubic"] == one["images"][0]["bicubic"]
+    off = evaluate(eng, dataset3, limit=2, methods=("sr",), wrong_reference=False)
+    assert all(r["wrong_ref"] is None for r in off["images"])
+    assert off["images"][0]["sr"] == one["images"][0]["sr"]
+
+    with pytest.raises(EvalError, match="no image name matches"):
+        evaluate(eng, dataset3, only="nothing*")
+    with pytest.raises(EvalError, match="unknown methods"):
+        evaluate(eng, dataset3, methods=("sr", "bilinear"))
+    with pytest.raises(EvalError, match="dataset folder"):
+        evaluate(eng, find_dataset(dataset3), boxes=dataset3 / "boxes.json")
+
+
+def test_eval_command_writes_the_control_and_the_masks(dataset, tiny_weights, tmp_path):
+    """What `evaluate()` adds reaches `sddusr eval`'s JSON: the control (two photos: each takes
+    the other's reference), the mask fractions and the summary, with and without --adapt (the
+    centre, and so the control, does not depend on the adaptation)."""
+    reports = {}
+    for name, extra in (("plain", ()), ("adapt", ("--adapt", 2))):
+        res = invoke("eval", dataset, "--weights", tiny_weights, "--device", "cpu",
+                     "--json", tmp_path / f"{name}.json", *extra)  # fmt: skip
+        assert res.exit_code == 0, res.output
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    plain, adapted = reports["plain"], reports["adapt"]
+    assert [r["wrong_ref"]["other"] for r in plain["images"]] == ["0002", "0001"]
+    for a, b in zip(plain["images"], adapted["images"], strict=True):
+        assert b["wrong_ref"]["psnr_center"] == pytest.approx(
+            a["wrong_ref"]["psnr_center"], abs=1e-9
+        )
+        assert b["ref_gain_db"] == pytest.approx(a["ref_gain_db"], abs=1e-9)
+        assert b["mask_fraction"] == pytest.approx(a["mask_fraction"], abs=1e-12)
+        assert 0 <= a["mask_fraction_lr"] <= 1 and 0 <= a["mask_fraction_lrc"] <= 1
+    for k in ("gain_db", "ref_gain_db", "mask_fraction", "wrong_ref_psnr_center"):
+        assert isinstance(plain["summary"][k], float), k
+    assert adapted["summary"]["gain_db"] != plain["summary"]["gain_db"]

@@ -115,3 +115,44 @@ def test_region_metrics_edge_cases():
         psnr(hr, hr[:-1])
     with pytest.raises(ValueError, match="at least"):
         ssim(hr[:8], hr[:8])
+
+
+def test_psnr_tensor_is_the_same_psnr_on_unit_tensors():
+    import torch
+
+    from sddusr_engine.metrics import psnr_tensor
+
+    x, y = _img(20, 24, 8), _img(20, 24, 9)
+    tx, ty = (torch.from_numpy(a).permute(2, 0, 1)[None].double() / 255 for a in (x, y))
+    assert psnr_tensor(tx, ty) == pytest.approx(psnr(x, y), rel=1e-12)
+    assert psnr_tensor(tx.float(), ty.float()) == pytest.approx(psnr(x, y), rel=1e-6)
+    assert psnr_tensor(ty, ty) == math.inf
+    # the first argument is a network's output: clamped to [0, 1] before the error
+    over = tx.clone()
+    over[..., :4, :] = 1.5
+    clamped = over.clamp(0, 1).permute(0, 2, 3, 1)[0].numpy() * 255
+    assert psnr_tensor(over, ty) == pytest.approx(psnr(clamped, y.astype(float)), rel=1e-12)
+    # a mask pools the squared error over its pixels, as region_metrics' centre does
+    box = (4, 14, 6, 18)
+    mask = torch.zeros(1, 1, 20, 24, dtype=torch.bool)
+    mask[..., 4:14, 6:18] = True
+    want = region_metrics(x, y, box)
+    assert psnr_tensor(tx, ty, mask) == pytest.approx(want["psnr_center"], rel=1e-12)
+    assert psnr_tensor(tx, ty, ~mask) == pytest.approx(want["psnr_corner"], rel=1e-12)
+    assert math.isnan(psnr_tensor(tx, ty, torch.zeros_like(mask)))
+    with pytest.raises(ValueError, match="differ"):
+        psnr_tensor(tx, ty[..., :-1])
+
+
+def test_psnr_tensor_keeps_trainings_numbers():
+    """The formula training's validation used (torch mean squared error on [0, 255] doubles)."""
+    import torch
+    import torch.nn.functional as F
+
+    from sddusr_engine.metrics import psnr_tensor
+
+    g = torch.Generator().manual_seed(0)
+    sr = torch.rand(1, 3, 16, 18, generator=g) * 1.2 - 0.1
+    hr = torch.rand(1, 3, 16, 18, generator=g)
+    mse = F.mse_loss(sr.clamp(0, 1).double() * 255, hr.double() * 255).item()
+    assert psnr_tensor(sr, hr) == 10 * math.log10(255.0**2 / mse)
