@@ -116,7 +116,7 @@ def diagnose(weights: str | None, data: str, split: str = "test", limit: int | N
         )
         _, aux = model(lr, lrc, ref, return_aux=True)
         hook.remove()
-        y0, y1, x0, x1 = t.box
+        y0, y1, x0, x1 = t.box_hr
         conf, index = aux["confidence"][0, 0], aux["index"][0]
         hq, wq = conf.shape
         hk, wk = lrc.shape[-2] // 2, lrc.shape[-1] // 2

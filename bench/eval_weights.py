@@ -135,10 +135,10 @@ def evaluate(
             .clamp(0, 1)
             .to(device)
         )
-        center = centre_mask(hr, t.box)
+        center = centre_mask(hr, t.box_hr)
         t0 = time.perf_counter()
         # the weights' low-band projection (if any) outside the Ref's LR box, as the engine does
-        lbox = lr_box(t.box)
+        lbox = lr_box(t.box_hr)
         box = lbox if low_band else None
         sr, aux = model(lr, lrc, ref, return_aux=True)
         if adapt:  # as the engine's `adapt`: the adapted copy's reference-free output outside

@@ -56,7 +56,7 @@ def sweep(weights, data, split, fit_data, taps=7, whole_only=False, limit=None) 
         hr = to_tensor(t.hr)[None]
         sr = net(lr, lrc, ref).clamp(0, 1)
         bic = bicubic_x2(lr).clamp(0, 1)
-        box = lr_box(t.box)
+        box = lr_box(t.box_hr)
         row = {"name": t.name, "network": _gain(sr, bic, hr)}
         for s in SIGMAS:
             row[f"outside_{s}"] = _gain(project_low_band(sr, lr, up, s, box), bic, hr)

@@ -95,7 +95,7 @@ def ceiling(data: str, split: str = "test", limit: int | None = None) -> dict:
         if t.flow is None:
             continue
         lr, hr, ref = (to_tensor(a)[None] for a in (t.lr, t.hr, t.ref))
-        y0, y1, x0, x1 = t.box
+        y0, y1, x0, x1 = t.box_hr
         flow = torch.from_numpy(t.flow).permute(2, 0, 1)[None]
         ref_flow = 2.0 * F.interpolate(flow, scale_factor=2, mode="bilinear", align_corners=True)
         aligned = flow_warp(ref, ref_flow, padding_mode="border")[0]

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .datasets import published_dir, read_boxes
 from .errors import DatasetLayoutError as BatchUsageError
 from .io import IMAGE_SUFFIXES, atomic_output, read_image, write_image
 
@@ -103,33 +104,7 @@ def _pick(
     return paths[0], None
 
 
-def find_boxes(*folders: Path) -> dict[str, tuple[int, int, int, int]]:
-    """Centre rects `<name> -> (y0, y1, x0, x1)` (HR pixels) from the JSON files in `folders`.
-
-    Keys are stored by stem, so `"0001.png"` and `"0001"` both match image `0001.png`.
-    """
-    boxes: dict[str, tuple[int, int, int, int]] = {}
-    for d in folders:
-        if not d.is_dir():
-            continue
-        for j in sorted(d.glob("*.json")):
-            try:
-                obj = json.loads(j.read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(obj, dict) or not obj:
-                continue
-            if all(isinstance(v, list | tuple) and len(v) == 4 for v in obj.values()):
-                for k, v in obj.items():
-                    boxes[Path(str(k)).stem] = tuple(int(x) for x in v)  # type: ignore[assignment]
-    return boxes
-
-
-def _published_root(root: Path) -> Path | None:
-    for d in (root, root / "test"):
-        if (d / "LR").is_dir() and ((d / "Ref_SIFT").is_dir() or (d / "Ref").is_dir()):
-            return d
-    return None
+find_boxes = read_boxes  # the dataset's centre rects, by stem (see `datasets.read_boxes`)
 
 
 def discover_pairs(root: str | os.PathLike) -> tuple[str, list[PairJob]]:
@@ -152,7 +127,7 @@ def discover_pairs(root: str | os.PathLike) -> tuple[str, list[PairJob]]:
             jobs.append(PairJob(name, "raw", inputs, problem=problem))
         return "wide/tele", jobs
 
-    d = _published_root(root)
+    d = published_dir(root)
     if d is None:
         raise BatchUsageError(
             f"{str(root)!r} holds neither wide/ + tele/ folders nor the published layout "

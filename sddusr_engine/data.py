@@ -54,7 +54,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .io import read_image
+from .datasets import (  # noqa: F401  (re-exported: the layout reader lives in datasets)
+    IMAGE_EXTS,
+    Triplet,
+    _find_image,
+    load_boxes,
+    load_pairs,
+    load_triplets,
+)
 from .registration import (
     FootprintNotFoundError,
     colour_match,
@@ -74,7 +81,6 @@ PHOTO_PACKAGES: dict[str, tuple[str, ...]] = {
 DEFAULT_CACHE = Path("~/.cache/sddusr/photos").expanduser()
 SPLITS = ("train", "test")
 BOX_FILE = "center_box.json"
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,102 +598,8 @@ def prepare_pairs(
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Reading a dataset
+# 3. Training crops (the layout itself is read by `sddusr_engine.datasets`)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Triplet:
-    """One pair as uint8 HWC arrays: LR, HR, LRC, Ref (on the 2xLRC grid) and the HR-pixel box."""
-
-    name: str
-    lr: np.ndarray
-    hr: np.ndarray
-    lrc: np.ndarray
-    ref: np.ndarray
-    box: list[int]
-    flow: np.ndarray | None = None  # true Ref->LRC flow [hc,wc,2] (dx, dy), synthetic pairs only
-
-
-def _find_image(folder: Path, name: str) -> Path | None:
-    stem = Path(name).stem
-    for ext in IMAGE_EXTS:
-        p = folder / (stem + ext)
-        if p.is_file():
-            return p
-    return None
-
-
-def load_boxes(root: Path | str, split: str | None = None) -> dict[str, list[int]]:
-    """Every `<name>.png -> [y0,y1,x0,x1]` mapping found in JSON files of `root` (and `root/split`)."""
-    root = Path(root)
-    found: dict[str, list[int]] = {}
-    dirs = [root] + ([root / split] if split else [])
-    for d in dirs:
-        for j in sorted(d.glob("*.json")):
-            try:
-                obj = json.loads(j.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if (
-                isinstance(obj, dict)
-                and obj
-                and all(isinstance(v, list) and len(v) == 4 for v in obj.values())
-            ):
-                found.update({Path(k).name: [int(x) for x in v] for k, v in obj.items()})
-    return found
-
-
-def load_pairs(root: Path | str, split: str = "train", limit: int | None = None) -> list[Triplet]:
-    """Read `root/split` in either layout: ours/KeDuSR test (`LR, HR, LR_center, Ref_SIFT`) or
-    KeDuSR train (`LR, HR, Ref_full`). LRC falls back to the LR crop by the box; Ref to
-    `Ref_full` resized (bicubic) onto the 2xLRC grid when its size differs."""
-    root = Path(root)
-    d = root / split
-    if not (d / "LR").is_dir() or not (d / "HR").is_dir():
-        raise FileNotFoundError(f"{d} has no LR/ and HR/ folders (expected the KeDuSR layout)")
-    boxes = load_boxes(root, split)
-    names = sorted(p.name for p in (d / "LR").iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    if limit:
-        names = names[:limit]
-    out = []
-    for name in names:
-        key = Path(name).stem + ".png"
-        if key not in boxes and name not in boxes:
-            raise KeyError(f"no centre box for {name} in the JSON files of {root} or {d}")
-        box = boxes.get(key, boxes.get(name))
-        y0, y1, x0, x1 = box
-        if (y1 - y0) % 4 or (x1 - x0) % 4 or y0 % 2 or x0 % 2:
-            raise ValueError(f"{name}: box {box} must give an even-sized LRC (sides % 4 == 0)")
-        lr = read_image(d / "LR" / name)
-        hr_p = _find_image(d / "HR", name)
-        if hr_p is None:
-            raise FileNotFoundError(f"{d / 'HR'} has no image for {name}")
-        hr = read_image(hr_p)
-        if hr.shape[0] != 2 * lr.shape[0] or hr.shape[1] != 2 * lr.shape[1]:
-            raise ValueError(f"{name}: HR {hr.shape[:2]} is not twice LR {lr.shape[:2]}")
-        lrc_p = _find_image(d / "LR_center", name) if (d / "LR_center").is_dir() else None
-        lrc = read_image(lrc_p) if lrc_p else lr[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2]
-        ref_p = None
-        for sub in ("Ref_SIFT", "Ref_full", "Ref"):
-            if (d / sub).is_dir():
-                ref_p = _find_image(d / sub, name)
-                if ref_p:
-                    break
-        if ref_p is None:
-            raise FileNotFoundError(f"no Ref_SIFT/, Ref_full/ or Ref/ image for {name} in {d}")
-        ref = read_image(ref_p)
-        rh, rw = 2 * lrc.shape[0], 2 * lrc.shape[1]
-        if ref.shape[:2] != (rh, rw):
-            ref = cv2.resize(ref, (rw, rh), interpolation=cv2.INTER_CUBIC)
-        flow = None
-        flow_p = d / "Flow" / (Path(name).stem + ".npy")
-        if flow_p.is_file():  # written by prepare_pairs; a resized Ref would invalidate it
-            flow = np.load(flow_p)
-            if flow.shape != (*lrc.shape[:2], 2) or ref_p.parent.name != "Ref_SIFT":
-                flow = None
-        out.append(Triplet(name, lr, hr, np.ascontiguousarray(lrc), ref, list(box), flow))
-    return out
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
@@ -762,7 +674,7 @@ class DualLensDataset(Dataset):
         c, x = self.crop, self.ctx
         H, W = t.lr.shape[:2]
         hc, wc = t.lrc.shape[:2]
-        ly0, lx0 = t.box[0] // 2, t.box[2] // 2
+        ly0, lx0 = t.box_hr[0] // 2, t.box_hr[2] // 2
         # Every crop origin is even: the crops keep the whole image's 2-pixel matching cells, as
         # the engine's tiles do, so an LR cell meets its LRC cell exactly (with an odd relative
         # offset the true match falls between two cells and the Ref arrives one LR pixel off).

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batch import find_boxes
+from .datasets import read_boxes, read_boxes_file
 from .engine import Engine
 from .errors import EvalError
 from .geometry import lr_box
@@ -106,23 +106,6 @@ def _images(folder: Path) -> dict[str, Path]:
     }
 
 
-def _load_boxes_file(path: Path) -> dict[str, tuple[int, int, int, int]]:
-    if not path.is_file():
-        raise EvalError(f"boxes file {str(path)!r} does not exist.")
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EvalError(f"boxes file {str(path)!r} is not readable JSON ({e}).") from None
-    if not isinstance(obj, dict) or not all(
-        isinstance(v, list | tuple) and len(v) == 4 for v in obj.values()
-    ):
-        raise EvalError(
-            f"boxes file {str(path)!r} must map each image name to [y0, y1, x0, x1] in HR pixels."
-        )
-    boxes = {Path(str(k)).stem: tuple(int(x) for x in v) for k, v in obj.items()}
-    return boxes  # type: ignore[return-value]
-
-
 def find_dataset(
     root: str | os.PathLike, boxes_file: str | os.PathLike | None = None, limit: int | None = None
 ) -> list[EvalItem]:
@@ -142,9 +125,9 @@ def find_dataset(
     if ref_dir is None:
         raise EvalError(f"{str(d)!r} has no Ref_SIFT/ folder of aligned references.")
     boxes = (
-        _load_boxes_file(Path(boxes_file))
+        read_boxes_file(boxes_file, EvalError)
         if boxes_file is not None
-        else find_boxes(root, d, root.parent if d == root else root)
+        else read_boxes(root, d, root.parent if d == root else root)
     )
     lr, hr, ref, lrc = (_images(d / s) for s in ("LR", "HR", ref_dir.name, "LR_center"))
     if not lr:

@@ -234,7 +234,7 @@ def validate(model: torch.nn.Module, pairs: Sequence[Triplet], device: str) -> d
         sr, aux = model(lr, lrc, ref, return_aux=True)
         sr_db.append(psnr(sr, hr))
         bic_db.append(psnr(bicubic_x2(lr), hr))
-        y0, y1, x0, x1 = t.box
+        y0, y1, x0, x1 = t.box_hr
         centre = (..., slice(y0, y1), slice(x0, x1))
         no_ref = model(lr, None, None)
         ref_gain.append(psnr(sr[centre], hr[centre]) - psnr(no_ref[centre], hr[centre]))

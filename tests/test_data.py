@@ -281,8 +281,8 @@ def test_prepare_pairs_layout_split_and_reader(tmp_path):
         for sub in ("LR", "HR", "LR_center", "Ref_SIFT"):
             assert (out / split / sub).is_dir()
     (t,) = load_pairs(out, "test")
-    assert t.name == "p2_0.png" and t.box == boxes["p2_0.png"]
-    y0, y1, x0, x1 = t.box
+    assert t.name == "p2_0.png" and t.box_hr == boxes["p2_0.png"]
+    y0, y1, x0, x1 = t.box_hr
     np.testing.assert_array_equal(t.lrc, t.lr[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2])
     assert t.ref.shape[:2] == (y1 - y0, x1 - x0) and t.hr.shape[0] == 2 * t.lr.shape[0]
     # same seed, same data
