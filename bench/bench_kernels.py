@@ -1,23 +1,21 @@
-"""Benchmark the Triton kernels against their references and eager PyTorch baselines.
+"""Benchmark each Triton kernel against its PyTorch reference and an eager baseline.
 
-On CUDA it runs the CameraFusion-Real sizes (see bench/README.md) and reports, per row: median ms
-(CUDA events, after warm-up), TFLOP/s or GB/s, the fraction of an 8192^3 fp16 matmul measured in the
-same run, and the extra memory (max_memory_allocated above what was allocated before the call).
-`--cpu` runs tiny sizes through Triton's interpreter only to show the harness works: those numbers
-are NOT GPU numbers. The table is printed last; `--json PATH` also writes the rows with the GPU
-name, torch/triton versions, date and git commit.
+On CUDA it runs the CameraFusion-Real sizes (bench/README.md lists them with their work floors)
+and reports per row: the median ms (`sddusr_engine.timing.time_ms`, synchronised, after warm-up),
+TFLOP/s or GB/s, the share of the device's matmul peak measured in the same run
+(`timing.measured_peaks`, the probe `sddusr profile` uses), and the extra memory one call
+allocates. `--cpu` runs small sizes through Triton's interpreter only to show that the harness
+works: those are not GPU numbers, and the table's title says so. The table is printed last;
+`--json PATH` also writes the rows with the device, versions, date and commit.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,11 +24,7 @@ _CPU = "--cpu" in sys.argv or not torch.cuda.is_available()
 if _CPU:  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from _provenance import commit  # noqa: E402
-
+import harness  # noqa: E402
 from sddusr_engine.kernels import (  # noqa: E402
     attention,
     deform_conv2d,
@@ -43,48 +37,18 @@ from sddusr_engine.kernels import (  # noqa: E402
     patch_warp_reference,
 )
 
+from sddusr_engine.timing import measured_peaks, time_ms  # noqa: E402
 
-def _time(fn, args, device, warmup=2, repeats=10):
-    """(median ms, extra bytes) of fn(*args); extra = peak allocated above the starting one."""
-    for _ in range(warmup):
-        fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*args)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times), torch.cuda.max_memory_allocated() - base
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), float("nan")
+OPS = ("patch_match", "patch_warp", "attention", "deform_conv2d")
 
 
-def _matmul_peak(device):
-    if device.type != "cuda":
-        return float("nan")
-    a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.float16)
-    ms, _ = _time(torch.matmul, (a, b), device, warmup=3, repeats=10)
-    del a, b
-    return 2 * 8192**3 / ms / 1e9  # TFLOP/s
-
-
-def _eager_attention(q, k, v, scale):
+def eager_attention(q, k, v, scale):
+    """The formula the attention kernel fuses, in eager PyTorch."""
     return torch.softmax(q @ k.t() * scale, dim=1) @ v
 
 
-def _bmm_max(qd, kd, chunk=4096):
-    """KeDuSR-style baseline in half precision: matmul a query chunk, then max over keys."""
+def bmm_max(qd, kd, chunk=4096):
+    """KeDuSR's matching done in the descriptors' dtype: a product per query chunk, then max."""
     score = torch.empty(qd.shape[0], device=qd.device, dtype=torch.float32)
     index = torch.empty(qd.shape[0], device=qd.device, dtype=torch.int64)
     for q0 in range(0, qd.shape[0], chunk):
@@ -93,67 +57,46 @@ def _bmm_max(qd, kd, chunk=4096):
     return score, index
 
 
-def _sizes(cpu):
-    if cpu:
-        return dict(c=4, q=(13, 17), k=(11, 9), cw=8, v=(20, 24), att_many=(300, 128),
-                    att_few=(128, 3000), dc=(16, 13, 17))  # fmt: skip
-    return dict(c=16, q=(640, 896), k=(320, 448), cw=64, v=(1280, 1792),
-                att_many=(573_440, 128), att_few=(128, 2_293_760), dc=(64, 1280, 1792))  # fmt: skip
-
-
-def run(cpu: bool, repeats: int, only: set[str] | None):
+def run(cpu: bool, repeats: int, only: set[str] | None) -> tuple[list[dict], dict]:
+    """Time every (kernel, implementation, dtype) row; returns the rows and the peaks."""
     dev = torch.device("cpu" if cpu else "cuda")
-    sz = _sizes(cpu)
-    peak = _matmul_peak(dev)
-    rows = []
-    slow = dict(warmup=1, repeats=max(1, min(3, repeats)))
+    sz = harness.SMALL_SIZES if cpu else harness.CAMERAFUSION_SIZES
+    peaks = measured_peaks(dev, torch.float32 if cpu else torch.float16)
+    rows: list[dict] = []
 
-    def add(op, impl, dtype, fn, args, flops=None, nbytes=None, slow_run=False):
-        kw = slow if slow_run or cpu else dict(repeats=repeats)
-        ms, extra = _time(fn, args, dev, **kw)
+    def add(op, impl, dtype, fn, args, flops=None, nbytes=None, slow=False):
+        call = lambda: fn(*args)  # noqa: E731
+        # the references take seconds at full size: fewer runs for them
+        n, warm = (max(1, min(3, repeats)), 1) if slow or cpu else (repeats, 2)
+        ms = time_ms(call, dev, repeats=n, warmup=warm)
         tflops = flops / ms / 1e9 if flops else float("nan")
-        gbs = nbytes / ms / 1e6 if nbytes else float("nan")
-        rows.append(dict(op=op, impl=impl, dtype=str(dtype).replace("torch.", ""), ms=ms,
-                         tflops=tflops, gbs=gbs,
-                         frac_peak=tflops / peak if flops and peak == peak else float("nan"),
-                         extra_mib=extra / 2**20))  # fmt: skip
+        rows.append(dict(
+            op=op, impl=impl, dtype=str(dtype).replace("torch.", ""), ms=ms, tflops=tflops,
+            gbs=nbytes / ms / 1e6 if nbytes else float("nan"),
+            share_of_peak=tflops / peaks["matmul_tflops"] if flops else float("nan"),
+            extra_mib=harness.extra_memory(call, dev),
+        ))  # fmt: skip
         print(f"  {op:<28} {impl:<22} {rows[-1]['dtype']:<9} {ms:10.3f} ms", flush=True)
 
-    want = lambda name: only is None or name in only
+    want = lambda name: only is None or name in only  # noqa: E731
     # -- patch_match ------------------------------------------------------------------------------
     if want("patch_match"):
         c, (hq, wq), (hk, wk) = sz["c"], sz["q"], sz["k"]
-        dtypes = [torch.float32] if cpu else [torch.float16, torch.bfloat16]
-        for dt in dtypes:
+        for dt in [torch.float32] if cpu else [torch.float16, torch.bfloat16]:
             q = torch.randn(c, hq, wq, device=dev).to(dt)
             k = torch.randn(c, hk, wk, device=dev).to(dt)
             flops = 2 * hq * wq * hk * wk * 9 * c
-            add(
-                "patch_match dense",
-                "triton",
-                dt,
-                patch_match,
-                (q, k),
-                flops,
-            )
-            add("patch_match dense", "reference(fp32 dot)", dt,
-                patch_match_reference, (q, k), flops, slow_run=True)  # fmt: skip
+            add("patch_match dense", "triton", dt, patch_match, (q, k), flops)
+            add("patch_match dense", "reference(fp32 dot)", dt, patch_match_reference, (q, k),
+                flops, slow=True)  # fmt: skip
             qd, kd = patch_descriptors(q), patch_descriptors(k)
-            add("patch_match dense", "bmm+max chunks", dt, _bmm_max, (qd, kd), flops,
-                slow_run=True)  # fmt: skip
+            add("patch_match dense", "bmm+max chunks", dt, bmm_max, (qd, kd), flops, slow=True)
             qm = torch.rand(hq, wq, device=dev) < 0.5
             km = torch.rand(hk, wk, device=dev) < 0.5
             mflops = 2 * int(qm.sum()) * int(km.sum()) * 9 * c
-            add(
-                "patch_match 50%/50% masks",
-                "triton",
-                dt,
-                patch_match,
-                (q, k, qm, km),
-                mflops,
-            )
-            add("patch_match 50%/50% masks", "reference(fp32 dot)", dt,
-                patch_match_reference, (q, k, qm, km), mflops, slow_run=True)  # fmt: skip
+            add("patch_match 50%/50% masks", "triton", dt, patch_match, (q, k, qm, km), mflops)
+            add("patch_match 50%/50% masks", "reference(fp32 dot)", dt, patch_match_reference,
+                (q, k, qm, km), mflops, slow=True)  # fmt: skip
             del q, k, qd, kd
     # -- patch_warp -------------------------------------------------------------------------------
     if want("patch_warp"):
@@ -164,17 +107,10 @@ def run(cpu: bool, repeats: int, only: set[str] | None):
             idx = torch.randint(-1, n, (hq, wq), device=dev)
             out_bytes = cw * 16 * hq * wq * v.element_size()
             floor = out_bytes + idx.numel() * 8 + v.numel() * v.element_size()
-            add(
-                "patch_warp",
-                "triton",
-                dt,
-                patch_warp,
-                (v, idx),
-                nbytes=floor,
-            )
+            add("patch_warp", "triton", dt, patch_warp, (v, idx), nbytes=floor)
             add("patch_warp", "reference(fold bands)", dt, patch_warp_reference, (v, idx),
-                nbytes=floor, slow_run=True)  # fmt: skip
-            if not cpu:
+                nbytes=floor, slow=True)  # fmt: skip
+            if not cpu:  # the bandwidth a plain copy of the output's size reaches
                 src = torch.empty(cw, 4 * hq, 4 * wq, device=dev, dtype=dt)
                 dst = torch.empty_like(src)
                 add("device copy (out size)", "torch copy_", dt, dst.copy_, (src,),
@@ -190,16 +126,8 @@ def run(cpu: bool, repeats: int, only: set[str] | None):
                 k = torch.randn(nk, 64, device=dev).to(dt)
                 v = torch.randn(nk, 64, device=dev).to(dt)
                 flops = 2 * nq * nk * 128
-                add(
-                    label,
-                    "triton",
-                    dt,
-                    attention,
-                    (q, k, v, 0.125),
-                    flops,
-                )
-                add(label, "eager formula", dt,
-                    _eager_attention, (q, k, v, 0.125), flops)  # fmt: skip
+                add(label, "triton", dt, attention, (q, k, v, 0.125), flops)
+                add(label, "eager formula", dt, eager_attention, (q, k, v, 0.125), flops)
                 del q, k, v
     # -- deform_conv2d ----------------------------------------------------------------------------
     if want("deform_conv2d"):
@@ -211,86 +139,43 @@ def run(cpu: bool, repeats: int, only: set[str] | None):
             wt = (torch.randn(64, cin, 3, 3, device=dev) / 24).to(dt)
             b = torch.randn(64, device=dev).to(dt)
             flops = 2 * h * w * 64 * cin * 9
-            add(
-                "deform_conv2d 3x3 G=8",
-                "triton",
-                dt,
-                deform_conv2d,
-                (x, off, mk, wt, b),
-                flops,
-            )
-            add("deform_conv2d 3x3 G=8", "reference(gather+mm)", dt,
-                deform_conv2d_reference, (x, off, mk, wt, b), flops, slow_run=True)  # fmt: skip
+            args = (x, off, mk, wt, b)
+            add("deform_conv2d 3x3 G=8", "triton", dt, deform_conv2d, args, flops)
+            add("deform_conv2d 3x3 G=8", "reference(gather+mm)", dt, deform_conv2d_reference,
+                args, flops, slow=True)  # fmt: skip
             del x, off, mk, wt, b
-    return rows, peak
+    return rows, peaks
 
 
-def _meta(cpu, peak):
-    try:
-        import triton
-
-        tv = triton.__version__
-    except Exception:
-        tv = "unavailable"
-    return dict(
-        gpu=torch.cuda.get_device_name() if not cpu else "none (CPU, Triton interpreter)",
-        not_gpu_numbers=cpu, torch=torch.__version__, triton=tv,
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), commit=commit(),
-        matmul_fp16_8192_tflops=peak,
-    )  # fmt: skip
-
-
-def _fmt(x, spec):
-    return "-" if x != x or x is None else format(x, spec)
-
-
-def print_table(rows, meta):
-    headers = ["op", "impl", "dtype", "ms", "TFLOP/s", "GB/s", "of fp16 mm peak", "extra MiB"]
-    body = [[r["op"], r["impl"], r["dtype"], _fmt(r["ms"], ".3f"), _fmt(r["tflops"], ".2f"),
-             _fmt(r["gbs"], ".1f"), _fmt(r["frac_peak"], ".1%"), _fmt(r["extra_mib"], ".0f")]
+def print_table(rows: list[dict], meta: dict) -> None:
+    headers = ["op", "impl", "dtype", "ms", "TFLOP/s", "GB/s", "share of mm peak", "extra MiB"]
+    f = harness.fmt
+    body = [[r["op"], r["impl"], r["dtype"], f(r["ms"], ".3f"), f(r["tflops"], ".2f"),
+             f(r["gbs"], ".1f"), f(r["share_of_peak"], ".1%"), f(r["extra_mib"], ".0f")]
             for r in rows]  # fmt: skip
-    title = (
-        f"{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | {meta['commit'][:10]}"
+    heading = harness.title(meta, "kernels") + (
+        f" | matmul peak {meta['peaks']['matmul_tflops']:.3g} TFLOP/s"
     )
-    if meta["not_gpu_numbers"]:
-        title += " | CPU interpreter: NOT GPU NUMBERS"
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title=title)
-        for h in headers:
-            t.add_column(h, justify="left" if h in ("op", "impl", "dtype") else "right")
-        for r in body:
-            t.add_row(*r)
-        Console(width=max(140, Console().width)).print(t)
-    except ImportError:
-        widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
-        print(title)
-        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
-        for r in body:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    harness.print_table(heading, headers, body)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, help="write the rows and metadata here")
-    p.add_argument("--cpu", action="store_true", help="tiny sizes under the Triton interpreter")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--only", nargs="*", help="patch_match patch_warp attention deform_conv2d")
+    p.add_argument("--json", type=Path, help="write the rows and where they were measured here")
+    p.add_argument("--cpu", action="store_true", help="small sizes under the Triton interpreter")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per row (median)")
+    p.add_argument("--only", nargs="*", choices=OPS, help="benchmark only these kernels")
     args = p.parse_args(argv)
     cpu = args.cpu or not torch.cuda.is_available()
     if cpu:
-        print("No GPU in use: tiny sizes through Triton's interpreter; these are NOT GPU numbers.")
-    rows, peak = run(cpu, args.repeats, set(args.only) if args.only else None)
-    meta = _meta(cpu, peak)
+        print("No GPU in use: small sizes through Triton's interpreter; these are NOT GPU numbers.")
+    rows, peaks = run(cpu, args.repeats, set(args.only) if args.only else None)
+    meta = {**harness.stamp(torch.device("cpu" if cpu else "cuda")), "peaks": peaks}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2, default=str))
     print_table(rows, meta)
-    if any(math.isnan(r["ms"]) for r in rows):
-        return 1
-    return 0
+    return 1 if any(math.isnan(r["ms"]) for r in rows) else 0
 
 
 if __name__ == "__main__":

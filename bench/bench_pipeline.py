@@ -4,64 +4,50 @@ On CUDA it runs a CameraFusion-Real-sized pre-aligned triplet (LR 1280x1792, LRC
 1280x1792) through the `sddusr` network (full preset: 64 channels, 3x8 trunk blocks, N=128) and
 the `kedusr` network, each with the same random weights for both backends, and reports:
 
-- the engine (tiled, chosen backend and precision): median wall time over `--repeats` runs, peak
-  `torch.cuda.max_memory_allocated`, and the per-stage breakdown the engine measures itself;
+- the engine (tiled, chosen backend and precision): median wall time over `--repeats` runs
+  (`sddusr_engine.timing.time_ms`), peak `torch.cuda.max_memory_allocated`, and the per-stage
+  breakdown the engine measures itself;
 - the plain network's whole-image forward on the torch backend in fp32 (the arithmetic of the
   published code) where it fits, as an in-run baseline;
-- KeDuSR's official inference as recorded in DESIGN.md section 5 on one H100 (2375 ms, 15.4 GiB),
-  as the ratio the issue asks for. That number was not measured by this script.
+- for `kedusr`, the ratio to KeDuSR's official inference as recorded in DESIGN.md section 5 on one
+  H100 (2375 ms, 15.4 GiB). That number is not measured by this script.
 
 `--shipped` adds the network the default weights configure (smaller than the full preset), with
 those weights; `--ensemble N` adds each network again with the geometric self-ensemble of N passes;
 `--adapt N` (with `--shipped`) adds the shipped weights with N steps of self-adaptation per pair.
 Weights do not change the work, so random weights are used for the presets. `--cpu` runs a small
 size on the CPU to show the harness works; those numbers are CPU numbers. The table is printed
-last; `--json PATH` writes the rows with the device name, versions, date and commit.
+last; `--json PATH` writes the rows with the device, versions, date and commit.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from sddusr_engine import build_model
+from sddusr_engine.engine import Engine
+from sddusr_engine.timing import sync, time_ms
 
-from _provenance import commit  # noqa: E402
-
-from sddusr_engine import build_model  # noqa: E402
-from sddusr_engine.engine import Engine  # noqa: E402
-
-KEDUSR_OFFICIAL_H100 = {"ms": 2375.0, "peak_gib": 15.4}  # DESIGN.md section 5, 2026-11-25
+KEDUSR_OFFICIAL_H100 = {"ms": 2375.0, "peak_gib": 15.4}  # DESIGN.md section 5
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _measure(fn, device: torch.device, repeats: int):
+def _measure(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median ms after one warm-up run, peak GiB allocated during the timed runs)."""
     fn()  # warm-up: kernel compilation, cuDNN algorithm choice
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
+    ms = time_ms(fn, device, repeats, warmup=0)
     peak = (
         torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     )
-    return statistics.median(times), peak, result
+    return ms, peak
 
 
 def _profile(fn, device: torch.device, path: Path, rows: int = 30) -> None:
@@ -71,7 +57,7 @@ def _profile(fn, device: torch.device, path: Path, rows: int = 30) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         fn()
-        _sync(device)
+        sync(device)
     avg = prof.key_averages()
     keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()
     for key in (*keys, "self_cpu_time_total"):
@@ -150,7 +136,7 @@ def main(argv=None) -> int:
             infos.append(info)
             return out
 
-        ms, peak, _ = _measure(run, device, args.repeats)
+        ms, peak = _measure(run, device, args.repeats)
         info = infos[-1]
         if profile:
             _profile(run, device, Path(args.profile) / f"profile_{variant}.txt")
@@ -196,7 +182,7 @@ def main(argv=None) -> int:
                     return base_model(lr.to(device), lrc.to(device), ref.to(device))
 
             try:
-                bms, bpeak, _ = _measure(baseline, device, 1)
+                bms, bpeak = _measure(baseline, device, 1)
                 rows.append(
                     {
                         "variant": variant,
@@ -219,32 +205,34 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    meta = {
-        "device": torch.cuda.get_device_name(0)
-        if device.type == "cuda"
-        else "CPU (not a GPU number)",
-        "torch": torch.__version__,
-        "date": _dt.date.today().isoformat(),
-        "commit": commit(short=True),
-        "size": f"LR {h}x{w}, LRC {hc}x{wc}, Ref {2 * hc}x{2 * wc}",
-    }
+    meta = {**harness.stamp(device), "size": f"LR {h}x{w}, LRC {hc}x{wc}, Ref {2 * hc}x{2 * wc}"}
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-
-    print(
-        f"\npipeline benchmark — {meta['device']}, torch {meta['torch']}, {meta['date']}, {meta['commit']}, {meta['size']}"
-    )
-    print(f"{'variant':8} {'what':44} {'ms':>10} {'peak GiB':>9}  stages (ms)")
-    for r in rows:
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in r.get("stages_ms", {}).items())
-        print(f"{r['variant']:8} {r['what']:44} {r['ms']:10.1f} {r['peak_gib']:9.2f}  {stages}")
-        if "speedup_vs_kedusr_official_h100" in r:
-            print(
-                f"{'':8} {'vs KeDuSR official (2375 ms, 15.4 GiB, H100)':44} "
-                f"{r['speedup_vs_kedusr_official_h100']:9.2f}x {r['memory_vs_kedusr_official_h100']:8.2f}x"
-            )
+    print_table(rows, meta)
     return 0
 
 
+def print_table(rows: list[dict], meta: dict) -> None:
+    """The rows as a table, with the KeDuSR ratios and the per-stage times after it."""
+    body = []
+    for r in rows:
+        ratio = ""
+        if "speedup_vs_kedusr_official_h100" in r:
+            ratio = (
+                f"{r['speedup_vs_kedusr_official_h100']:.2f}x faster, "
+                f"{r['memory_vs_kedusr_official_h100']:.2f}x the memory"
+            )
+        body.append([r["variant"], r["what"], harness.fmt(r["ms"], ".1f"),
+                     harness.fmt(r["peak_gib"], ".2f"), ratio or "-"])  # fmt: skip
+    heading = harness.title(meta, f"pipeline, {meta['size']}")
+    harness.print_table(
+        heading, ["variant", "what", "ms", "peak GiB", "vs KeDuSR official (H100)"], body
+    )
+    for r in rows:
+        if r.get("stages_ms"):
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_ms"].items())
+            print(f"  {r['variant']} {r['what']}: {stages} (ms)")
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,10 +1,12 @@
 """Sweep the kernels' launch settings (block sizes, warps, stages) at the CameraFusion sizes.
 
-The GPU entries of `kernels/_launch.py` were written without a GPU; this measures the candidates
-on the card at hand. Each candidate replaces the table entry, runs the kernel on the same inputs
-as `bench_kernels.py`, and is checked against the current default's output (same function, any
-launch settings), so a setting that is fast but wrong shows as "MISMATCH". The table is printed
-last; `--json PATH` writes the rows. GPU only: under the interpreter the timings mean nothing.
+The GPU entries of `kernels/_launch.py` are the best of this sweep on the card named in
+bench/RESULTS.md; run it again on another card. Each candidate replaces the table entry, runs the
+kernel on the inputs `bench_kernels.py` uses (`harness.CAMERAFUSION_SIZES`), is timed with
+`sddusr_engine.timing.time_ms`, and is checked against the output of the setting in use (same
+function, any launch settings), so a setting that is fast but wrong shows as "MISMATCH". The
+table is printed last; `--json PATH` writes the rows with the device, versions, date and commit.
+GPU only: under the interpreter the timings mean nothing.
 """
 
 from __future__ import annotations
@@ -14,15 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+import harness
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import bench_kernels as bk  # noqa: E402
-
-from sddusr_engine.kernels import (  # noqa: E402
+from sddusr_engine.kernels import (
     _launch,
     attention,
     deform_conv2d,
@@ -30,7 +26,9 @@ from sddusr_engine.kernels import (  # noqa: E402
     patch_grid,
     patch_warp,
 )
-from sddusr_engine.kernels.patch_match import match_descriptors  # noqa: E402
+from sddusr_engine.kernels.patch_match import match_descriptors
+
+from sddusr_engine.timing import time_ms
 
 C = _launch.Config
 # Candidates per kernel; each case is timed with the setting in use first, then these.
@@ -80,7 +78,7 @@ def _label(cfg: _launch.Config) -> str:
 
 def _cases(dev):
     """(name, table key, fn, args, flops, nbytes) at the bench_kernels sizes."""
-    sz = bk._sizes(False)
+    sz = harness.CAMERAFUSION_SIZES
     c, (hq, wq), (hk, wk) = sz["c"], sz["q"], sz["k"]
     q = torch.randn(c, hq, wq, device=dev).half()
     k = torch.randn(c, hk, wk, device=dev).half()
@@ -124,8 +122,8 @@ def _agree(a, b) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", type=Path, help="write the rows and where they were measured here")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per setting (median)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_configs.py: needs a CUDA GPU (interpreter timings mean nothing)")
@@ -147,7 +145,7 @@ def main(argv=None) -> int:
                     want, verdict = got, "default"
                 else:
                     verdict = _agree(got, want)
-                ms, _ = bk._time(fn, fargs, dev, warmup=2, repeats=args.repeats)
+                ms = time_ms(lambda f=fn, a=fargs: f(*a), dev, repeats=args.repeats, warmup=2)
             except Exception as exc:  # a setting the compiler or the card refuses
                 ms, verdict = float("nan"), f"error: {type(exc).__name__}: {str(exc)[:80]}"
             rows.append(dict(case=name, config=_label(cfg), ms=ms, verdict=verdict,
@@ -158,11 +156,12 @@ def main(argv=None) -> int:
             _launch._GPU.pop(key, None)
         else:
             _launch._GPU[key] = saved
+    meta = harness.stamp(dev)
     if args.json:
-        args.json.write_text(
-            json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=rows), indent=1)
-        )
-    print(f"\nLaunch-setting sweep on {torch.cuda.get_device_name()} (median ms, first = default)")
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(
+        f"\n{harness.title(meta, 'launch-setting sweep (median ms, first = the setting in use)')}"
+    )
     best = {}
     for r in rows:
         if r["verdict"] in ("ok", "default") and r["ms"] == r["ms"]:
