@@ -88,6 +88,8 @@ SUMMARY = (
 
 @dataclass(frozen=True)
 class EvalItem:
+    """One image of the dataset to score, as file paths, and its centre rect."""
+
     name: str
     lr: Path
     hr: Path
@@ -181,7 +183,7 @@ def _load(item: EvalItem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.
     return to_tensor(lr), to_tensor(lrc), to_tensor(ref), hr
 
 
-def other_reference(item: EvalItem, ref_hw: tuple[int, int]) -> torch.Tensor:
+def _other_reference(item: EvalItem, ref_hw: tuple[int, int]) -> torch.Tensor:
     """`item`'s reference resized bicubic (align_corners=False, clamped) onto an `ref_hw` grid:
     the wrong reference of the control."""
     ref = to_tensor(read_image(item.ref))
@@ -302,7 +304,7 @@ def evaluate(
                 row[m] = region_metrics(_to_255(out), hr, item.box_hr)
             if control is not None:
                 other = items[(i + 1) % len(items)]
-                out = control.run(lr, lrc, other_reference(other, ref.shape[-2:]), box_lr=box_lr)
+                out = control.run(lr, lrc, _other_reference(other, ref.shape[-2:]), box_lr=box_lr)
                 got = region_metrics(_to_255(out), hr, item.box_hr)
                 row["wrong_ref"] = {"other": other.name, **{k: got[k] for k in CONTROL_METRICS}}
             else:
