@@ -9,7 +9,6 @@ that `sddusr --help` stays fast.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -33,6 +32,8 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+from sddusr_engine.errors import EngineError, UsageError, WeightsError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -65,14 +66,6 @@ class Backend(str, Enum):
 # ----------------------------------------------------------------------------- error boundary
 
 
-class CLIError(Exception):
-    """A user error found by the CLI itself; `code` is the exit status."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
 def _fail(message: str, code: int = 1) -> None:
     err.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
     raise typer.Exit(code)
@@ -80,36 +73,26 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _user_message(e: BaseException) -> tuple[str, int] | None:
     """(sentence, exit code) for an error a user can act on; None for a bug."""
-    from sddusr_engine.io import ImageReadError
+    import torch
 
-    if isinstance(e, CLIError):
-        return str(e), e.code
-    name = type(e).__name__
-    if name == "OutOfMemoryError":
+    from sddusr_engine.errors import FootprintNotFoundError, SddusrError
+
+    if isinstance(e, SddusrError):
+        msg = str(e).strip() or type(e).__name__
+        if isinstance(e, FootprintNotFoundError):
+            msg = msg.rstrip(".") + "; pass --no-reference-ok to enlarge the wide photo without it."
+        return msg, e.exit_code
+    if isinstance(e, torch.cuda.OutOfMemoryError):
         return (
             "out of GPU memory; try a smaller --tile (e.g. --tile 128), --precision fp16, "
             "or --device cpu.",
             1,
         )
-    user_types: tuple[type, ...] = (ImageReadError, FileNotFoundError, PermissionError, OSError)
-    for mod, cls in (
-        ("sddusr_engine.weights", "WeightsError"),
-        ("sddusr_engine.engine", "EngineError"),
-        ("sddusr_engine.registration", "FootprintNotFoundError"),
-        ("sddusr_engine.batch", "BatchUsageError"),
-        ("sddusr_engine.evaluate", "EvalError"),
-    ):
-        t = getattr(sys.modules.get(mod), cls, None)
-        if t is not None:
-            user_types += (t,)
-    if isinstance(e, user_types):
-        msg = str(e).strip() or name
-        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+    if isinstance(e, OSError):  # FileNotFoundError, PermissionError, ...
+        msg = str(e).strip() or type(e).__name__
+        if e.filename and str(e.filename) not in msg:
             msg = f"{msg} ({e.filename})"
-        if name == "FootprintNotFoundError":
-            msg = msg.rstrip(".") + "; pass --no-reference-ok to enlarge the wide photo without it."
-        code = 2 if name == "BatchUsageError" else 1
-        return msg, code
+        return msg, 1
     if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
         return "out of memory; try a smaller --tile or a smaller image.", 1
     return None
@@ -218,16 +201,16 @@ def _load_engine(
 
     if ensemble not in ENSEMBLE_SIZES:
         sizes = ", ".join(map(str, ENSEMBLE_SIZES))
-        raise CLIError(f"--ensemble must be one of {sizes}, not {ensemble}.", 2)
+        raise UsageError(f"--ensemble must be one of {sizes}, not {ensemble}.")
     if not 0 <= adapt <= MAX_ADAPT_STEPS:
-        raise CLIError(f"--adapt must be 0 (off) to {MAX_ADAPT_STEPS} steps, not {adapt}.", 2)
+        raise UsageError(f"--adapt must be 0 (off) to {MAX_ADAPT_STEPS} steps, not {adapt}.")
     if weights is None and not DEFAULT_WEIGHTS.is_file():
-        raise CLIError(
+        raise WeightsError(
             f"the default weights are not installed ({DEFAULT_WEIGHTS}); pass a weights file "
             "with --weights FILE (or set SDDUSR_WEIGHTS)."
         )
     if weights is not None and not weights.is_file():
-        raise CLIError(f"weights file not found: {weights}")
+        raise WeightsError(f"weights file not found: {weights}")
     return Engine.from_pretrained(
         weights,
         device=device,
@@ -272,93 +255,6 @@ def _tile_progress(progress: Progress, task):
     return cb
 
 
-def _bicubic_x2(img):
-    import cv2
-
-    h, w = img.shape[:2]
-    return cv2.resize(img, (2 * w, 2 * h), interpolation=cv2.INTER_CUBIC)
-
-
-def _to_u8(img):
-    import numpy as np
-
-    if img.dtype == np.uint16:
-        return ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    return img
-
-
-def comparison_image(wide, sr, corners=None, box=None):
-    """Side by side: bicubic x2 of `wide` (footprint polygon in yellow, centre box in cyan) | SR."""
-    import cv2
-    import numpy as np
-
-    left = np.ascontiguousarray(_to_u8(_bicubic_x2(wide)))
-    right = np.ascontiguousarray(_to_u8(sr))
-    thick = max(1, round(left.shape[1] / 400))
-    if corners is not None:
-        # LR pixel x -> 2x pixel 2x + 0.5 (pixel-centre convention); drawn with 4-bit sub-pixels
-        pts = np.rint((2 * np.asarray(corners, float) + 0.5) * 16).astype(np.int32)
-        cv2.polylines(left, [pts.reshape(-1, 1, 2)], True, (255, 220, 0), thick, cv2.LINE_AA, 4)
-    if box is not None:
-        y0, y1, x0, x1 = (2 * int(v) for v in box)
-        cv2.rectangle(left, (x0, y0), (x1 - 1, y1 - 1), (0, 220, 255), thick)
-    gap = np.full((left.shape[0], max(4, thick * 4), 3), 255, np.uint8)
-    both = np.concatenate([left, gap, right], axis=1)
-    scale = max(0.4, left.shape[1] / 900)
-    for text, x in (("bicubic x2", 8), ("SR x2", left.shape[1] + gap.shape[1] + 8)):
-        org = (x, int(24 * scale) + 4)
-        cv2.putText(
-            both, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3 * thick, cv2.LINE_AA
-        )
-        cv2.putText(
-            both, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA
-        )
-    return both
-
-
-def _map_images(info, lr_shape) -> dict[str, Any]:
-    """Figure-4 style PNGs from info.maps, upsampled (nearest) to the LR size."""
-    import cv2
-    import numpy as np
-
-    maps = info.maps
-    h, w = lr_shape[:2]
-
-    def big(a):
-        return cv2.resize(a, (w, h), interpolation=cv2.INTER_NEAREST)
-
-    images: dict[str, Any] = {}
-    for name in ("mask_lr", "mask_lrc"):
-        if name in maps:
-            m = (np.asarray(maps[name], np.float32) > 0.5).astype(np.uint8) * 255
-            if name == "mask_lrc" and info.box_lr is not None:
-                y0, y1, x0, x1 = info.box_lr
-                images[name] = cv2.resize(m, (x1 - x0, y1 - y0), interpolation=cv2.INTER_NEAREST)
-            else:
-                images[name] = big(m)
-    if "confidence" in maps:
-        c = np.clip(np.asarray(maps["confidence"], np.float32), 0, 1)
-        images["confidence"] = big(np.rint(c * 255).astype(np.uint8))
-    if "index" in maps:
-        idx = np.asarray(maps["index"]).astype(np.int64)
-        wk = int(np.asarray(maps.get("key_grid_width", 0)))
-        if wk <= 0 and info.box_lr is not None:
-            wk = max(1, (info.box_lr[3] - info.box_lr[2]) // 2)
-        wk = max(wk, 1)
-        valid = idx >= 0
-        if info.box_lr is not None:
-            hk = max(1, (info.box_lr[1] - info.box_lr[0]) // 2)
-        else:
-            hk = max(1, int(idx.max()) // wk + 1) if valid.any() else 1
-        rgb = np.zeros((*idx.shape, 3), np.uint8)
-        # red = matched key's x, green = its y across the LRC grid, blue = 128 where matched
-        rgb[..., 0] = np.where(valid, np.rint(255 * (idx % wk) / max(wk - 1, 1)), 0)
-        rgb[..., 1] = np.where(valid, np.rint(255 * (idx // wk) / max(hk - 1, 1)), 0)
-        rgb[..., 2] = np.where(valid, 128, 0)
-        images["index"] = big(rgb)
-    return images
-
-
 # ----------------------------------------------------------------------------- demo
 
 
@@ -391,6 +287,7 @@ def demo(
     """Super-resolve the bundled sample pair and write the result and a side-by-side comparison."""
     import cv2
 
+    from sddusr_engine.compare import comparison_image
     from sddusr_engine.io import read_image, write_image
 
     sample = _sample_dir()
@@ -460,10 +357,11 @@ def sr(
     ] = False,
 ) -> None:
     """Enlarge one wide photo x2 using its telephoto as the reference."""
+    from sddusr_engine.compare import map_images
     from sddusr_engine.io import read_image, write_image
 
     if output.suffix.lower() not in (".png", ".tif", ".tiff", ".jpg", ".jpeg"):
-        raise CLIError(f"output {output} must end in .png, .tif, .tiff, .jpg or .jpeg.", 2)
+        raise UsageError(f"output {output} must end in .png, .tif, .tiff, .jpg or .jpeg.")
     wide_a, tele_a = read_image(wide), read_image(tele)
     with err.status("loading the network..."):
         eng = _load_engine(weights, device, precision, backend, tile, ensemble, adapt)
@@ -485,7 +383,7 @@ def sr(
     written_maps = []
     if save_maps is not None:
         save_maps.mkdir(parents=True, exist_ok=True)
-        for name, img in _map_images(info, wide_a.shape).items():
+        for name, img in map_images(info, wide_a.shape).items():
             p = save_maps / f"{name}.png"
             write_image(p, img)
             written_maps.append(str(p))
@@ -583,10 +481,10 @@ def batch(
     )
 
     if ext.lower().lstrip(".") not in OUTPUT_SUFFIXES:
-        raise CLIError(f"--ext {ext!r} is not one of {', '.join(OUTPUT_SUFFIXES)}.", 2)
+        raise UsageError(f"--ext {ext!r} is not one of {', '.join(OUTPUT_SUFFIXES)}.")
     layout, jobs = discover_pairs(indir)
     if not jobs:
-        raise CLIError(f"{indir} holds no image pairs ({layout} layout found, but empty).", 2)
+        raise UsageError(f"{indir} holds no image pairs ({layout} layout found, but empty).")
     ctx = dist_context(device)
     gathered = False
     try:
@@ -612,7 +510,7 @@ def batch(
         if problem is not None:
             if load_error is not None:
                 raise load_error
-            raise CLIError(f"another rank could not start: {problem}")
+            raise EngineError(f"another rank could not start: {problem}")
         where = (
             f" (rank {ctx.rank}/{ctx.world}: {len(mine)} of {len(jobs)} pairs)"
             if ctx.world > 1
@@ -820,199 +718,10 @@ def _parse_size(size: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in size.lower().split("x"))
     except ValueError:
-        raise CLIError(f"--size {size!r} is not HxW (e.g. 448x896).", 2) from None
+        raise UsageError(f"--size {size!r} is not HxW (e.g. 448x896).") from None
     if h < 32 or w < 32 or h % 4 or w % 4:
-        raise CLIError(f"--size {size}: both sides must be multiples of 4 and at least 32.", 2)
+        raise UsageError(f"--size {size}: both sides must be multiples of 4 and at least 32.")
     return h, w
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_ms(fn, device, repeats: int, warmup: int = 1, best: bool = False) -> float:
-    import statistics
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return min(times) if best else statistics.median(times)
-
-
-def _measured_peaks(device, dtype) -> dict[str, float]:
-    """Matrix-product FLOP/s and copy bandwidth of this device, measured now."""
-    import torch
-
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = _time_ms(lambda: a @ b, device, 5, 2, best=True)
-    src = torch.empty(
-        64 * 2**20 if device.type == "cuda" else 8 * 2**20, dtype=torch.uint8, device=device
-    )
-    dst = torch.empty_like(src)
-    cms = _time_ms(lambda: dst.copy_(src), device, 5, 2, best=True)
-    return {
-        "matmul_tflops": 2 * n**3 / ms / 1e9,
-        "copy_gbs": 2 * src.numel() / cms / 1e6,
-        "matmul_n": n,
-    }
-
-
-def _kernel_rows(device, dtype, lr_hw, repeats: int, backends: list[str], peaks) -> list[dict]:
-    """Each kernel at the pipeline's shapes for an LR image of lr_hw, on each backend."""
-    import torch
-
-    from sddusr_engine.kernels import get_ops, patch_grid
-
-    h, w = lr_hw
-    g = torch.Generator(device="cpu").manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    hq, wq, hk, wk = h // 2, w // 2, h // 4, w // 4  # LR and LRC (half LR) matching grids
-    q, k = r(16, hq, wq), r(16, hk, wk)
-    n_patch = patch_grid(h)[0] * patch_grid(w)[0]  # Ref-feature grid = LR size
-    value = r(64, h, w)
-    index = torch.randint(-1, n_patch, (hq, wq), generator=g).to(device)
-    nq, nk = 4 * h * w, 128  # TDL learning: every output position against 128 tokens
-    aq, ak, av = r(nq, 64), r(nk, 64), r(nk, 64)
-    uq, uk, uv = (
-        r(128, 64),
-        r(h * w, 64),
-        r(h * w, 64),
-    )  # TDL update: 128 tokens vs all Ref positions
-    x = r(1, 64, h, w)
-    off = r(1, 144, h, w) * 3
-    msk = torch.rand(1, 72, h, w, generator=g).to(device=device, dtype=dtype)
-    wt, bias = r(64, 64, 3, 3) / 24, r(64)
-    es = torch.tensor([], dtype=dtype).element_size()
-    cases = [
-        ("patch_match", "patch_match", (q, k), 2 * hq * wq * hk * wk * 144, None),
-        ("patch_warp", "patch_warp", (value, index), None,
-         (64 * 16 * hq * wq + value.numel()) * es + index.numel() * 8),
-        ("attention (TDL learn)", "attention", (aq, ak, av, 0.125), 4 * nq * nk * 64, None),
-        ("attention (TDL update)", "attention", (uq, uk, uv, 0.125), 4 * 128 * h * w * 64, None),
-        ("deform_conv2d", "deform_conv2d", (x, off, msk, wt, bias), 2 * h * w * 64 * 64 * 9, None),
-    ]  # fmt: skip
-    rows = []
-    for backend in backends:
-        ops = get_ops(backend)
-        for label, op, args, flops, nbytes in cases:
-            fn = getattr(ops, op)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            ms = _time_ms(lambda fn=fn, args=args: fn(*args), device, repeats)
-            mem = (
-                (torch.cuda.max_memory_allocated(device) - base) / 2**20
-                if device.type == "cuda"
-                else None
-            )
-            row = {"kind": "kernel", "name": label, "impl": backend, "ms": ms, "memory_mib": mem}
-            if flops:
-                row["tflops"] = flops / ms / 1e9
-                row["share_of_peak"] = row["tflops"] / peaks["matmul_tflops"]
-            if nbytes:
-                row["gbs"] = nbytes / ms / 1e6
-                row["share_of_peak"] = row["gbs"] / peaks["copy_gbs"]
-            rows.append(row)
-    return rows
-
-
-def _per_stage_counts(fc, device, flops: dict, memory: dict):
-    """A stage hook for `Engine.run`: records each stage's FLOPs (from the counter `fc`) and, on
-    CUDA, its peak memory."""
-    import torch
-
-    @contextlib.contextmanager
-    def hook(stage):
-        f0 = fc.get_total_flops()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        yield
-        flops[stage] = flops.get(stage, 0) + fc.get_total_flops() - f0
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / 2**20
-            memory[stage] = max(memory.get(stage, 0.0), peak)
-
-    return hook
-
-
-def _pipeline_rows(eng, lr_hw, repeats: int, peaks) -> tuple[list[dict], dict]:
-    import numpy as np
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    h, w = lr_hw
-    rng = np.random.default_rng(0)
-    lr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    hc, wc = h // 2, w // 2
-    y0, x0 = (h - hc) // 2 // 2 * 2, (w - wc) // 2 // 2 * 2
-    lrc = np.ascontiguousarray(lr[y0 : y0 + hc, x0 : x0 + wc])
-    ref = np.ascontiguousarray(np.repeat(np.repeat(lrc, 2, 0), 2, 1))
-    dev = eng.device
-    eng.run(lr, lrc, ref)  # warm-up
-    timings: list[dict[str, float]] = []
-    peak_mib = None
-    infos = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        _sync(dev)
-        t0 = time.perf_counter()
-        _, info = eng.run(lr, lrc, ref, return_info=True)
-        _sync(dev)
-        infos.append(info)
-        timings.append({**info.timings, "total": 1e3 * (time.perf_counter() - t0)})
-        if dev.type == "cuda":
-            peak_mib = torch.cuda.max_memory_allocated(dev) / 2**20
-    flops: dict[str, float] = {}
-    memory: dict[str, float] = {}
-    # The FLOP counter's module tracker hooks parameters that require grad; none are needed here.
-    for p in eng.model.parameters():
-        p.requires_grad_(False)
-    try:
-        with FlopCounterMode(display=False) as fc:
-            eng.run(lr, lrc, ref, stage_hook=_per_stage_counts(fc, dev, flops, memory))
-        total_flops = float(fc.get_total_flops())
-    except Exception:  # noqa: BLE001 - the FLOP counter is best effort
-        flops, total_flops = {}, 0.0
-    m = infos[-1].matching
-    if m.get("pairs_evaluated"):
-        # the kernels are not counted by the FLOP counter (Triton) or counted densely (reference)
-        total_flops += 2.0 * 144 * m["pairs_evaluated"] - flops.get("matching", 0.0)
-        flops["matching"] = 2.0 * 144 * m["pairs_evaluated"]
-    stages = list(timings[0])
-    rows = []
-    med = lambda vals: float(np.median(vals))  # noqa: E731
-    total_ms = med([t["total"] for t in timings])
-    for s in stages:
-        ms = med([t.get(s, 0.0) for t in timings])
-        row = {
-            "kind": "stage",
-            "name": s,
-            "impl": eng.backend,
-            "ms": ms,
-            "share_of_time": ms / total_ms,
-        }
-        f = total_flops if s == "total" else flops.get(s)
-        if f:
-            row["gflop"] = f / 1e9
-            row["tflops"] = f / ms / 1e9
-            row["share_of_peak"] = row["tflops"] / peaks["matmul_tflops"]
-        row["memory_mib"] = peak_mib if s == "total" else memory.get(s)
-        rows.append(row)
-    return rows, {"matching": m, "mask_fraction_lr": infos[-1].mask_fraction_lr,
-                  "mask_fraction_lrc": infos[-1].mask_fraction_lrc}  # fmt: skip
 
 
 @app.command(epilog="Example: sddusr profile --size 448x896 --json profile.json")
@@ -1032,10 +741,12 @@ def profile(
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per row (median reported).")] = 3,
 ) -> None:
     """Time the kernels against their PyTorch references and the pipeline stage by stage."""
-    import platform
+    import tempfile
 
     import torch
 
+    from sddusr_engine.profiling import profile as run_profile
+    from sddusr_engine.profiling import random_weights
     from sddusr_engine.weights import DEFAULT_WEIGHTS
 
     gpu = torch.cuda.is_available() and device != "cpu"
@@ -1052,11 +763,6 @@ def profile(
     lr_hw = _parse_size(size or ("448x896" if gpu else "64x96"))
     tmp = None
     if weights is None and not DEFAULT_WEIGHTS.is_file():
-        import tempfile
-
-        from sddusr_engine.model.network import build_model
-        from sddusr_engine.weights import save_weights
-
         err.print(
             Text(
                 "default weights not installed: timing a randomly initialised sddusr network.",
@@ -1065,49 +771,22 @@ def profile(
             soft_wrap=True,
         )
         tmp = tempfile.TemporaryDirectory()
-        weights = save_weights(build_model("sddusr"), Path(tmp.name) / "random.safetensors")
+        weights = random_weights(Path(tmp.name))
     try:
         with err.status("loading the network..."):
             eng = _load_engine(weights, device, precision, backend, tile)
         err.print(
             f"[dim]{_engine_line(eng, weights if tmp is None else None)}; LR {lr_hw[0]}x{lr_hw[1]}[/dim]"
         )
-        with err.status("measuring the device's matmul and copy peaks..."):
-            peaks = _measured_peaks(eng.device, eng.dtype)
-        backends = (
-            ["triton", "torch"]
-            if eng.device.type == "cuda" and eng.backend == "triton"
-            else ["torch"]
-        )
-        with err.status("timing the kernels..."):
-            krows = _kernel_rows(eng.device, eng.dtype, lr_hw, repeats, backends, peaks)
-        with err.status("timing the pipeline..."):
-            prows, extra = _pipeline_rows(eng, lr_hw, repeats, peaks)
+        rows, meta = run_profile(eng, lr_hw, repeats, status=err.status)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    dev_name = (
-        torch.cuda.get_device_name(eng.device)
-        if eng.device.type == "cuda"
-        else platform.processor() or "CPU"
-    )
-    meta = {
-        "device": str(eng.device),
-        "device_name": dev_name,
-        "gpu": eng.device.type == "cuda",
-        "dtype": str(eng.dtype).replace("torch.", ""),
-        "backend": eng.backend,
-        "lr_size": list(lr_hw),
-        "torch": torch.__version__,
-        "peaks": peaks,
-        **extra,
-    }
-    _profile_table(krows + prows, meta)
+    _profile_table(rows, meta)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(
-            json.dumps({"meta": meta, "rows": krows + prows}, indent=2, default=_json_default)
-            + "\n"
+            json.dumps({"meta": meta, "rows": rows}, indent=2, default=_json_default) + "\n"
         )
         out.print(f"wrote {json_path}")
 
@@ -1150,7 +829,7 @@ def convert(
     from sddusr_engine.weights import convert_kedusr, read_weights
 
     if dst.suffix.lower() != ".safetensors":
-        raise CLIError(f"the output {dst} must end in .safetensors.", 2)
+        raise UsageError(f"the output {dst} must end in .safetensors.")
     with err.status("converting..."):
         path = convert_kedusr(src, dst)
     tensors, config = read_weights(path)
