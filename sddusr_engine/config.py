@@ -53,7 +53,7 @@ class ModelConfig:
     # band is wrong (aliasing, JPEG) and the Ref's is right, the network could not take it from
     # the Ref. Not in the paper; weights record it.
     warp_low_band: bool = False
-    # Low-band projection (sddusr_engine.low_band): outside the telephoto's footprint, the
+    # Low-band projection (engine/postprocess.py, model/low_band.py): outside the telephoto's footprint, the
     # engine takes the output's band below `low_band_sigma` HR pixels from a linear x2
     # upsampler of `low_band_taps` x `low_band_taps` LR taps, fitted on the training pairs and
     # stored in the weights. 0 and 0.0: off. Not in the paper; weights record it.

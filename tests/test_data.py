@@ -115,8 +115,8 @@ def _flow_errors(pair):
     """(no flow, true flow, opposite flow): standardised error of the pooled Ref against LRC."""
     import torch.nn.functional as F
 
-    from sddusr_engine.losses import _standardise
     from sddusr_engine.model.flow import flow_warp
+    from sddusr_engine.train.losses import _standardise
 
     lrc = torch.from_numpy(pair["lrc"].copy()).permute(2, 0, 1)[None].float() / 255
     pooled = F.avg_pool2d(torch.from_numpy(pair["ref"].copy()).permute(2, 0, 1)[None].float(), 2)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from sddusr_engine.losses import (
+from sddusr_engine.model.matching import patch_descriptors
+from sddusr_engine.train.losses import (
     CONV5_4,
     Discriminator,
     LossWeights,
@@ -22,7 +23,6 @@ from sddusr_engine.losses import (
     matching_targets,
     relativistic_gan_losses,
 )
-from sddusr_engine.model.matching import patch_descriptors
 
 
 def test_charbonnier_values():

@@ -11,8 +11,8 @@ from sddusr_engine.engine import Engine
 from sddusr_engine.engine.postprocess import gaussian_blur, project_low_band
 from sddusr_engine.errors import EngineError
 from sddusr_engine.geometry import RAMP_HR, locate_crop, lr_box, outside_weight
-from sddusr_engine.low_band import _main, fit_upsampler
 from sddusr_engine.model.low_band import LinearUpsampler
+from sddusr_engine.train.low_band_fit import _main, fit_upsampler
 from sddusr_engine.weights import load_model, save_weights
 
 
@@ -163,7 +163,7 @@ def test_bgr_weights_find_the_box_in_their_own_channel_order():
 
 
 def test_fit_command_writes_weights_that_load_with_the_taps(tmp_path):
-    """`python -m sddusr_engine.low_band` on a two-pair folder: the network's tensors are kept
+    """`python -m sddusr_engine.train.low_band_fit` on a two-pair folder: the network's tensors are kept
     as stored, the taps are those `fit_upsampler` finds, the config and fit are recorded."""
     from PIL import Image
     from safetensors import safe_open

@@ -11,16 +11,13 @@ from PIL import Image
 from support import TINY as SHARED_TINY
 
 from sddusr_engine.data import BOX_FILE, make_pair
-from sddusr_engine.train import (
-    TrainConfig,
-    build_parser,
+from sddusr_engine.train import TrainConfig, build_parser, load_checkpoint, train
+from sddusr_engine.train.loop import cosine_lambda
+from sddusr_engine.train.surgery import (
     calibrate_reference_path,
     compensate_warp_shift,
-    cosine_lambda,
     grow_identity,
     init_from,
-    load_checkpoint,
-    train,
 )
 
 TINY = {**SHARED_TINY, "token_dim": 8}
@@ -178,7 +175,7 @@ def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
     report = init_from(other, first)
     assert report["loaded"] > 0 and any("tdl" in k for k in report["fresh"])
     # --reset-alignment: SpyNet predicts zero flow and the deformable conv adds no offset
-    from sddusr_engine.train import _zero_alignment
+    from sddusr_engine.train.surgery import _zero_alignment
 
     _zero_alignment(other)
     lrc, ref = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 32, 32)
@@ -317,7 +314,7 @@ def test_warp_shift_init_puts_exact_matches_in_place():
 
 
 def test_time_budget_settles_the_length_and_the_schedule(tiny_data, tmp_path):
-    from sddusr_engine.train import BUDGET_PROBE_STEPS, BUDGET_WARM_STEPS
+    from sddusr_engine.train.loop import BUDGET_PROBE_STEPS, BUDGET_WARM_STEPS
 
     probe_end = BUDGET_WARM_STEPS + BUDGET_PROBE_STEPS
     recs = []
@@ -410,7 +407,7 @@ def test_profile_train_script_prints_the_op_table_and_step_times(tiny_data, tmp_
 def test_reference_dropout_trains_without_the_reference_on_a_seeded_share_of_steps(
     tiny_data, tmp_path
 ):
-    from sddusr_engine.train import _reference_dropped
+    from sddusr_engine.train.loop import _reference_dropped
 
     cfg = _cfg(tiny_data, tmp_path / "d", steps=24, ref_dropout=0.5)
     dropped = [s for s in range(24) if _reference_dropped(cfg, s)]
@@ -484,82 +481,3 @@ def test_squared_error_fine_tuning_from_the_command_line(tiny_data, tmp_path):
     assert 0.99 * c * c <= first["mse"] < first["charbonnier"]
     ck = load_checkpoint(tmp_path / "mse" / "checkpoint.pt")
     assert json.loads(ck["train_config"])["rec_loss"] == "mse"
-
-
-def test_bench_ensemble_numbers_are_the_engines(tiny_data, tmp_path):
-    """bench/ensemble_sweep.py and eval_weights.py --ensemble score what Engine(ensemble=N) gives."""
-    import sys
-    from pathlib import Path
-
-    from sddusr_engine.data import load_pairs, to_tensor
-    from sddusr_engine.engine import Engine
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import ensemble_sweep
-    import eval_weights
-
-    weights = str(train(_cfg(tiny_data, tmp_path / "w", steps=2)))
-
-    def engine_psnr(pair, n):
-        eng = Engine.from_pretrained(weights, device="cpu", dtype="fp32", tile=0, ensemble=n)
-        lr, lrc, ref, hr = (to_tensor(a)[None] for a in (pair.lr, pair.lrc, pair.ref, pair.hr))
-        return eval_weights._psnr(eval_weights._mse(eng.run(lr, lrc, ref), hr))
-
-    res = ensemble_sweep.sweep(weights, str(tiny_data), "test")
-    (test_pair,) = load_pairs(str(tiny_data), "test")
-    for n in (1, 8):
-        assert res["mean"][n]["full"] == pytest.approx(engine_psnr(test_pair, n), abs=1e-3)
-    assert "| 8 |" in ensemble_sweep.table(res)
-
-    two = eval_weights.evaluate(weights, str(tiny_data), "train", ensemble=2)
-    assert two["ensemble"] == 2
-    for row, pair in zip(two["rows"], load_pairs(str(tiny_data), "train"), strict=True):
-        assert row["psnr_sr"] == pytest.approx(engine_psnr(pair, 2), abs=1e-3)
-
-
-def test_region_oracles_bound_what_a_blend_could_win(tiny_data, tmp_path):
-    """bench/region_oracles.py: its SR columns are eval_weights' numbers, and the best-blend
-    bound is never below the network (a = 0 is one of the blends it chooses among)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import eval_weights
-    import region_oracles
-
-    weights = str(train(_cfg(tiny_data, tmp_path / "w", steps=2)))
-    res = region_oracles.oracles(weights, str(tiny_data), "train")
-    ref = eval_weights.evaluate(weights, str(tiny_data), "train")
-    for row, want in zip(res["rows"], ref["rows"], strict=True):
-        assert row["gain_db"] == pytest.approx(want["gain_db"], abs=1e-3)
-        assert row["corner_sr"] == pytest.approx(want["corner_sr"], abs=1e-3)
-        assert row["centre_sr"] == pytest.approx(want["center_true_ref"], abs=1e-3)
-        assert row["gain_blend_oracle_db"] >= row["gain_db"] - 1e-9
-    assert "| **mean** |" in region_oracles.table(res)
-
-
-def test_low_band_sweep_scores_what_the_fitted_file_gives(tiny_data, tmp_path):
-    """bench/low_band_sweep.py at sigma s equals eval_weights on the file that
-    `python -m sddusr_engine.low_band --sigma s` writes (same fit, same projection)."""
-    import sys
-    from pathlib import Path
-
-    from sddusr_engine.low_band import _main as fit_low_band
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import eval_weights
-    import low_band_sweep
-
-    weights = str(train(_cfg(tiny_data, tmp_path / "w", steps=2)))
-    lb = tmp_path / "lb.safetensors"
-    fit_low_band(
-        ["--data", str(tiny_data), "--weights", weights, "--out", str(lb), "--sigma", "1.5"]
-    )
-    # the train split: eval_weights needs two pairs (its wrong-reference control)
-    res = low_band_sweep.sweep(weights, str(tiny_data), "train", str(tiny_data))
-    got = eval_weights.evaluate(str(lb), str(tiny_data), "train")
-    assert got["low_band"] is True
-    assert res["mean"]["outside_1.5"] == pytest.approx(got["mean"]["gain_db"], abs=1e-4)
-    plain = eval_weights.evaluate(str(lb), str(tiny_data), "train", low_band=False)
-    assert res["mean"]["network"] == pytest.approx(plain["mean"]["gain_db"], abs=1e-4)
-    assert abs(res["mean"]["outside_1.5"] - res["mean"]["network"]) > 1e-3  # it did project

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sddusr_engine.io import read_image, write_image
-from sddusr_engine.registration import _corners
+from sddusr_engine.registration import footprint_from_homography
 from sddusr_engine.synthetic import make_synthetic_pair
 
 PARAMS = {
@@ -74,7 +74,7 @@ def main() -> None:
         "source": str(args.source.name),
         "hr_crop_yxhw": [y, x, ch, cw],
         "homography_tele_to_wide": h.tolist(),
-        "corners_tele_in_wide": _corners(h, tele.shape[:2]).tolist(),
+        "corners_tele_in_wide": footprint_from_homography(h, tele.shape[:2]).corners.tolist(),
         "convention": "pixel centres at integers; corners are the telephoto's outer edge TL,TR,BR,BL",
         **PARAMS,
     }

@@ -264,7 +264,7 @@ def matching_loss(
     the network forms them (3x3 neighbourhoods, L2-normalised). Only queries whose true match lies
     inside the LRC crop count; a batch with none gives 0 (still attached to the graph).
     """
-    from .model.matching import patch_descriptors
+    from ..model.matching import patch_descriptors
 
     target, valid = matching_targets(q_map.shape[-2:], k_map.shape[-2:], offset.to(q_map.device))
     sim = patch_descriptors(q_map.float()) @ patch_descriptors(k_map.float()).transpose(1, 2)
@@ -296,7 +296,7 @@ def flow_photometric_loss(
     absolute flow gradient (in pixels). No pretrained SpyNet can be had here, and a random one
     leaves the Ref as misaligned as registration left it.
     """
-    from .model.flow import flow_warp
+    from ..model.flow import flow_warp
 
     pooled = F.avg_pool2d(ref, 2)
     warped = flow_warp(pooled, flow, padding_mode="border")

@@ -1,36 +1,23 @@
-"""Low-band projection: the output's smooth band, outside the telephoto, from a linear upsampler.
+"""Fitting the low-band projection's linear x2 upsampler by least squares on training pairs, and
+`python -m sddusr_engine.train.low_band_fit`, which writes the taps and sigma into a weights file.
 
-Why: the network is at its weakest where the telephoto does not reach. There its residual over
-bicubic carries a faint error in the band below a couple of HR pixels (tenth session, model
-card): on a clean, smooth photo it lands below a plain linear filter by more than 1 dB. A linear
-x2 upsampler fitted by least squares on the training pairs gets that band right on average. So,
-outside the telephoto's footprint, the engine keeps the network's band above `sigma` and takes
-the band below from the linear upsampler:
-
-    out = sr + weight * G_sigma * (linear(lr) - sr)
-
-`weight` is 1 outside the footprint, 0 inside it (where the telephoto supplies that band, better
-than any linear filter), with a linear ramp between; with no reference it is 1 everywhere.
-
-The upsampler: for each of the 4 output phases (2i+a, 2j+b), a K x K filter on the LR around
-(i, j), shared by the three channels. `python -m sddusr_engine.low_band` fits it on a pairs folder
-and writes it, with sigma, into a weights file (config fields `low_band_taps`, `low_band_sigma`).
+The upsampler (`sddusr_engine.model.low_band.LinearUpsampler`): for each of the 4 output phases
+(2i+a, 2j+b), a K x K filter on the LR around (i, j), shared by the three channels. The fitted
+taps go into the weights file with the config fields `low_band_taps` and `low_band_sigma`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-# -- fitting --------------------------------------------------------------------------------------
+
 def _lr_taps(lr: torch.Tensor, k: int) -> torch.Tensor:
     """lr [3,H,W] -> [3*H*W, K*K]: each LR pixel's K x K neighbourhood, edges replicated."""
     x = F.pad(lr[:, None], (k // 2,) * 4, mode="replicate")
@@ -72,7 +59,7 @@ def fit_upsampler(
 
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m sddusr_engine.low_band",
+        prog="python -m sddusr_engine.train.low_band_fit",
         description="Fit the linear x2 upsampler on a pairs folder's training split and write it, "
         "with the projection's sigma, into a copy of a weights file.",
     )
@@ -91,9 +78,9 @@ def _main(argv: list[str] | None = None) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .data import load_pairs, to_tensor
-    from .io import atomic_output
-    from .weights import read_weights
+    from ..data import load_pairs, to_tensor
+    from ..io import atomic_output
+    from ..weights import read_weights
 
     tensors, config = read_weights(args.weights)  # as stored (a float16 file stays float16)
     pairs = load_pairs(args.data, args.split)
