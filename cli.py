@@ -1,42 +1,41 @@
 """The `sddusr` command line (typer + rich): demo, sr, batch, eval, profile, convert, train.
 
-This file is the module `sddusr_engine.cli` (sddusr_engine/cli.py links here): absolute imports only.
-Every user error (missing file, unreadable image, footprint not found, bad weights, out of memory,
-bad option) prints one sentence in red on stderr and exits non-zero; `sddusr --debug ...` re-raises
-instead, with the traceback. Heavy modules (torch, the engine) are imported inside the commands so
-that `sddusr --help` stays fast.
+Installed as the module `sddusr_engine.cli` (setup.py maps it there), so it uses absolute imports
+only. Each command reads its options, calls the engine and prints through `console`; every user
+error (missing file, unreadable image, footprint not found, bad weights, out of memory, bad
+option) becomes one sentence on stderr and a non-zero exit in `cli_errors.guarded`, and
+`sddusr --debug ...` re-raises instead, with the traceback. Heavy modules (torch, the engine) are
+imported inside the commands so that `sddusr --help` stays fast.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
-import os
 import sys
 import time
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.table import Table
 from rich.text import Text
 
-from sddusr_engine.errors import EngineError, UsageError, WeightsError
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from sddusr_engine.cli_errors import STATE, describe, guarded
+from sddusr_engine.console import (
+    batch_summary,
+    engine_line,
+    err,
+    eval_tables,
+    json_default,
+    out,
+    profile_table,
+    progress,
+    tile_progress,
+    warn,
+)
+from sddusr_engine.errors import UsageError, WeightsError
 
 app = typer.Typer(
     name="sddusr",
@@ -63,83 +62,6 @@ class Backend(str, Enum):
     torch = "torch"
 
 
-# ----------------------------------------------------------------------------- error boundary
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _user_message(e: BaseException) -> tuple[str, int] | None:
-    """(sentence, exit code) for an error a user can act on; None for a bug."""
-    import torch
-
-    from sddusr_engine.errors import FootprintNotFoundError, SddusrError
-
-    if isinstance(e, SddusrError):
-        msg = str(e).strip() or type(e).__name__
-        if isinstance(e, FootprintNotFoundError):
-            msg = msg.rstrip(".") + "; pass --no-reference-ok to enlarge the wide photo without it."
-        return msg, e.exit_code
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return (
-            "out of GPU memory; try a smaller --tile (e.g. --tile 128), --precision fp16, "
-            "or --device cpu.",
-            1,
-        )
-    if isinstance(e, OSError):  # FileNotFoundError, PermissionError, ...
-        msg = str(e).strip() or type(e).__name__
-        if e.filename and str(e.filename) not in msg:
-            msg = f"{msg} ({e.filename})"
-        return msg, 1
-    if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
-        return "out of memory; try a smaller --tile or a smaller image.", 1
-    return None
-
-
-_STATE = {"debug": False}  # set by the root callback for the command that follows
-
-
-def _describe(e: BaseException) -> str:
-    known = _user_message(e)
-    return known[0] if known else f"{type(e).__name__}: {e}"
-
-
-def guarded(fn):
-    """Turn the project's user errors into one red sentence on stderr and a non-zero exit."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = _STATE["debug"] or os.environ.get("SDDUSR_DEBUG", "") not in ("", "0")
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, typer.TyperException):
-            raise
-        except KeyboardInterrupt:
-            err.print(Text("interrupted.", style="red"))
-            raise typer.Exit(130) from None
-        except Exception as e:
-            if debug:
-                raise
-            known = _user_message(e)
-            if known is None:
-                first = (str(e).strip().splitlines() or [""])[0]
-                _fail(
-                    f"internal error ({type(e).__name__}: {first}); rerun with `sddusr --debug ...` "
-                    "for the traceback and report it.",
-                    3,
-                )
-            msg, code = known
-            lines = msg.splitlines()
-            err.print(Text(f"error: {lines[0]}", style="bold red"), soft_wrap=True)
-            for line in lines[1:]:  # e.g. the list of missing weight keys
-                err.print(Text(line, style="red"), soft_wrap=True)
-            raise typer.Exit(code) from None
-
-    return wrapper
-
-
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -147,7 +69,7 @@ def _root(
         bool, typer.Option("--debug", help="Show the full traceback of an error.")
     ] = False,
 ) -> None:
-    _STATE["debug"] = debug
+    STATE["debug"] = debug
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -196,14 +118,9 @@ def _load_engine(
     ensemble: int = 1,
     adapt: int = 0,
 ):
-    from sddusr_engine.engine import ENSEMBLE_SIZES, MAX_ADAPT_STEPS, Engine
+    from sddusr_engine.engine import Engine
     from sddusr_engine.weights import DEFAULT_WEIGHTS
 
-    if ensemble not in ENSEMBLE_SIZES:
-        sizes = ", ".join(map(str, ENSEMBLE_SIZES))
-        raise UsageError(f"--ensemble must be one of {sizes}, not {ensemble}.")
-    if not 0 <= adapt <= MAX_ADAPT_STEPS:
-        raise UsageError(f"--adapt must be 0 (off) to {MAX_ADAPT_STEPS} steps, not {adapt}.")
     if weights is None and not DEFAULT_WEIGHTS.is_file():
         raise WeightsError(
             f"the default weights are not installed ({DEFAULT_WEIGHTS}); pass a weights file "
@@ -222,46 +139,7 @@ def _load_engine(
     )
 
 
-def _engine_line(eng, weights: Path | None) -> str:
-    dt = str(eng.dtype).replace("torch.", "")
-    name = weights.name if weights else "default weights"
-    passes = f", ensemble of {eng.ensemble} passes" if eng.ensemble > 1 else ""
-    passes += f", self-adaptation {eng.adapt.steps} steps" if eng.adapt.steps else ""
-    return f"{eng.config.variant} ({name}) on {eng.device}, {dt}, {eng.backend} kernels, tile {eng.tile or 'whole'}{passes}"
-
-
-def _wide() -> Console:
-    """The console for tables: stdout, at least 160 columns wide when it is not a terminal."""
-    return out if out.is_terminal else Console(highlight=False, width=max(out.width, 160))
-
-
-def _progress(console: Console, transient: bool = True) -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[note]}"),
-        console=console,
-        transient=transient,
-    )
-
-
-def _tile_progress(progress: Progress, task):
-    def cb(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
-
-    return cb
-
-
 # ----------------------------------------------------------------------------- demo
-
-
-def _sample_dir() -> Path:
-    from sddusr_engine.shipped import sample_dir
-
-    return sample_dir()
 
 
 @app.command(epilog="Example: sddusr demo -o ./sddusr-demo")
@@ -289,8 +167,9 @@ def demo(
 
     from sddusr_engine.compare import comparison_image
     from sddusr_engine.io import read_image, write_image
+    from sddusr_engine.shipped import sample_dir
 
-    sample = _sample_dir()
+    sample = sample_dir()
     wide, tele = read_image(sample / "wide.jpg"), read_image(sample / "tele.jpg")
     if shrink > 1:
         wide, tele = (
@@ -301,16 +180,16 @@ def demo(
         )
     with err.status("loading the network..."):
         eng = _load_engine(weights, device, precision, backend, tile, ensemble, adapt)
-    err.print(f"[dim]{_engine_line(eng, weights)}[/dim]")
+    err.print(f"[dim]{engine_line(eng, weights)}[/dim]")
     err.print(
         f"sample pair: wide {wide.shape[1]}x{wide.shape[0]}, tele {tele.shape[1]}x{tele.shape[0]} ({sample})"
     )
-    with _progress(err) as prog:
+    with progress(err) as prog:
         task = prog.add_task("super-resolving", total=None, note="")
         with warnings.catch_warnings():  # printed below from info.warnings
             warnings.simplefilter("ignore")
             sr, info = eng.super_resolve(
-                wide, tele, return_info=True, progress=_tile_progress(prog, task)
+                wide, tele, return_info=True, progress=tile_progress(prog, task)
             )
     outdir.mkdir(parents=True, exist_ok=True)
     sr_path, cmp_path = outdir / "sr.png", outdir / "comparison.png"
@@ -318,7 +197,7 @@ def demo(
     corners = None if info.footprint is None else info.footprint.corners
     write_image(cmp_path, comparison_image(wide, sr, corners, info.box_lr))
     for w in info.warnings:
-        err.print(Text(f"warning: {w}", style="yellow"), soft_wrap=True)
+        warn(w)
     total = sum(info.timings.values())
     out.print(f"wrote {sr_path} ({sr.shape[1]}x{sr.shape[0]}) in {total / 1e3:.1f} s")
     out.print(f"wrote {cmp_path} (left: bicubic x2 with the telephoto's footprint; right: SR)")
@@ -366,8 +245,8 @@ def sr(
     with err.status("loading the network..."):
         eng = _load_engine(weights, device, precision, backend, tile, ensemble, adapt)
     if not as_json:
-        err.print(f"[dim]{_engine_line(eng, weights)}[/dim]")
-    with _progress(err) as prog, warnings.catch_warnings():
+        err.print(f"[dim]{engine_line(eng, weights)}[/dim]")
+    with progress(err) as prog, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the engine's warnings are printed from info.warnings
         task = prog.add_task("super-resolving", total=None, note="")
         result, info = eng.super_resolve(
@@ -376,7 +255,7 @@ def sr(
             missing_reference="skip" if no_reference_ok else "error",
             return_info=True,
             keep_maps=save_maps is not None,
-            progress=_tile_progress(prog, task),
+            progress=tile_progress(prog, task),
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     write_image(output, result)
@@ -388,7 +267,7 @@ def sr(
             write_image(p, img)
             written_maps.append(str(p))
     for w in info.warnings:
-        err.print(Text(f"warning: {w}", style="yellow"), soft_wrap=True)
+        warn(w)
     if as_json:
         summary = {
             "output": str(output),
@@ -402,7 +281,7 @@ def sr(
             "maps": written_maps,
             **info.to_dict(),
         }
-        sys.stdout.write(json.dumps(summary, indent=2, default=_json_default) + "\n")
+        sys.stdout.write(json.dumps(summary, indent=2, default=json_default) + "\n")
         return
     total = sum(info.timings.values())
     out.print(f"wrote {output} ({result.shape[1]}x{result.shape[0]}) in {total / 1e3:.2f} s")
@@ -415,16 +294,6 @@ def sr(
         )
     for p in written_maps:
         out.print(f"wrote {p}")
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    return str(o)
 
 
 # ----------------------------------------------------------------------------- batch
@@ -470,15 +339,13 @@ def batch(
     """Super-resolve every pair in a folder; bad pairs are reported and skipped."""
     from sddusr_engine.batch import (
         OUTPUT_SUFFIXES,
-        close_dist,
         discover_pairs,
-        dist_context,
-        first_error,
         gather_results,
         run_batch,
         shard,
         write_report,
     )
+    from sddusr_engine.distributed import close_dist, dist_context, rank_device, start_on_every_rank
 
     if ext.lower().lstrip(".") not in OUTPUT_SUFFIXES:
         raise UsageError(f"--ext {ext!r} is not one of {', '.join(OUTPUT_SUFFIXES)}.")
@@ -489,38 +356,25 @@ def batch(
     gathered = False
     try:
         mine = shard(jobs, ctx.rank, ctx.world)
-        dev = device
-        if ctx.world > 1 and device in ("auto", "cuda"):
-            import torch
-
-            if torch.cuda.is_available():
-                dev = f"cuda:{ctx.local_rank}"
+        dev = rank_device(device, ctx)
         lead = ctx.rank == 0
         console = err if lead else Console(stderr=True, quiet=True)
-        eng, load_error = None, None
         with console.status("loading the network..."):
-            try:
-                eng = _load_engine(weights, dev, precision, backend, tile, ensemble, adapt)
-            except Exception as e:  # noqa: BLE001 - shared with the other ranks below
-                if ctx.world <= 1:
-                    raise
-                load_error = e
-        # Under torchrun a rank that cannot load must not leave the others waiting in a gather.
-        problem = first_error(ctx, None if load_error is None else _describe(load_error))
-        if problem is not None:
-            if load_error is not None:
-                raise load_error
-            raise EngineError(f"another rank could not start: {problem}")
+            eng = start_on_every_rank(
+                ctx,
+                lambda: _load_engine(weights, dev, precision, backend, tile, ensemble, adapt),
+                describe,
+            )
         where = (
             f" (rank {ctx.rank}/{ctx.world}: {len(mine)} of {len(jobs)} pairs)"
             if ctx.world > 1
             else ""
         )
         console.print(
-            f"[dim]{_engine_line(eng, weights)}; {layout} layout, {len(jobs)} pairs{where}[/dim]"
+            f"[dim]{engine_line(eng, weights)}; {layout} layout, {len(jobs)} pairs{where}[/dim]"
         )
         t0 = time.perf_counter()
-        with _progress(console, transient=False) as prog:
+        with progress(console, transient=False) as prog:
             task = prog.add_task("batch", total=len(mine), note="")
 
             def on_result(r):
@@ -553,7 +407,7 @@ def batch(
         close_dist(ctx, finished=gathered)
     failed = [r for r in everything if r.status == "failed"]
     if lead:
-        _batch_summary(everything, wall)
+        batch_summary(everything, wall)
         if report is not None:
             write_report(
                 report,
@@ -577,34 +431,6 @@ def batch(
                 soft_wrap=True,
             )
         raise typer.Exit(1)
-
-
-def _batch_summary(results, wall: float) -> None:
-    counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
-    done = [r for r in results if r.status == "written"]
-    if any(r.status != "skipped" for r in results):
-        t = Table(title="failed pairs")
-        t.add_column("pair")
-        t.add_column("status")
-        t.add_column("s", justify="right")
-        t.add_column("message", overflow="fold")
-        for r in results:
-            if r.status == "failed":
-                t.add_row(r.name, "[red]failed[/red]", f"{r.seconds:.2f}", r.message or "")
-        if t.row_count:
-            _wide().print(t)
-    mean = sum(r.seconds for r in done) / len(done) if done else 0.0
-    s = Table(title="summary")
-    for c in ("written", "skipped", "failed", "mean s/pair", "wall s"):
-        s.add_column(c, justify="right")
-    s.add_row(
-        str(counts["written"]),
-        str(counts["skipped"]),
-        f"[red]{counts['failed']}[/red]" if counts["failed"] else "0",
-        f"{mean:.2f}",
-        f"{wall:.1f}",
-    )
-    _wide().print(s)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -641,32 +467,38 @@ def eval_(
     limit: Annotated[
         int, typer.Option(min=0, help="Evaluate the first N images only (0 = all).")
     ] = 0,
+    only: Annotated[
+        str | None,
+        typer.Option(metavar="GLOB", help='Only images whose name matches (e.g. "*_0").'),
+    ] = None,
+    wrong_ref: Annotated[
+        bool,
+        typer.Option(
+            "--wrong-ref/--no-wrong-ref",
+            help="Also score each centre with another photo's reference (the control).",
+        ),
+    ] = True,
 ) -> None:
     """PSNR/SSIM (full, center, corner) of SR, the network without reference, and bicubic."""
     from sddusr_engine.evaluate import evaluate, find_dataset, write_csv, write_json
 
-    items = find_dataset(dataset, boxes, limit or None)
+    items = find_dataset(dataset, boxes)
     with err.status("loading the network..."):
         eng = _load_engine(weights, device, precision, backend, tile, ensemble, adapt)
-    err.print(f"[dim]{_engine_line(eng, weights)}; {len(items)} images[/dim]")
-    with _progress(err) as prog:
-        task = prog.add_task("evaluating", total=len(items), note="")
+    with progress(err) as prog:
+        task = prog.add_task("evaluating", total=None, note="")
         report = evaluate(
             eng,
             items,
-            progress=lambda d, n, name: prog.update(task, completed=d, note=name),
+            limit=limit or None,
+            only=only,
+            wrong_reference=wrong_ref,
+            weights=weights,
+            progress=lambda d, n, name: prog.update(task, completed=d, total=n, note=name),
         )
-    report.update(
-        dataset=str(dataset),
-        weights=str(weights) if weights else "default",
-        variant=eng.config.variant,
-        dtype=str(eng.dtype).replace("torch.", ""),
-        ensemble=eng.ensemble,
-        adapt=eng.adapt.steps,  # self-adaptation steps per pair (0: off)
-        # sigma of the weights' low-band projection outside the centre rect (None: none)
-        low_band_sigma=eng.config.low_band_sigma or None,
-    )
-    _eval_tables(report)
+    report["dataset"] = str(dataset)
+    err.print(f"[dim]{engine_line(eng, weights)}; {report['count']} images[/dim]")
+    eval_tables(report)
     if json_path is not None:
         write_json(report, json_path)
         out.print(f"wrote {json_path}")
@@ -675,53 +507,7 @@ def eval_(
         out.print(f"wrote {csv_path}")
 
 
-_LABELS = {"sr": "SR", "no_ref": "SR, no reference", "bicubic": "bicubic"}
-
-
-def _eval_tables(report: dict[str, Any]) -> None:
-    f = lambda v, p: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
-    per = Table(title="per image: PSNR (dB) full / center / corner, SSIM full")
-    per.add_column("image")
-    for m in report["methods"]:
-        per.add_column(_LABELS[m], justify="right")
-    for r in report["images"]:
-        per.add_row(
-            r["name"],
-            *(
-                f"{f(r[m]['psnr'], 2)} / {f(r[m]['psnr_center'], 2)} / {f(r[m]['psnr_corner'], 2)}"
-                f"  {f(r[m]['ssim'], 4)}"
-                for m in report["methods"]
-            ),
-        )
-    _wide().print(per)
-    passes = report.get("ensemble", 1)
-    of = f", both network rows averaged over {passes} flipped passes" if passes > 1 else ""
-    of += f", self-adaptation {report['adapt']} steps" if report.get("adapt") else ""
-    mean = Table(title=f"mean over {report['count']} images{of}")
-    mean.add_column("method")
-    for c in ("PSNR", "PSNR center", "PSNR corner", "SSIM", "SSIM center", "SSIM corner"):
-        mean.add_column(c, justify="right")
-    for m in report["methods"]:
-        v = report["mean"][m]
-        mean.add_row(
-            _LABELS[m],
-            f(v["psnr"], 2), f(v["psnr_center"], 2), f(v["psnr_corner"], 2),
-            f(v["ssim"], 4), f(v["ssim_center"], 4), f(v["ssim_corner"], 4),
-        )  # fmt: skip
-    _wide().print(mean)
-
-
 # ----------------------------------------------------------------------------- profile
-
-
-def _parse_size(size: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--size {size!r} is not HxW (e.g. 448x896).") from None
-    if h < 32 or w < 32 or h % 4 or w % 4:
-        raise UsageError(f"--size {size}: both sides must be multiples of 4 and at least 32.")
-    return h, w
 
 
 @app.command(epilog="Example: sddusr profile --size 448x896 --json profile.json")
@@ -745,8 +531,8 @@ def profile(
 
     import torch
 
+    from sddusr_engine.profiling import parse_size, random_weights
     from sddusr_engine.profiling import profile as run_profile
-    from sddusr_engine.profiling import random_weights
     from sddusr_engine.weights import DEFAULT_WEIGHTS
 
     gpu = torch.cuda.is_available() and device != "cpu"
@@ -760,7 +546,7 @@ def profile(
             soft_wrap=True,
         )
         device = "cpu"
-    lr_hw = _parse_size(size or ("448x896" if gpu else "64x96"))
+    lr_hw = parse_size(size or ("448x896" if gpu else "64x96"))
     tmp = None
     if weights is None and not DEFAULT_WEIGHTS.is_file():
         err.print(
@@ -776,44 +562,19 @@ def profile(
         with err.status("loading the network..."):
             eng = _load_engine(weights, device, precision, backend, tile)
         err.print(
-            f"[dim]{_engine_line(eng, weights if tmp is None else None)}; LR {lr_hw[0]}x{lr_hw[1]}[/dim]"
+            f"[dim]{engine_line(eng, weights if tmp is None else None)}; LR {lr_hw[0]}x{lr_hw[1]}[/dim]"
         )
         rows, meta = run_profile(eng, lr_hw, repeats, status=err.status)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    _profile_table(rows, meta)
+    profile_table(rows, meta)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(
-            json.dumps({"meta": meta, "rows": rows}, indent=2, default=_json_default) + "\n"
+            json.dumps({"meta": meta, "rows": rows}, indent=2, default=json_default) + "\n"
         )
         out.print(f"wrote {json_path}")
-
-
-def _profile_table(rows: list[dict], meta: dict) -> None:
-    p = meta["peaks"]
-    title = (
-        f"{meta['device_name']} ({meta['device']}), {meta['dtype']}, LR {meta['lr_size'][0]}x{meta['lr_size'][1]}; "
-        f"measured peaks: {p['matmul_tflops']:.2f} TFLOP/s matmul, {p['copy_gbs']:.0f} GB/s copy"
-    )
-    t = Table(title=title)
-    for c, j in (("", "left"), ("name", "left"), ("impl", "left"), ("ms", "right"), ("TFLOP/s", "right"),
-                 ("GB/s", "right"), ("of peak", "right"), ("share of time", "right"), ("memory MiB", "right")):  # fmt: skip
-        t.add_column(c, justify=j)  # type: ignore[arg-type]
-    f = lambda r, k, spec: "-" if r.get(k) is None else format(r[k], spec)  # noqa: E731
-    for r in rows:
-        t.add_row(
-            r["kind"], r["name"], r["impl"], f(r, "ms", ".3f"), f(r, "tflops", ".3f"), f(r, "gbs", ".1f"),
-            f(r, "share_of_peak", ".1%"), f(r, "share_of_time", ".0%"), f(r, "memory_mib", ".0f"),
-        )  # fmt: skip
-    _wide().print(t)
-    m = meta.get("matching") or {}
-    if m:
-        out.print(
-            f"matching: {m.get('active_queries')}/{m.get('queries')} queries, "
-            f"{m.get('active_keys')}/{m.get('keys')} keys active; work saved {m.get('work_saved', 0):.0%}"
-        )
 
 
 # ----------------------------------------------------------------------------- convert, train

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Train the default-size SDDuSR on a GPU within a time budget, from photos carried to the machine.
 #
-# The device machine reaches no package registry, so the photos travel with the call: put the
+# A GPU machine without network access gets the photos with the repository: put the
 # photo cache (photos.json, the photos it lists and the packages' copyright files, as
 # `python -m sddusr_engine.data fetch` leaves them) in .gpu_carry/photos, ignored by git, and the
-# starting point in .gpu_carry/init.safetensors (float32; version 3's second stage, run 19, for
-# the recorded GPU run). Usage (from the repo root):
+# starting point in .gpu_carry/init.safetensors (float32). Usage (from the repo root):
 #   bench/gpu_train.sh prepare            make the pairs (CPU only; can run beside GPU work)
 #   bench/gpu_train.sh profile OUTDIR     6 steps under torch.profiler -> OUTDIR/train_profile.txt
 #   bench/gpu_train.sh run SECONDS OUTDIR train for SECONDS of stepping

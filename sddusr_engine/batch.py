@@ -10,9 +10,9 @@
   resumes: existing outputs are skipped unless `overwrite=True`.
 - Errors are per pair: a missing partner, an unreadable or truncated image, a footprint that is not
   found, even an out-of-memory, is recorded as that pair's failure and the rest go on.
-- Under torchrun (`WORLD_SIZE` > 1) the process group is initialised from the environment (gloo on
-  the CPU, nccl on GPUs), the pairs are sorted by name and rank r takes `pairs[r::world]`, so each
-  pair is done exactly once; the results are gathered for one summary.
+- Under torchrun (`WORLD_SIZE` > 1, see `distributed`) the pairs are sorted by name and rank r
+  takes `pairs[r::world]`, so each pair is done exactly once; the results are gathered for one
+  summary.
 
 No `rich` here: progress goes through a callback.
 """
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import published_dir, read_boxes
+from .distributed import DistContext, all_gather
 from .errors import DatasetLayoutError as BatchUsageError
 from .io import IMAGE_SUFFIXES, atomic_output, read_image, write_image
 
@@ -41,8 +42,6 @@ __all__ = [
     "PairJob",
     "PairResult",
     "discover_pairs",
-    "dist_context",
-    "first_error",
     "find_boxes",
     "gather_results",
     "run_batch",
@@ -162,34 +161,6 @@ def discover_pairs(root: str | os.PathLike) -> tuple[str, list[PairJob]]:
 # ----------------------------------------------------------------------------- distribution
 
 
-@dataclass(frozen=True)
-class DistContext:
-    rank: int
-    world: int
-    local_rank: int
-    initialised_here: bool
-
-
-def dist_context(device: str = "auto") -> DistContext:
-    """Rank, world size and local rank from torchrun's environment; with WORLD_SIZE > 1 the process
-    group is initialised (nccl for CUDA devices, gloo otherwise) unless it already is."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if world <= 1:
-        return DistContext(0, 1, 0, False)
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return DistContext(dist.get_rank(), dist.get_world_size(), local, False)
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local if device in ("auto", "cuda") else torch.device(device))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local, True)
-
-
 def shard(jobs: Sequence[PairJob], rank: int, world: int) -> list[PairJob]:
     """Rank `rank`'s share: the jobs sorted by name, then every `world`-th from `rank`."""
     return sorted(jobs, key=lambda j: j.name)[rank::world]
@@ -197,40 +168,8 @@ def shard(jobs: Sequence[PairJob], rank: int, world: int) -> list[PairJob]:
 
 def gather_results(results: list[PairResult], ctx: DistContext) -> list[PairResult]:
     """Every rank's results (on every rank), sorted by name; the rank's own when not distributed."""
-    if ctx.world <= 1:
-        return sorted(results, key=lambda r: r.name)
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * ctx.world
-    dist.all_gather_object(parts, [r.to_dict() for r in results])
-    merged = [PairResult(**d) for part in parts for d in (part or [])]
-    return sorted(merged, key=lambda r: r.name)
-
-
-def first_error(ctx: DistContext, error: str | None) -> str | None:
-    """Every rank says whether it hit `error`; returns the lowest rank's error, or None."""
-    if ctx.world <= 1:
-        return error
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * ctx.world
-    dist.all_gather_object(parts, error)
-    return next((p for p in parts if p), None)
-
-
-def close_dist(ctx: DistContext, finished: bool = True) -> None:
-    """Tear down the process group this run made. `finished`: every rank got through the last
-    gather, so they wait for each other first; a rank that tears its gloo connections down while
-    a peer still uses them can abort that peer ("terminate called without an active exception")
-    after all the work is done. On an error path there is no waiting: a peer stuck in a
-    collective then fails on the closed connection instead of hanging."""
-    if ctx.initialised_here:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+    parts = all_gather(ctx, [r.to_dict() for r in results])
+    return sorted((PairResult(**d) for part in parts for d in (part or [])), key=lambda r: r.name)
 
 
 # ----------------------------------------------------------------------------- running

@@ -19,10 +19,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import UsageError
 from .kernels import get_ops, patch_grid
 from .timing import measured_peaks, sync, time_ms
 
 Status = Callable[[str], AbstractContextManager]
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """`--size HxW` as (H, W): multiples of 4, at least 32 each."""
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size {size!r} is not HxW (e.g. 448x896).") from None
+    if h < 32 or w < 32 or h % 4 or w % 4:
+        raise UsageError(f"--size {size}: both sides must be multiples of 4 and at least 32.")
+    return h, w
 
 
 def random_weights(folder: Path) -> Path:

@@ -19,7 +19,7 @@ TINY = dict(
 
 # The published code's test vectors: ../shared/golden beside the clone (CI has it; a user's clone
 # does not, and the tests that need them skip with that reason). SDDUSR_GOLDEN_DIR points elsewhere
-# (the GPU check carries some of them to the device machine).
+# (for example, a copy of some of them on a GPU machine).
 GOLDEN_DIR = Path(
     os.environ.get("SDDUSR_GOLDEN_DIR")
     or Path(__file__).resolve().parents[1].parent / "shared" / "golden"

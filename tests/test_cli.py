@@ -123,7 +123,7 @@ def test_sr_ensemble_averages_passes_and_rejects_odd_sizes(pair, tiny_weights, t
     assert a.shape == b.shape == (2 * shape[0], 2 * shape[1], 3) and not np.array_equal(a, b)
     res = invoke("sr", wide, tele, "-o", tmp_path / "x.png", "--ensemble", 3, *common)
     assert_one_line_error(res, 2)
-    assert "--ensemble must be one of 1, 2, 4, 8" in res.stderr
+    assert "ensemble must be one of 1, 2, 4, 8, got" in res.stderr
     assert not (tmp_path / "x.png").exists()
 
 

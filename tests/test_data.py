@@ -15,11 +15,11 @@ from sddusr_engine.data import (
     DualLensDataset,
     fetch_photos,
     license_for,
-    load_pairs,
     make_pair,
     parse_dep5,
     prepare_pairs,
 )
+from sddusr_engine.datasets import load_pairs
 
 COPYRIGHT = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: test

@@ -159,7 +159,7 @@ def test_eval_adapts_the_corners_only(dataset, tiny_weights, tmp_path):
         assert b["no_ref"] == a["no_ref"]
     res = invoke("eval", dataset, "--weights", tiny_weights, "--adapt", -1)
     assert (
-        res.exit_code == 2 and "--adapt must be 0" in res.stderr and "Traceback" not in res.output
+        res.exit_code == 2 and "adapt must be 0 (off) to" in res.stderr and "Traceback" not in res.output
     )
 
 
@@ -350,3 +350,20 @@ def test_eval_command_writes_the_control_and_the_masks(dataset, tiny_weights, tm
     for k in ("gain_db", "ref_gain_db", "mask_fraction", "wrong_ref_psnr_center"):
         assert isinstance(plain["summary"][k], float), k
     assert adapted["summary"]["gain_db"] != plain["summary"]["gain_db"]
+
+
+def test_eval_command_selects_by_name_and_can_drop_the_control(dataset, tiny_weights, tmp_path):
+    """--only picks images by a glob on their names, --no-wrong-ref leaves out the control, and
+    the terminal shows what the reference adds; a glob that matches nothing is a clear error."""
+    res = invoke("eval", dataset, "--weights", tiny_weights, "--device", "cpu",
+                 "--only", "*2", "--no-wrong-ref", "--json", tmp_path / "only.json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "only.json").read_text())
+    assert [r["name"] for r in report["images"]] == ["0002"]
+    assert report["images"][0]["wrong_ref"] is None and report["dataset"] == str(dataset)
+    assert "SR over bicubic, full image (dB)" in res.stdout
+    full = invoke("eval", dataset, "--weights", tiny_weights, "--device", "cpu")
+    assert full.exit_code == 0 and "true over wrong reference, centre (dB)" in full.stdout
+    res = invoke("eval", dataset, "--weights", tiny_weights, "--only", "nothing*")
+    assert res.exit_code == 1 and "no image name matches" in res.stderr
+    assert "Traceback" not in res.output

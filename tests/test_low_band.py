@@ -168,7 +168,9 @@ def test_fit_command_writes_weights_that_load_with_the_taps(tmp_path):
     from PIL import Image
     from safetensors import safe_open
 
-    from sddusr_engine.data import BOX_FILE, load_pairs, make_pair, to_tensor
+    from sddusr_engine.data import BOX_FILE, make_pair
+    from sddusr_engine.datasets import load_pairs
+    from sddusr_engine.io import to_tensor
 
     boxes = {}
     for i in range(2):
@@ -190,7 +192,7 @@ def test_fit_command_writes_weights_that_load_with_the_taps(tmp_path):
     back = load_model(dst)
     assert (back.config.low_band_taps, back.config.low_band_sigma) == (5, 2.0)
     pairs = load_pairs(tmp_path / "pairs", "train")
-    want = fit_upsampler([(to_tensor(t.lr), to_tensor(t.hr)) for t in pairs], 5)
+    want = fit_upsampler([(to_tensor(t.lr)[0], to_tensor(t.hr)[0]) for t in pairs], 5)
     torch.testing.assert_close(back.low_band_upsampler.taps, want)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v)

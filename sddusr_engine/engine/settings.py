@@ -48,7 +48,8 @@ class RunSettings:
         adapt: int = 0,
     ) -> RunSettings:
         if ensemble not in ENSEMBLE_SIZES:
-            raise SettingsError(f"ensemble must be one of {ENSEMBLE_SIZES}, got {ensemble}.")
+            sizes = ", ".join(map(str, ENSEMBLE_SIZES))
+            raise SettingsError(f"ensemble must be one of {sizes}, got {ensemble}.")
         if not 0 <= int(adapt) <= MAX_ADAPT_STEPS:
             raise SettingsError(f"adapt must be 0 (off) to {MAX_ADAPT_STEPS} steps, got {adapt}.")
         if tile and tile < MIN_TILE:

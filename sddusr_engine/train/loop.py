@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..config import ModelConfig, get_config
-from ..data import DualLensDataset, to_tensor
+from ..data import DualLensDataset
 from ..datasets import Triplet, load_triplets
+from ..io import to_tensor
 from ..metrics import psnr_tensor
 from ..model.network import build_model, upsample_bicubic
 from .checkpoint import (
@@ -145,7 +146,7 @@ def validate(model: torch.nn.Module, pairs: Sequence[Triplet], device: str) -> d
     bgr = model.config.channel_order == "bgr"
     for t in pairs:
         lr, hr, lrc, ref = (
-            _channel_order(to_tensor(a)[None].to(device), bgr) for a in (t.lr, t.hr, t.lrc, t.ref)
+            _channel_order(to_tensor(a).to(device), bgr) for a in (t.lr, t.hr, t.lrc, t.ref)
         )
         sr, aux = model(lr, lrc, ref, return_aux=True)
         sr_db.append(psnr_tensor(sr, hr))

@@ -78,13 +78,13 @@ def _main(argv: list[str] | None = None) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ..data import load_pairs, to_tensor
-    from ..io import atomic_output
+    from ..datasets import load_pairs
+    from ..io import atomic_output, to_tensor
     from ..weights import read_weights
 
     tensors, config = read_weights(args.weights)  # as stored (a float16 file stays float16)
     pairs = load_pairs(args.data, args.split)
-    taps = fit_upsampler(((to_tensor(t.lr), to_tensor(t.hr)) for t in pairs), args.taps)
+    taps = fit_upsampler(((to_tensor(t.lr)[0], to_tensor(t.hr)[0]) for t in pairs), args.taps)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("low_band_upsampler.")}
     tensors["low_band_upsampler.taps"] = taps.contiguous()  # float32 whatever the rest is
     with safe_open(args.weights, "pt") as f:
