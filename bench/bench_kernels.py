@@ -25,6 +25,7 @@ if _CPU:  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import harness  # noqa: E402
+
 from sddusr_engine.kernels import (  # noqa: E402
     attention,
     deform_conv2d,
@@ -36,7 +37,6 @@ from sddusr_engine.kernels import (  # noqa: E402
     patch_warp,
     patch_warp_reference,
 )
-
 from sddusr_engine.timing import measured_peaks, time_ms  # noqa: E402
 
 OPS = ("patch_match", "patch_warp", "attention", "deform_conv2d")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import harness
 import torch
+
 from sddusr_engine.kernels import (
     _launch,
     attention,
@@ -27,7 +28,6 @@ from sddusr_engine.kernels import (
     patch_warp,
 )
 from sddusr_engine.kernels.patch_match import match_descriptors
-
 from sddusr_engine.timing import time_ms
 
 C = _launch.Config

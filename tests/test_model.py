@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from sddusr_engine.kernels import get_ops
 from support import GOLDEN_DIR, TINY
 
 from sddusr_engine import build_model
+from sddusr_engine.kernels import get_ops
 from sddusr_engine.model.matching import dense_match_train, sparse_match, warp_by_index
 
 
@@ -217,7 +217,6 @@ def test_match_temperature_changes_gradients_not_the_forward_pass():
 
 def test_warp_coverage_counts_the_patches_the_warp_sums():
     from sddusr_engine.kernels import patch_grid, patch_warp_reference
-
     from sddusr_engine.model.matching import warp_coverage
 
     torch.manual_seed(3)
@@ -237,7 +236,6 @@ def test_covered_high_pass_is_the_image_detail_for_exact_matches():
     is that copy exactly, and its detail is the copy's own. The mean-overlap form instead imprints
     the 4/6/9 overlap pattern."""
     from sddusr_engine.kernels import patch_grid, patch_warp_reference
-
     from sddusr_engine.model.matching import high_pass, high_pass_covered, warp_coverage
 
     torch.manual_seed(4)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from sddusr_engine.kernels import attention, attention_reference
 from sddusr_engine.kernels._launch import is_interpreter
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+
 from sddusr_engine.kernels import deform_conv2d, deform_conv2d_reference
 from sddusr_engine.kernels._launch import is_interpreter
 
