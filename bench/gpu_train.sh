@@ -36,7 +36,7 @@ prepare() {
 recipe=(
     --device "${GPU_TRAIN_DEVICE:-cuda}" --fast --workers 4
     --batch-size 8 --crop 128 --p-center 0.9 --lr 2e-4 --lr-min 1e-6 --warmup 20
-    --mask-weight 1e-2 --match-weight 1e-2 --match-temperature 0.07 --flow-epe-weight 1e-1
+    --mask-weight 1e-2 --match-weight 1e-2 --match-loss-temperature 0.07 --flow-epe-weight 1e-1
     --train-only SISR,upsample,lr_nearby,ref_head,ref_encoder,Ref_align.dcnpack.weight,Ref_align.dcnpack.bias,feature_match,alpha,mask_generator,tdl,AdaFuison,fusion_tail,decoder
     --model channels=32 trunk_groups=2 trunk_blocks=3 encoder_blocks=2 decoder_blocks=2
     tokens=64 token_dim=32 global_skip=true warp_norm=coverage

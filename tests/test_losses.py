@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sddusr_engine.model.matching import patch_descriptors
+from sddusr_engine.model.matching import batch_patch_descriptors
 from sddusr_engine.train.losses import (
     CONV5_4,
     Discriminator,
@@ -208,7 +208,7 @@ def test_matching_loss_rewards_the_true_correspondence():
     loss_shuffled = matching_loss(q_map, k_map.flip(-1), offset * 2, temperature=0.05)
     assert loss_true < 0.5 * loss_shuffled
     target, valid = matching_targets(q_map.shape[-2:], k_map.shape[-2:], offset * 2)
-    sim = patch_descriptors(q_map) @ patch_descriptors(k_map).transpose(1, 2)
+    sim = batch_patch_descriptors(q_map) @ batch_patch_descriptors(k_map).transpose(1, 2)
     interior = valid.view(2, 12, 12)[:, 1:-1, 1:-1].reshape(2, -1)
     hits = target.gather(2, sim.argmax(-1, keepdim=True))[..., 0].view(2, 12, 12)
     assert (hits[:, 1:-1, 1:-1].reshape(2, -1)[interior] == 1).float().mean() > 0.95

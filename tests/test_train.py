@@ -16,7 +16,6 @@ from sddusr_engine.train.loop import cosine_lambda
 from sddusr_engine.train.surgery import (
     calibrate_reference_path,
     compensate_warp_shift,
-    grow_identity,
     init_from,
 )
 
@@ -144,7 +143,7 @@ def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
             tmp_path / "a",
             steps=30,
             match_weight=1.0,
-            match_temperature=0.1,
+            match_loss_temperature=0.1,
             calibrate_reference=True,
             flow_weight=0.1,
             flow_epe_weight=0.1,
@@ -185,55 +184,6 @@ def test_matching_loss_and_fine_tuning_from_weights(tiny_data, tmp_path):
     bgr = build_model("sddusr", **{**TINY, "channel_order": "bgr"})
     with pytest.raises(ValueError, match="RGB images and this model on BGR"):
         init_from(bgr, first)
-
-
-def test_grow_starts_the_deeper_network_at_the_loaded_ones_output(tiny_data, tmp_path):
-    """--grow: more trunk blocks and groups, encoder and decoder blocks load the shallower file
-    and compute exactly its output; the new blocks are live (their last conv gets gradient)."""
-    from sddusr_engine import build_model
-    from sddusr_engine.weights import save_weights
-
-    torch.manual_seed(0)
-    small = build_model("sddusr", **TINY).eval()
-    for p in small.parameters():  # a trained-looking network: nothing left at zero
-        p.data.add_(0.05 * torch.randn_like(p))
-    path = save_weights(small, tmp_path / "small.safetensors")
-    deeper = {"trunk_groups": 2, "trunk_blocks": 3, "encoder_blocks": 2, "decoder_blocks": 2}
-    big = build_model("sddusr", **{**TINY, **deeper}).eval()
-    report = init_from(big, path)
-    assert report["ignored"] == [] and report["fresh"]
-    zeroed = grow_identity(big, report["fresh"])
-    # a wholly new group is zeroed at its tail (its blocks stay random); new blocks at conv2
-    assert "SISR.body2.conv_tail" in zeroed and "SISR.body1.RBs.1.conv2" in zeroed
-    assert not any(z.startswith("SISR.body2.RBs") for z in zeroed)
-    assert "decoder.RBs.1.conv2" in zeroed and "ref_encoder.RBs.1.conv2" in zeroed
-    lr, lrc, ref = torch.rand(1, 3, 24, 20), torch.rand(1, 3, 12, 12), torch.rand(1, 3, 24, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(big(lr, lrc, ref), small(lr, lrc, ref), rtol=0, atol=1e-6)
-    # without growing, the fresh blocks change the output
-    plain = build_model("sddusr", **{**TINY, **deeper}).eval()
-    init_from(plain, path)
-    with torch.no_grad():
-        assert (plain(lr, lrc, ref) - small(lr, lrc, ref)).abs().max() > 1e-3
-    big.train()
-    big(lr, None, None).mean().backward()
-    assert big.SISR.body1.RBs[1].conv2.weight.grad.abs().max() > 0
-    # nothing fresh (same config): nothing is touched
-    same = build_model("sddusr", **TINY)
-    assert grow_identity(same, init_from(same, path)["fresh"]) == []
-    # through train / the command line: the init event lists what was zeroed
-    assert build_parser().parse_args(["--data", "d", "--out", "x", "--grow"]).grow
-    from sddusr_engine.train import main as train_main
-
-    with pytest.raises(SystemExit) as exit_info:
-        train_main(["--data", str(tiny_data), "--out", str(tmp_path / "n"), "--grow"])
-    assert exit_info.value.code == 2 and not (tmp_path / "n").exists()
-    recs = []
-    cfg = _cfg(tiny_data, tmp_path / "g", steps=1, init=str(path), grow=True,
-               model={**TINY, **deeper})  # fmt: skip
-    train(cfg, on_log=recs.append)
-    init = next(r for r in recs if r.get("event") == "init")
-    assert sorted(init["grown"]) == sorted(zeroed)
 
 
 @pytest.mark.parametrize("variant", ["sddusr", "kedusr"])

@@ -30,11 +30,8 @@ class DualLensDataset(Dataset):
     are anywhere.
     Crop origins are even, so `offset` is even wherever the box origin is (always, for pairs
     from `make_pair`): LR and LRC matching cells coincide, as in a whole image.
-    Random flips and transposes are applied to all four consistently. With `ref_noise` > 0,
-    half the items get Gaussian noise of a standard deviation drawn from [0, ref_noise] (in
-    8-bit levels) on the Ref alone: a telephoto noisier than the wide photo (a smaller aperture,
-    low light), which the fusion must learn to trust less. `length` is nominal (the sampler
-    decides how many items are drawn).
+    Random flips and transposes are applied to all four consistently. `length` is nominal (the
+    sampler decides how many items are drawn).
     """
 
     def __init__(
@@ -46,11 +43,8 @@ class DualLensDataset(Dataset):
         p_center: float = 0.8,
         augment: bool = True,
         length: int = 10**9,
-        ref_noise: float = 0.0,
     ) -> None:
         ctx = crop if ctx is None else ctx
-        if ref_noise < 0:
-            raise ValueError(f"ref_noise must be >= 0, got {ref_noise}")
         if ctx % 2 or crop % 2:
             raise ValueError(
                 f"crop and ctx must be even (matching cells are 2 pixels), got {crop} and {ctx}"
@@ -65,7 +59,6 @@ class DualLensDataset(Dataset):
             raise ValueError("no pairs")
         self.pairs, self.crop, self.ctx = list(pairs), crop, ctx
         self.seed, self.p_center, self.augment, self.length = seed, p_center, augment, length
-        self.ref_noise = ref_noise
         # the true flow only when every pair has one (a batch must have it for all or none)
         self.with_flow = all(t.flow is not None for t in self.pairs)
 
@@ -117,11 +110,6 @@ class DualLensDataset(Dataset):
                 dy, dx = dx, dy
                 flow = None if flow is None else flow.transpose(1, 0, 2)[..., ::-1]
         item = dict(zip(("lr", "hr", "lrc", "ref"), (to_tensor(a)[0] for a in arrs), strict=True))
-        # drawn last, and only when asked for, so that items without it stay as they were
-        if self.ref_noise > 0 and rng.uniform() < 0.5:
-            sigma = rng.uniform(0.0, self.ref_noise) / 255.0
-            noise = rng.standard_normal(item["ref"].shape, dtype=np.float32) * np.float32(sigma)
-            item["ref"] = (item["ref"] + torch.from_numpy(noise)).clamp_(0.0, 1.0)
         item["offset"] = torch.tensor([dy, dx], dtype=torch.int64)
         if flow is not None:
             item["flow"] = torch.from_numpy(np.ascontiguousarray(flow.transpose(2, 0, 1)))

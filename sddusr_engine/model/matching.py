@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import patch_descriptors
 from .blocks import MeanShift
 
 WARP_OVERLAP = 5.0625  # (9/4)^2: mean number of 9x9 stride-4 patches covering an output pixel
@@ -87,10 +88,10 @@ class MaskGenerator(nn.Module):
         return F.gumbel_softmax(logits, tau=tau, hard=True, dim=1)[:, :1]
 
 
-def patch_descriptors(x: torch.Tensor) -> torch.Tensor:
-    """[B,C,h,w] -> [B,h*w,9C]: each position's 3x3 reflect-padded neighbourhood, L2-normalised."""
-    cols = F.unfold(F.pad(x, (1, 1, 1, 1), mode="reflect"), 3)  # [B,9C,hw]
-    return F.normalize(cols, dim=1, eps=1e-12).transpose(1, 2)
+def batch_patch_descriptors(x: torch.Tensor) -> torch.Tensor:
+    """[B,C,h,w] -> [B,h*w,9C]: `kernels.patch_descriptors` of each image (each position's 3x3
+    reflect-padded neighbourhood, L2-normalised), for the dense training form."""
+    return torch.stack([patch_descriptors(xi) for xi in x])
 
 
 def value_patches(value: torch.Tensor, ksize: int = 9, stride: int = 4) -> torch.Tensor:
@@ -128,8 +129,8 @@ def dense_match_train(
     lr_mask [B,1,hq,wq] in {0,1}. Returns (warp_sum [B,C,4hq,4wq], confidence [B,1,hq,wq]).
     """
     b, _, hq, wq = q_map.shape
-    q = patch_descriptors(q_map)  # [B,Mq,d]
-    k = patch_descriptors(k_map)  # [B,Mk,d]
+    q = batch_patch_descriptors(q_map)  # [B,Mq,d]
+    k = batch_patch_descriptors(k_map)  # [B,Mk,d]
     sim = q @ k.transpose(1, 2)  # [B,Mq,Mk]
     soft = (sim / temperature).softmax(dim=-1)
     onehot = F.one_hot(sim.argmax(dim=-1), sim.shape[-1]).to(sim.dtype)

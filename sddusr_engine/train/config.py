@@ -110,7 +110,7 @@ class TrainConfig:
             "weight of the supervised matching loss (synthetic pairs; 0 = off, the paper)"
         ),
     )
-    match_temperature: float = field(
+    match_loss_temperature: float = field(
         default=0.07, metadata=_opt("softmax temperature of the matching loss")
     )
     vgg19: str | None = field(default=None, metadata=_opt("VGG19 weights file: turns on L_per"))
@@ -154,14 +154,6 @@ class TrainConfig:
     reset_alignment: bool = field(
         default=False,
         metadata=_opt("with --init: restart SpyNet and the deformable offsets from zero flow"),
-    )
-    grow: bool = field(
-        default=False,
-        metadata=_opt(
-            "with --init into a deeper --model (more trunk/encoder/decoder blocks or trunk "
-            "groups): the new blocks start as identity, so training begins from the loaded "
-            "network's output"
-        ),
     )
     flow_weight: float = field(
         default=0.0,
@@ -215,14 +207,6 @@ class TrainConfig:
             "L_rec: charbonnier (the paper) or mse (squared error: its optimum is the highest "
             "PSNR; for a short last stage)",
             choices=REC_LOSSES,
-        ),
-    )
-    ref_noise: float = field(
-        default=0.0,
-        metadata=_opt(
-            "add Gaussian noise of std up to this many 8-bit levels to half the training Refs, "
-            "so that the fusion learns to trust a noisy telephoto less; not in the paper",
-            metavar="LEVELS",
         ),
     )
 

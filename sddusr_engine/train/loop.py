@@ -59,7 +59,6 @@ from .surgery import (
     calibrate_reference_path,
     compensate_warp_shift,
     freeze_all_but,
-    grow_identity,
     init_from,
 )
 
@@ -244,7 +243,7 @@ def _train(cfg: TrainConfig, on_log) -> Path:
             cfg.perceptual_weight,
             cfg.adversarial_weight,
             cfg.match_weight,
-            cfg.match_temperature,
+            cfg.match_loss_temperature,
             cfg.flow_weight,
             cfg.flow_epe_weight,
         ),
@@ -279,8 +278,6 @@ def _train(cfg: TrainConfig, on_log) -> Path:
             budget_resolved = True
     elif cfg.init:
         init_report = init_from(model, cfg.init)
-        if cfg.grow:
-            init_report["grown"] = grow_identity(model, init_report["fresh"])
         if cfg.reset_alignment:
             _zero_alignment(model)
     shift_report = compensate_warp_shift(model) if step == 0 and cfg.warp_shift_init else None
@@ -322,7 +319,6 @@ def _train(cfg: TrainConfig, on_log) -> Path:
     pairs = load_triplets(cfg.data, "train", limit=cfg.train_limit)
     ds = DualLensDataset(
         pairs, crop=cfg.crop, ctx=cfg.ctx, seed=cfg.seed, p_center=cfg.p_center,
-        ref_noise=cfg.ref_noise,
     )  # fmt: skip
     val_pairs = []
     if cfg.val_every and (Path(cfg.data) / cfg.val_split / "LR").is_dir():
@@ -461,8 +457,6 @@ def _export(model: torch.nn.Module, path: Path, mcfg: ModelConfig) -> Path:
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Path:
     parser = parser or build_parser()
     a = parser.parse_args(argv)
-    if a.grow and not a.init:
-        parser.error("--grow needs --init: the weights file of the shallower network to grow from")
     cfg = config_from_args(a)
     path = train(cfg)
     print(f"weights: {path}", file=sys.stderr)

@@ -264,10 +264,12 @@ def matching_loss(
     the network forms them (3x3 neighbourhoods, L2-normalised). Only queries whose true match lies
     inside the LRC crop count; a batch with none gives 0 (still attached to the graph).
     """
-    from ..model.matching import patch_descriptors
+    from ..model.matching import batch_patch_descriptors
 
     target, valid = matching_targets(q_map.shape[-2:], k_map.shape[-2:], offset.to(q_map.device))
-    sim = patch_descriptors(q_map.float()) @ patch_descriptors(k_map.float()).transpose(1, 2)
+    sim = batch_patch_descriptors(q_map.float()) @ batch_patch_descriptors(k_map.float()).transpose(
+        1, 2
+    )
     nll = -(target * (sim / temperature).log_softmax(dim=-1)).sum(dim=-1)  # [B,Mq]
     if not bool(valid.any()):
         return sim.sum() * 0.0
@@ -331,7 +333,7 @@ class LossWeights:
     perceptual: float = 1e-3
     adversarial: float = 1e-4
     match: float = 0.0  # matching_loss; not in the paper, needs pairs with known geometry
-    match_temperature: float = 0.07
+    match_loss_temperature: float = 0.07
     flow: float = 0.0  # flow_photometric_loss; not in the paper
     flow_epe: float = 0.0  # flow_epe_loss against the true flow of synthetic pairs
 
@@ -384,7 +386,7 @@ class SDDuSRLoss(nn.Module):
             total = total + self.w.mask * lm
             terms["mask"] = lm.detach()
         if match is not None and self.w.match:
-            lmatch = matching_loss(*match, temperature=self.w.match_temperature)
+            lmatch = matching_loss(*match, temperature=self.w.match_loss_temperature)
             total = total + self.w.match * lmatch
             terms["match"] = lmatch.detach()
         if flow is not None and self.w.flow:

@@ -1,5 +1,4 @@
-"""Weight surgery before training: loading another file's tensors, growing a deeper network as
-identity, resetting or shifting the alignment, calibrating the reference path, freezing."""
+"""Weight surgery before training: loading another file's tensors, resetting or shifting the alignment, calibrating the reference path, freezing."""
 
 from __future__ import annotations
 
@@ -55,36 +54,6 @@ def init_from(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]
         "fresh": sorted(set(own) - set(loaded)),
         "ignored": sorted(set(state) - set(loaded)),
     }
-
-
-def grow_identity(model: torch.nn.Module, fresh: list[str]) -> list[str]:
-    """Make every residual block or group that `init_from` left wholly fresh an identity map, so
-    that a deeper network (more trunk blocks or groups, more encoder/decoder blocks) starts out
-    computing exactly what the loaded, shallower one did. Zeroing a block's last conv does it:
-    x + lrelu(0) = x + 0 = x. The block's first conv gets gradient once the last one moves (the
-    zero-initialised residual of Fixup/ReZero). Returns the zeroed convs' names; other fresh
-    tensors (e.g. TDL when a kedusr file starts an sddusr model) are left as they are."""
-    from ..model.blocks import ResBlock, ResList, TrunkBlock
-
-    fresh_set = set(fresh)
-    last_conv = {TrunkBlock: "conv2", ResBlock: "conv2", ResList: "conv_tail"}
-    zeroed: list[str] = []
-    done: list[str] = []  # zeroed modules' prefixes: their sub-blocks stay random
-    for name, module in model.named_modules():
-        attr = last_conv.get(type(module))
-        if attr is None or any(name.startswith(d + ".") for d in done):
-            continue
-        names = [f"{name}.{k}" for k, _ in module.named_parameters()]
-        if not names or not all(n in fresh_set for n in names):
-            continue
-        conv = getattr(module, attr)
-        with torch.no_grad():
-            conv.weight.zero_()
-            if conv.bias is not None:
-                conv.bias.zero_()
-        zeroed.append(f"{name}.{attr}")
-        done.append(name)
-    return zeroed
 
 
 @torch.no_grad()
