@@ -76,9 +76,6 @@ class TrainConfig:
     lr_min: float = field(default=1e-6, metadata=_opt("learning rate at the end of the cosine"))
     warmup: int = field(default=0, metadata=_opt("linear warm-up steps before the cosine"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_opt("Adam", cli=False))
-    grad_clip: float | None = field(
-        default=None, metadata=_opt("clip the gradient norm to this (off by default)")
-    )
     seed: int = field(default=0, metadata=_opt("seed of the crops, the RNGs and the schedule"))
     device: str = field(default="cpu", metadata=_opt("torch device, e.g. cuda"))
     threads: int | None = field(default=None, metadata=_opt("torch.set_num_threads on CPU"))

@@ -389,8 +389,6 @@ def _train(cfg: TrainConfig, on_log) -> Path:
             terms["rec_no_ref"] = terms.pop("rec")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:
-            terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         opt.step()
         if d_opt is not None:
             d_loss = loss_fn.discriminator_loss(sr, hr)
