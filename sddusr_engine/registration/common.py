@@ -20,13 +20,19 @@ class Footprint:
     """Where the telephoto lies in the wide image.
 
     homography: 3×3 float64, telephoto pixel → wide pixel.
-    confidence: in [0, 1]: geometric mean of the inlier ratio, a count term 1 − exp(−inliers/40)
-        and the ECC correlation (1 when ECC was skipped).
-    inliers / matches: RANSAC inliers among the ratio-test matches.
+    confidence: in [0, 1], from the photometric verification (`registration.verify`): 0.5 or
+        more means the corners were checked to about 0.6 wide pixels; `register` returns nothing
+        less than 0.5. A footprint made from a known homography carries the caller's value.
+    inliers / matches: RANSAC inliers among the ratio-test matches (0 when the intensity search
+        found the telephoto).
     corners: 4×2 float64, the telephoto's outer corners TL, TR, BR, BL in wide pixels.
     zoom: sqrt(telephoto area / footprint area). rotation_deg: angle of the footprint's top edge
         in the wide image, in degrees; positive turns clockwise on screen (y points down).
     tele_shape: (H, W) of the telephoto the homography refers to. refined: ECC succeeded.
+    method: "features" (SIFT + MAGSAC) or "intensity search" (the zoom and roll sweep).
+    corner_error_px: the verification's bound on the corner error, in wide pixels (nan: not
+        verified). zoom_prior: the zoom the EXIF focal lengths implied (None: none used).
+    notes: what the registration did that a user may want to know, in sentences.
     """
 
     homography: np.ndarray
@@ -38,6 +44,10 @@ class Footprint:
     rotation_deg: float
     tele_shape: tuple[int, int]
     refined: bool
+    method: str = "features"
+    corner_error_px: float = float("nan")
+    zoom_prior: float | None = None
+    notes: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,7 @@ def footprint_from_homography(
     inliers: int = 0,
     matches: int = 0,
     refined: bool = False,
+    **details,
 ) -> Footprint:
     """A `Footprint` for a known telephoto → wide homography (corners, zoom and roll derived)."""
     h = np.asarray(h, np.float64)
@@ -134,6 +145,7 @@ def footprint_from_homography(
         rotation_deg=rot,
         tele_shape=(int(tele_shape[0]), int(tele_shape[1])),
         refined=refined,
+        **details,
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from ..io import as_rgb_array
 from .common import (
@@ -13,12 +14,51 @@ from .common import (
     FootprintNotFoundError,
     check_geometry,
     float_rgb,
+    footprint_corners,
     footprint_from_homography,
     gray_u8,
     resize_to,
+    zoom_rotation,
 )
 from .features import ecc_refine, sift_homography
+from .prior import WINDOW_35MM, ZoomPrior
+from .prior import zoom_prior as exif_zoom_prior
+from .pyramid import downscale, grey01, pyramid
 from .resample import center_crop_box, resample_reference
+from .search import search_hypotheses
+from .verify import HIGH_CONFIDENCE, Verdict, verify
+
+
+def _working_rgb(img: np.ndarray, scale: float, large: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Float RGB at `scale` and its full → working pixel map. A `large` photo is downscaled in its
+    own 8/16 bits first: its float copy alone would be 145 MB at 12 MP."""
+    if not large or img.dtype not in (np.uint8, np.uint16):
+        return resize_to(float_rgb(img), scale)
+    small, down = downscale(img, scale)
+    return float_rgb(small), down
+
+
+class _Candidates:
+    """The hypotheses tried so far with their verdicts; the best one wins."""
+
+    def __init__(self, wide_levels, tele_levels, tele_shape, wide_shape, geometry):
+        self.wide_levels, self.tele_levels = wide_levels, tele_levels
+        self.tele_shape, self.wide_shape, self.geometry = tele_shape, wide_shape, geometry
+        self.best: tuple[Verdict, np.ndarray, dict] | None = None
+        self.first_reason = ""
+
+    def add(self, h: np.ndarray, **details) -> Verdict | None:
+        try:
+            check_geometry(h, self.tele_shape, self.wide_shape, *self.geometry)
+        except FootprintNotFoundError as e:
+            self.first_reason = self.first_reason or str(e)
+            return None
+        corners = footprint_corners(h, self.tele_shape)
+        zoom, _ = zoom_rotation(corners, self.tele_shape)
+        v = verify(self.wide_levels, self.tele_levels, h, corners, zoom, self.wide_shape)
+        if self.best is None or v.confidence > self.best[0].confidence:
+            self.best = (v, h, details)
+        return v
 
 
 def register(
@@ -31,49 +71,117 @@ def register(
     refine: bool = True,
     ratio: float = 0.8,
     max_side: int = 1600,
+    zoom_prior: float | None = None,
 ) -> Footprint:
-    """Locate the telephoto in the wide image (arrays H×W×3, uint8/uint16/float in [0, 1]).
+    """Locate the telephoto in the wide image (arrays H×W×3, uint8/uint16/float in [0, 1], or
+    PIL images, whose EXIF focal lengths then give the zoom prior).
 
-    Matching and refinement run with the wide image downscaled to at most `max_side` pixels on its
-    long side (the telephoto to half that density); the homography is returned at full resolution.
+    SIFT + MAGSAC + ECC first, at the wide image downscaled to at most `max_side` pixels on its
+    long side (the telephoto to half that density); where that fails or its answer does not pass
+    the photometric verification, the intensity search (zoom and roll sweep, then ECC). Every
+    answer is verified (`registration.verify`) and only one with a confidence of at least 0.5 is
+    returned, its homography at full resolution. `zoom_prior` (telephoto pixels per wide pixel,
+    e.g. from `prior.zoom_prior`) narrows the search to ±8 % around it.
 
-    Raises `FootprintNotFoundError` with the reason when the pair does not match.
+    Raises `FootprintNotFoundError` with the reason when the telephoto cannot be placed and
+    verified.
     """
-    wide_rgb = float_rgb(wide)
-    tele_rgb = float_rgb(tele)
-    tele_shape = tele_rgb.shape[:2]
+    prior = None
+    if zoom_prior is None and isinstance(wide, Image.Image) and isinstance(tele, Image.Image):
+        prior = exif_zoom_prior(wide, tele, wide.width, tele.width)
+    elif zoom_prior is not None:
+        z = float(zoom_prior)
+        prior = ZoomPrior(z, (z * (1 - WINDOW_35MM), z * (1 + WINDOW_35MM)), f"zoom prior x{z:.2f}")
+    wide_a, tele_a = as_rgb_array(wide), as_rgb_array(tele)
+    tele_shape, wide_shape = tele_a.shape[:2], wide_a.shape[:2]
     # Working resolution: the wide capped at `max_side`, the telephoto at half that density
     # (about the wide's, since the zoom is about 2).
-    s_w = min(1.0, max_side / max(wide_rgb.shape[:2]))
-    wide_w, down_w = resize_to(wide_rgb, s_w)
-    tele_w, down_t = resize_to(tele_rgb, 0.5 * s_w)
+    s_w = min(1.0, max_side / max(wide_shape))
+    wide_w, down_w = _working_rgb(wide_a, s_w, s_w < 1.0)
+    tele_w, down_t = _working_rgb(tele_a, 0.5 * s_w, s_w < 1.0)
     up_w = np.linalg.inv(down_w)
+    search_range = zoom_range
+    if prior is not None:
+        search_range = (max(zoom_range[0], prior.window[0]), min(zoom_range[1], prior.window[1]))
+    # verification and the intensity search read grey pyramids of the full images
+    wide_levels = pyramid(grey01(wide_a), 24)
+    tele_levels = pyramid(grey01(tele_a), 24)
+    cands = _Candidates(
+        wide_levels, tele_levels, tele_shape, wide_shape, (zoom_range, max_rotation_deg)
+    )
 
     h_w, n_in, n_match, n_kp = sift_homography(gray_u8(wide_w), gray_u8(tele_w), ratio, 2.0)
     if n_kp < min_inliers:
-        raise FootprintNotFoundError(
-            f"{NOT_FOUND}: the telephoto image has only {n_kp} distinctive features; it may be "
-            "blank, out of focus or too dark to register."
+        feature_reason = (
+            f"the telephoto image has only {n_kp} distinctive features; it may be blank, out "
+            "of focus or too dark to register"
         )
-    if h_w is None or n_in < min_inliers:
-        raise FootprintNotFoundError(
-            f"{NOT_FOUND}: only {n_in} consistent feature matches (at least {min_inliers} needed); "
-            "check that the two photos show the same scene."
+    elif h_w is None or n_in < min_inliers:
+        feature_reason = (
+            f"only {n_in} consistent feature matches (at least {min_inliers} needed); check "
+            "that the two photos show the same scene"
         )
-    h = up_w @ h_w @ down_t
-    check_geometry(h, tele_shape, wide_rgb.shape[:2], zoom_range, max_rotation_deg)
+    else:
+        feature_reason = ""
+        h = up_w @ h_w @ down_t
+        refined = False
+        if refine and _plausible(h, tele_shape, wide_shape, zoom_range, max_rotation_deg):
+            res = ecc_refine(wide_w, tele_w, h_w)
+            if res is not None:
+                h, refined = up_w @ res[0] @ down_t, True
+        v = cands.add(h, method="features", inliers=n_in, matches=n_match, refined=refined)
+        if v is None:  # strong matches with an implausible geometry: say so if nothing else fits
+            feature_reason = cands.first_reason.removeprefix(NOT_FOUND + ": ").rstrip(".")
 
-    refined, cc = False, 1.0
-    if refine:
-        res = ecc_refine(wide_w, tele_w, h_w)
-        if res is not None:
-            h, cc, refined = up_w @ res[0] @ down_t, res[1], True
-    inlier_ratio = n_in / max(n_match, 1)
-    conf = (inlier_ratio * (1 - np.exp(-n_in / 40.0)) * max(cc, 0.0)) ** (1 / 3)
+    if cands.best is None or cands.best[0].confidence < HIGH_CONFIDENCE:
+        for h0 in search_hypotheses(
+            wide_levels, tele_levels, tele_shape, search_range, max_rotation_deg, s_w
+        ):
+            h, refined = h0, False
+            if refine:
+                res = ecc_refine(wide_w, tele_w, down_w @ h0 @ np.linalg.inv(down_t))
+                if res is not None:
+                    h, refined = up_w @ res[0] @ down_t, True
+            cands.add(h, method="intensity search", refined=refined)
+            if cands.best is not None and cands.best[0].confidence >= 0.9:
+                break
+
+    if cands.best is None or cands.best[0].confidence < HIGH_CONFIDENCE:
+        raise FootprintNotFoundError(_refusal(cands, feature_reason))
+    v, h, details = cands.best
+    notes = [prior.note] if prior is not None else []
+    if details["method"] != "features":
+        notes.append(
+            "Found by the intensity search"
+            + (f" (features: {feature_reason})." if feature_reason else ".")
+        )
     return footprint_from_homography(
-        h, tele_shape, confidence=float(np.clip(conf, 0.0, 1.0)), inliers=n_in, matches=n_match,
-        refined=refined,
+        h, tele_shape, confidence=round(v.confidence, 4), corner_error_px=v.corner_error_px,
+        zoom_prior=None if prior is None else prior.zoom, notes=" ".join(notes), **details,
     )  # fmt: skip
+
+
+def _plausible(h, tele_shape, wide_shape, zoom_range, max_rotation_deg) -> bool:
+    try:
+        check_geometry(h, tele_shape, wide_shape, zoom_range, max_rotation_deg)
+    except FootprintNotFoundError:
+        return False
+    return True
+
+
+def _refusal(cands: _Candidates, feature_reason: str) -> str:
+    """One sentence: why no placement of the telephoto could be trusted."""
+    if cands.best is None:
+        why = feature_reason or cands.first_reason.removeprefix(NOT_FOUND + ": ").rstrip(".")
+        why = why or "neither features nor the intensity search found a plausible placement"
+        return f"{NOT_FOUND}: {why}."
+    v = cands.best[0]
+    if feature_reason and v.ncc < 0.5:
+        return f"{NOT_FOUND}: {feature_reason}, and {v.reason or 'no placement was verified'}."
+    return (
+        f"{NOT_FOUND}: the best placement could not be verified: {v.reason or 'too uncertain'} "
+        f"(confidence {v.confidence:.2f})."
+    )
 
 
 def estimate_footprint(wide: np.ndarray, tele: np.ndarray) -> np.ndarray:
