@@ -22,7 +22,14 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from sddusr_engine.cli_errors import STATE, describe, guarded
+from sddusr_engine.cli_errors import (
+    STATE,
+    describe,
+    guarded,
+    load_engine,
+    plain_help_and_errors,
+    refuse_existing,
+)
 from sddusr_engine.console import (
     batch_summary,
     engine_line,
@@ -35,7 +42,7 @@ from sddusr_engine.console import (
     tile_progress,
     warn,
 )
-from sddusr_engine.errors import UsageError, WeightsError
+from sddusr_engine.errors import UsageError
 
 app = typer.Typer(
     name="sddusr",
@@ -47,6 +54,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+plain_help_and_errors()
 
 
 class Precision(str, Enum):
@@ -109,36 +117,6 @@ AdaptOpt = Annotated[
 ]
 
 
-def _load_engine(
-    weights: Path | None,
-    device: str,
-    precision: Precision,
-    backend: Backend,
-    tile: int,
-    ensemble: int = 1,
-    adapt: int = 0,
-):
-    from sddusr_engine.engine import Engine
-    from sddusr_engine.weights import DEFAULT_WEIGHTS
-
-    if weights is None and not DEFAULT_WEIGHTS.is_file():
-        raise WeightsError(
-            f"the default weights are not installed ({DEFAULT_WEIGHTS}); pass a weights file "
-            "with --weights FILE (or set SDDUSR_WEIGHTS)."
-        )
-    if weights is not None and not weights.is_file():
-        raise WeightsError(f"weights file not found: {weights}")
-    return Engine.from_pretrained(
-        weights,
-        device=device,
-        dtype=precision.value,
-        backend=backend.value,
-        tile=tile,
-        ensemble=ensemble,
-        adapt=adapt,
-    )
-
-
 # ----------------------------------------------------------------------------- demo
 
 
@@ -166,9 +144,10 @@ def demo(
     import cv2
 
     from sddusr_engine.compare import comparison_image
-    from sddusr_engine.io import read_image, write_image
+    from sddusr_engine.io import check_writable, read_image, write_images
     from sddusr_engine.shipped import sample_dir
 
+    check_writable(folders=[outdir])  # the demo replaces its own folder's sr.png, comparison.png
     sample = sample_dir()
     wide, tele = read_image(sample / "wide.jpg"), read_image(sample / "tele.jpg")
     if shrink > 1:
@@ -179,7 +158,7 @@ def demo(
             for a in (wide, tele)
         )
     with err.status("loading the network..."):
-        eng = _load_engine(weights, device, precision, backend, tile, ensemble, adapt)
+        eng = load_engine(weights, device, precision, backend, tile, ensemble, adapt)
     err.print(f"[dim]{engine_line(eng, weights)}[/dim]")
     err.print(
         f"sample pair: wide {wide.shape[1]}x{wide.shape[0]}, tele {tele.shape[1]}x{tele.shape[0]} ({sample})"
@@ -193,9 +172,8 @@ def demo(
             )
     outdir.mkdir(parents=True, exist_ok=True)
     sr_path, cmp_path = outdir / "sr.png", outdir / "comparison.png"
-    write_image(sr_path, sr)
     corners = None if info.footprint is None else info.footprint.corners
-    write_image(cmp_path, comparison_image(wide, sr, corners, info.box_lr))
+    write_images({sr_path: sr, cmp_path: comparison_image(wide, sr, corners, info.box_lr)})
     for w in info.warnings:
         warn(w)
     total = sum(info.timings.values())
@@ -234,16 +212,24 @@ def sr(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout.")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the output (and maps) if they exist.")
+    ] = False,
 ) -> None:
     """Enlarge one wide photo x2 using its telephoto as the reference."""
     from sddusr_engine.compare import map_images
-    from sddusr_engine.io import read_image, write_image
+    from sddusr_engine.io import check_size, check_writable, read_image, write_images
 
     if output.suffix.lower() not in (".png", ".tif", ".tiff", ".jpg", ".jpeg"):
         raise UsageError(f"output {output} must end in .png, .tif, .tiff, .jpg or .jpeg.")
-    wide_a, tele_a = read_image(wide), read_image(tele)
+    names = ("mask_lr", "mask_lrc", "confidence", "index") if save_maps else ()
+    check_writable([output], [save_maps])
+    refuse_existing(output, *(save_maps / f"{n}.png" for n in names), overwrite=overwrite)
+    notes: list[str] = []
+    wide_a, tele_a = read_image(wide, notes), read_image(tele, notes)
+    check_size(wide_a, wide)
     with err.status("loading the network..."):
-        eng = _load_engine(weights, device, precision, backend, tile, ensemble, adapt)
+        eng = load_engine(weights, device, precision, backend, tile, ensemble, adapt)
     if not as_json:
         err.print(f"[dim]{engine_line(eng, weights)}[/dim]")
     with progress(err) as prog, warnings.catch_warnings():
@@ -257,16 +243,13 @@ def sr(
             keep_maps=save_maps is not None,
             progress=tile_progress(prog, task),
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_image(output, result)
-    written_maps = []
-    if save_maps is not None:
-        save_maps.mkdir(parents=True, exist_ok=True)
-        for name, img in map_images(info, wide_a.shape).items():
-            p = save_maps / f"{name}.png"
-            write_image(p, img)
-            written_maps.append(str(p))
-    for w in info.warnings:
+    maps = map_images(info, wide_a.shape) if save_maps is not None else {}
+    images = {save_maps / f"{n}.png": img for n, img in maps.items()}
+    for folder in {output.parent, *(p.parent for p in images)}:
+        folder.mkdir(parents=True, exist_ok=True)
+    write_images({output: result, **images})  # all of them, or none
+    written_maps = [str(p) for p in images]
+    for w in [*notes, *info.warnings]:
         warn(w)
     if as_json:
         summary = {
@@ -339,21 +322,25 @@ def batch(
     """Super-resolve every pair in a folder; bad pairs are reported and skipped."""
     from sddusr_engine.batch import (
         OUTPUT_SUFFIXES,
+        BatchInterrupted,
         discover_pairs,
         gather_results,
+        report_payload,
         run_batch,
         shard,
         write_report,
     )
     from sddusr_engine.distributed import close_dist, dist_context, rank_device, start_on_every_rank
+    from sddusr_engine.io import check_writable
 
     if ext.lower().lstrip(".") not in OUTPUT_SUFFIXES:
         raise UsageError(f"--ext {ext!r} is not one of {', '.join(OUTPUT_SUFFIXES)}.")
     layout, jobs = discover_pairs(indir)
     if not jobs:
         raise UsageError(f"{indir} holds no image pairs ({layout} layout found, but empty).")
+    check_writable([report], [outdir])
     ctx = dist_context(device)
-    gathered = False
+    gathered = interrupted = False
     try:
         mine = shard(jobs, ctx.rank, ctx.world)
         dev = rank_device(device, ctx)
@@ -362,7 +349,7 @@ def batch(
         with console.status("loading the network..."):
             eng = start_on_every_rank(
                 ctx,
-                lambda: _load_engine(weights, dev, precision, backend, tile, ensemble, adapt),
+                lambda: load_engine(weights, dev, precision, backend, tile, ensemble, adapt),
                 describe,
             )
         where = (
@@ -385,42 +372,43 @@ def batch(
                 }[r.status]
                 prog.update(task, advance=1, note=note)
 
-            results = run_batch(
-                eng,
-                mine,
-                outdir,
-                overwrite=overwrite,
-                ext=ext,
-                missing_reference="skip" if no_reference_ok else "error",
-                rank=ctx.rank,
-                on_result=on_result,
-            )
+            try:
+                results = run_batch(
+                    eng,
+                    mine,
+                    outdir,
+                    overwrite=overwrite,
+                    ext=ext,
+                    missing_reference="skip" if no_reference_ok else "error",
+                    rank=ctx.rank,
+                    on_result=on_result,
+                )
+            except BatchInterrupted as stop:  # Ctrl-C: report what finished, then exit 130
+                results, interrupted = stop.results, True
         wall = time.perf_counter() - t0
         if report is not None and ctx.world > 1:
             write_report(
                 report.with_name(f"{report.stem}.rank{ctx.rank}{report.suffix or '.json'}"),
-                {"rank": ctx.rank, "world": ctx.world, "results": [r.to_dict() for r in results]},
-            )
-        everything = gather_results(results, ctx)
-        gathered = True
+                {"rank": ctx.rank, "world": ctx.world, "interrupted": interrupted,
+                 "results": [r.to_dict() for r in results]},
+            )  # fmt: skip
+        everything = results if interrupted else gather_results(results, ctx)
+        gathered = not interrupted
     finally:
         close_dist(ctx, finished=gathered)
     failed = [r for r in everything if r.status == "failed"]
-    if lead:
+    if lead or interrupted:
         batch_summary(everything, wall)
-        if report is not None:
+        if report is not None and (ctx.world == 1 or not interrupted):
             write_report(
                 report,
-                {
-                    "input": str(indir),
-                    "output": str(outdir),
-                    "layout": layout,
-                    "world": ctx.world,
-                    "ensemble": ensemble,
-                    "adapt": adapt,
-                    "results": [r.to_dict() for r in everything],
-                },
-            )
+                report_payload(
+                    indir, outdir, layout, ctx.world, ensemble, adapt, everything,
+                    jobs=mine if interrupted else None,
+                ),
+            )  # fmt: skip
+    if interrupted:
+        raise KeyboardInterrupt
     if failed:
         if lead:
             err.print(
@@ -458,7 +446,7 @@ def eval_(
     ensemble: EnsembleOpt = 1,
     adapt: AdaptOpt = 0,
     boxes: Annotated[
-        Path | None, typer.Option(help="JSON: <name>.png -> [y0,y1,x0,x1] in HR pixels.")
+        Path | None, typer.Option(help="JSON: <name>.png -> \\[y0,y1,x0,x1] in HR pixels.")
     ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write per-image and mean metrics as JSON.")
@@ -481,10 +469,12 @@ def eval_(
 ) -> None:
     """PSNR/SSIM (full, center, corner) of SR, the network without reference, and bicubic."""
     from sddusr_engine.evaluate import evaluate, find_dataset, write_csv, write_json
+    from sddusr_engine.io import check_writable
 
+    check_writable([json_path, csv_path])
     items = find_dataset(dataset, boxes)
     with err.status("loading the network..."):
-        eng = _load_engine(weights, device, precision, backend, tile, ensemble, adapt)
+        eng = load_engine(weights, device, precision, backend, tile, ensemble, adapt)
     with progress(err) as prog:
         task = prog.add_task("evaluating", total=None, note="")
         report = evaluate(
@@ -531,10 +521,12 @@ def profile(
 
     import torch
 
+    from sddusr_engine.io import atomic_output, check_writable
     from sddusr_engine.profiling import parse_size, random_weights
     from sddusr_engine.profiling import profile as run_profile
     from sddusr_engine.weights import DEFAULT_WEIGHTS
 
+    check_writable([json_path])
     gpu = torch.cuda.is_available() and device != "cpu"
     if not gpu:
         err.print(
@@ -560,7 +552,7 @@ def profile(
         weights = random_weights(Path(tmp.name))
     try:
         with err.status("loading the network..."):
-            eng = _load_engine(weights, device, precision, backend, tile)
+            eng = load_engine(weights, device, precision, backend, tile)
         err.print(
             f"[dim]{engine_line(eng, weights if tmp is None else None)}; LR {lr_hw[0]}x{lr_hw[1]}[/dim]"
         )
@@ -571,9 +563,8 @@ def profile(
     profile_table(rows, meta)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(
-            json.dumps({"meta": meta, "rows": rows}, indent=2, default=json_default) + "\n"
-        )
+        with atomic_output(json_path) as tmp:
+            tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=json_default))
         out.print(f"wrote {json_path}")
 
 
@@ -587,10 +578,12 @@ def convert(
     dst: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
 ) -> None:
     """Convert a published KeDuSR checkpoint to this engine's safetensors format."""
+    from sddusr_engine.io import check_writable
     from sddusr_engine.weights import convert_kedusr, read_weights
 
     if dst.suffix.lower() != ".safetensors":
         raise UsageError(f"the output {dst} must end in .safetensors.")
+    check_writable([dst])
     with err.status("converting..."):
         path = convert_kedusr(src, dst)
     tensors, config = read_weights(path)
@@ -605,7 +598,7 @@ def convert(
 )
 @guarded
 def train(ctx: typer.Context) -> None:
-    """Train a network (arguments go to `python -m sddusr_engine.train`; see its --help)."""
+    """Train a network; every argument goes to the trainer (its options: sddusr train --help)."""
     from sddusr_engine import train as trainer
 
     args = list(ctx.args)

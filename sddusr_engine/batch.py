@@ -8,8 +8,11 @@
   finished ones while the engine computes. Outputs are written atomically (`io.write_image`:
   temporary file, fsync, rename), so an interrupted batch leaves no half-written image and a rerun
   resumes: existing outputs are skipped unless `overwrite=True`.
-- Errors are per pair: a missing partner, an unreadable or truncated image, a footprint that is not
-  found, even an out-of-memory, is recorded as that pair's failure and the rest go on.
+- Errors are per pair: a missing partner, an unreadable, truncated or too small image, a footprint
+  that is not found, even an out-of-memory, is recorded as that pair's failure and the rest go on.
+  A transparency flattened onto white is noted in the pair's message.
+- Ctrl-C: the pairs already computed are written, then `BatchInterrupted` (a `KeyboardInterrupt`)
+  carries the results of every pair that finished, for the report.
 - Under torchrun (`WORLD_SIZE` > 1, see `distributed`) the pairs are sorted by name and rank r
   takes `pairs[r::world]`, so each pair is done exactly once; the results are gathered for one
   summary.
@@ -34,10 +37,12 @@ import numpy as np
 
 from .datasets import published_dir, read_boxes
 from .distributed import DistContext, all_gather
+from .errors import DatasetError, memory_advice
 from .errors import DatasetLayoutError as BatchUsageError
-from .io import IMAGE_SUFFIXES, atomic_output, read_image, write_image
+from .io import IMAGE_SUFFIXES, atomic_output, check_size, read_image, write_image
 
 __all__ = [
+    "BatchInterrupted",
     "BatchUsageError",
     "PairJob",
     "PairResult",
@@ -81,6 +86,14 @@ class PairResult:
         return asdict(self)
 
 
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run_batch`: `results` holds every pair that finished before it."""
+
+    def __init__(self, results: list[PairResult]):
+        super().__init__()
+        self.results = results
+
+
 # ----------------------------------------------------------------------------- discovery
 
 
@@ -110,11 +123,12 @@ def discover_pairs(root: str | os.PathLike) -> tuple[str, list[PairJob]]:
     """(layout, jobs sorted by name) for `root`: layout "wide/tele" or "published".
 
     A pair whose partner is missing becomes a job with `problem` set (reported as failed, never
-    silently dropped). Raises `BatchUsageError` when `root` has neither layout.
+    silently dropped). Raises `BatchUsageError` (exit 2) when `root` has neither layout,
+    `DatasetError` (exit 1, a missing file) when it does not exist.
     """
     root = Path(root)
     if not root.is_dir():
-        raise BatchUsageError(f"input folder {str(root)!r} does not exist or is not a directory.")
+        raise DatasetError(f"input folder {str(root)!r} does not exist or is not a directory.")
     jobs: list[PairJob] = []
     if (root / "wide").is_dir() and (root / "tele").is_dir():
         wide, tele = _by_stem(root / "wide"), _by_stem(root / "tele")
@@ -181,13 +195,16 @@ def output_path(out_dir: Path, job: PairJob, ext: str) -> Path:
     return out_dir / f"{job.name}.{ext.lstrip('.').lower()}"
 
 
-def _read(job: PairJob) -> dict[str, np.ndarray]:
+def _read(job: PairJob, notes: list[str]) -> dict[str, np.ndarray]:
     if job.kind == "raw":
-        return {"wide": read_image(job.inputs["wide"]), "tele": read_image(job.inputs["tele"])}
-    lr = read_image(job.inputs["lr"])
-    ref = read_image(job.inputs["ref"])
+        wide = read_image(job.inputs["wide"], notes)
+        check_size(wide, job.inputs["wide"])
+        return {"wide": wide, "tele": read_image(job.inputs["tele"], notes)}
+    lr = read_image(job.inputs["lr"], notes)
+    check_size(lr, job.inputs["lr"])
+    ref = read_image(job.inputs["ref"], notes)
     if "lrc" in job.inputs:
-        lrc = read_image(job.inputs["lrc"])
+        lrc = read_image(job.inputs["lrc"], notes)
     else:
         y0, y1, x0, x1 = job.box  # type: ignore[misc]
         lrc = np.ascontiguousarray(lr[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2])
@@ -198,12 +215,13 @@ def _read(job: PairJob) -> dict[str, np.ndarray]:
     return {"lr": lr, "lrc": lrc, "ref": ref}
 
 
-def _message(e: BaseException) -> str:
+def _message(e: BaseException, tile: int | None = None) -> str:
+    memory = memory_advice(e, tile)
+    if memory is not None:
+        return memory
     text = str(e).strip() or type(e).__name__
     if isinstance(e, OSError | ValueError | KeyError):
         return text
-    if type(e).__name__ == "OutOfMemoryError":
-        return "out of GPU memory on this pair; try a smaller --tile or --precision fp16"
     return f"{type(e).__name__}: {text}"
 
 
@@ -223,6 +241,8 @@ def run_batch(
 
     Reading (thread), computing (this thread) and writing (thread) overlap. `on_result` is called
     once per job as soon as its outcome is known (from the writer thread for written pairs).
+    Ctrl-C (KeyboardInterrupt) stops it: the pairs already computed are written, and
+    `BatchInterrupted` carries the results so far.
     """
     if ext.lstrip(".").lower() not in OUTPUT_SUFFIXES:
         raise BatchUsageError(
@@ -266,8 +286,9 @@ def run_batch(
     def reader() -> None:
         for job in todo:
             t0 = time.perf_counter()
+            notes: list[str] = []
             try:
-                item: Any = _read(job)
+                item: Any = (_read(job, notes), notes)
             except Exception as e:  # noqa: BLE001 - recorded as this pair's failure
                 item = e
             if not put(read_q, (job, item, time.perf_counter() - t0)):
@@ -286,7 +307,9 @@ def run_batch(
                 write_image(target, arr)
                 res.status, res.output = "written", str(target)
             except Exception as e:  # noqa: BLE001
-                res.status, res.message = "failed", f"cannot write {target}: {_message(e)}"
+                msg = _message(e)
+                res.status = "failed"
+                res.message = msg if msg.startswith("cannot ") else f"cannot write {target}: {msg}"
             res.write_s = time.perf_counter() - t0
             finish(res)
 
@@ -296,6 +319,8 @@ def run_batch(
     ]
     for t in threads:
         t.start()
+    tile = getattr(engine, "tile", None)
+    interrupted = False
     try:
         while True:
             item = read_q.get()
@@ -307,27 +332,33 @@ def run_batch(
                 res.message = _message(data)
                 finish(res)
                 continue
+            data, read_notes = data
             t0 = time.perf_counter()
             try:
                 sr, timings, notes = _compute(engine, job, data, missing_reference)
             except Exception as e:  # noqa: BLE001 - per-pair error capture
-                if type(e).__name__ == "OutOfMemoryError":
+                if memory_advice(e) is not None:
                     _empty_cache()
                 res.seconds = time.perf_counter() - t0
-                res.message = _message(e)
+                res.message = _message(e, tile)
                 finish(res)
                 continue
             res.seconds = time.perf_counter() - t0
             res.timings = timings
-            res.message = "; ".join(notes) or None
+            res.message = "; ".join([*read_notes, *notes]) or None
             write_q.put((job, sr, res))
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         stop.set()
-        write_q.put(_DONE)
+        write_q.put(_DONE)  # the writer finishes what was computed, then stops
         for t in threads:
             t.join()
     order = {j.name: i for i, j in enumerate(jobs)}
-    return sorted(results, key=lambda r: order.get(r.name, len(order)))
+    done = sorted(results, key=lambda r: order.get(r.name, len(order)))
+    if interrupted:
+        raise BatchInterrupted(done)
+    return done
 
 
 def _compute(
@@ -355,6 +386,32 @@ def _empty_cache() -> None:
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001
         pass
+
+
+def report_payload(
+    indir: Path,
+    outdir: Path,
+    layout: str,
+    world: int,
+    ensemble: int,
+    adapt: int,
+    results: list[PairResult],
+    jobs: Sequence[PairJob] | None = None,
+) -> dict[str, Any]:
+    """`sddusr batch --report`'s JSON. `jobs`, given when the run was interrupted: the pairs it was
+    to do, those without a result listed as `not_run`."""
+    finished = {r.name for r in results}
+    return {
+        "input": str(indir),
+        "output": str(outdir),
+        "layout": layout,
+        "world": world,
+        "ensemble": ensemble,
+        "adapt": adapt,
+        "interrupted": jobs is not None,
+        "not_run": [j.name for j in jobs or () if j.name not in finished],
+        "results": [r.to_dict() for r in results],
+    }
 
 
 def write_report(path: str | os.PathLike, payload: dict[str, Any]) -> None:

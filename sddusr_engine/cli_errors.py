@@ -1,11 +1,19 @@
-"""The command line's error boundary: an exception becomes one red sentence on stderr and the
-exit code the docs promise (`SddusrError.exit_code`; 1 for files and memory; 3 for a bug, with
-the advice to rerun with `--debug`)."""
+"""The command line's error boundary and the checks a command makes before it starts work.
+
+`guarded` turns an exception into one red sentence on stderr and the exit code the docs promise
+(`SddusrError.exit_code`: 2 for a usage error, 1 for files, memory and failed work; 3 for a bug,
+with the advice to rerun with `--debug`; 130 for Ctrl-C). A memory error of any origin (GPU, the
+CPU allocator) becomes a sentence naming the option that fits, from the command's own `--tile`.
+`load_engine` says which weights are missing before torch is even asked; `refuse_existing` is the
+one overwrite rule of the image outputs (`sr` refuses, `batch` skips, unless `--overwrite`);
+`plain_help_and_errors` makes typer's own help and usage errors read like the rest.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import typer
 from rich.text import Text
@@ -18,30 +26,23 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _user_message(e: BaseException) -> tuple[str, int] | None:
+def _user_message(e: BaseException, tile: int | None = None) -> tuple[str, int] | None:
     """(sentence, exit code) for an error a user can act on; None for a bug."""
-    import torch
+    from sddusr_engine.errors import FootprintNotFoundError, SddusrError, memory_advice
 
-    from sddusr_engine.errors import FootprintNotFoundError, SddusrError
-
+    memory = memory_advice(e, tile)
+    if memory is not None:
+        return memory, 1
     if isinstance(e, SddusrError):
         msg = str(e).strip() or type(e).__name__
         if isinstance(e, FootprintNotFoundError):
             msg = msg.rstrip(".") + "; pass --no-reference-ok to enlarge the wide photo without it."
         return msg, e.exit_code
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return (
-            "out of GPU memory; try a smaller --tile (e.g. --tile 128), --precision fp16, "
-            "or --device cpu.",
-            1,
-        )
     if isinstance(e, OSError):  # FileNotFoundError, PermissionError, ...
-        msg = str(e).strip() or type(e).__name__
+        msg = (e.strerror or str(e)).strip() or type(e).__name__
         if e.filename and str(e.filename) not in msg:
-            msg = f"{msg} ({e.filename})"
-        return msg, 1
-    if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
-        return "out of memory; try a smaller --tile or a smaller image.", 1
+            msg = f"{msg}: {e.filename}"
+        return msg.rstrip(".") + ".", 1
     return None
 
 
@@ -69,7 +70,7 @@ def guarded(fn):
         except Exception as e:
             if debug:
                 raise
-            known = _user_message(e)
+            known = _user_message(e, kwargs.get("tile"))
             if known is None:
                 first = (str(e).strip().splitlines() or [""])[0]
                 _fail(
@@ -85,3 +86,73 @@ def guarded(fn):
             raise typer.Exit(code) from None
 
     return wrapper
+
+
+def load_engine(
+    weights: Path | None,
+    device: str,
+    precision: str,
+    backend: str,
+    tile: int,
+    ensemble: int = 1,
+    adapt: int = 0,
+):
+    """The engine for a command's options, or `WeightsError` naming the weights file it lacks."""
+    from sddusr_engine.engine import Engine
+    from sddusr_engine.errors import WeightsError
+    from sddusr_engine.weights import DEFAULT_WEIGHTS
+
+    if weights is None and not DEFAULT_WEIGHTS.is_file():
+        raise WeightsError(
+            f"the default weights are not installed ({DEFAULT_WEIGHTS}); pass a weights file "
+            "with --weights FILE (or set SDDUSR_WEIGHTS)."
+        )
+    if weights is not None and not weights.is_file():
+        raise WeightsError(f"weights file not found: {weights}.")
+    return Engine.from_pretrained(
+        weights,
+        device=device,
+        dtype=getattr(precision, "value", precision),
+        backend=getattr(backend, "value", backend),
+        tile=tile,
+        ensemble=ensemble,
+        adapt=adapt,
+    )
+
+
+def refuse_existing(*paths: Path | None, overwrite: bool) -> None:
+    """`UsageError` (exit 2) for the first output that exists, unless `overwrite`."""
+    from sddusr_engine.errors import UsageError
+
+    for p in paths:
+        if p is not None and p.exists() and not overwrite:
+            raise UsageError(f"{p} exists; pass --overwrite to replace it.")
+
+
+def plain_help_and_errors() -> None:
+    """Two changes to typer's output, made once: on/off flags take no value, so their help shows
+    no type (typer prints `<bool>`); and a usage error typer finds itself (an option value not in
+    its choices, a missing argument, an unknown command) is one `error:` sentence like ours, not
+    a box. Its exit code stays click's 2."""
+    from typer import rich_utils
+    from typer.core import TyperOption
+
+    if getattr(TyperOption, "_sddusr_plain", False):
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    def usage_error(e) -> None:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `sddusr` alone: the help was printed
+            return
+        msg = " ".join(e.format_message().replace("Value error, ", "").split()).rstrip(".")
+        msg = msg[:1].lower() + msg[1:]
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(Text(f"error: {msg}{hint}.", style="bold red"), soft_wrap=True)
+
+    TyperOption.display_type_rich = display_type_rich
+    rich_utils.rich_format_error = usage_error
+    TyperOption._sddusr_plain = True

@@ -50,9 +50,9 @@ import torch.nn.functional as F
 
 from .datasets import read_boxes, read_boxes_file
 from .engine import Engine
-from .errors import EvalError
+from .errors import EvalError, EvalUsageError
 from .geometry import lr_box
-from .io import IMAGE_SUFFIXES, read_image, to_tensor
+from .io import IMAGE_SUFFIXES, atomic_output, read_image, to_tensor
 from .metrics import region_metrics
 from .model.network import upsample_bicubic
 
@@ -119,7 +119,7 @@ def find_dataset(
         (c for c in (root / "test", root) if (c / "LR").is_dir() and (c / "HR").is_dir()), None
     )
     if d is None:
-        raise EvalError(
+        raise EvalUsageError(
             f"{str(root)!r} is not in the published layout: expected test/LR/ and test/HR/ "
             "(with LR_center/ and Ref_SIFT/) under it."
         )
@@ -277,7 +277,7 @@ def evaluate(
     methods = tuple(methods)
     unknown = set(methods) - set(METHODS)
     if unknown:
-        raise EvalError(f"unknown methods {sorted(unknown)}; use {METHODS}")
+        raise EvalUsageError(f"unknown methods {sorted(unknown)}; use {METHODS}.")
     items = _select(dataset, boxes, limit, only)
     control = (
         _without_adaptation(engine)
@@ -370,7 +370,8 @@ def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
     """The report as JSON (nan -> null, inf -> "inf")."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    with atomic_output(p) as tmp:  # never half-written
+        tmp.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
 
 
 # CSV columns after the metrics: per image, filled on its `sr` row only
@@ -390,7 +391,7 @@ def write_csv(report: dict[str, Any], path: str | os.PathLike) -> None:
     def extra(m: str, values: dict[str, Any]) -> list[str]:
         return [fmt(values.get(k)) if m == "sr" else "" for k in _CSV_EXTRA]
 
-    with p.open("w", newline="") as f:
+    with atomic_output(p) as tmp, tmp.open("w", newline="") as f:  # never half-written
         w = csv.writer(f)
         w.writerow(["image", "method", *METRICS, *_CSV_EXTRA])
         for r in report["images"]:

@@ -5,13 +5,17 @@ Contract:
 - `read_image` returns RGB H×W×3, `uint8`, or `uint16` for 16-bit PNG/TIFF (never silently cut to
   8 bits). Grayscale is replicated to 3 channels, palette and CMYK are converted, EXIF orientation
   is applied. Alpha is composited on white (a transparent pixel shows white, as a viewer shows it,
-  rather than whatever colour the encoder left under it).
+  rather than whatever colour the encoder left under it); when any pixel is not opaque,
+  `read_image(path, notes)` appends a sentence saying so to `notes`, for the caller to warn with.
 - Anything that is not a complete, decodable image (missing, a directory, a text file named
   `.png`, a truncated JPEG or PNG) raises `ImageReadError`, a `ValueError` whose one sentence names
   the file. Truncation is detected: Pillow's `LOAD_TRUNCATED_IMAGES` is forced off for our decode,
   and PNG chunk CRCs and the IEND chunk are checked.
 - `write_image` is atomic: a temporary file in the target folder, fsync, then `os.replace`, so a
-  failure never leaves a half-written or clobbered target.
+  failure never leaves a half-written or clobbered target. `write_images` writes several so: all
+  are encoded and written to temporary files first, and renamed only when every one succeeded.
+- `check_writable(files, folders)` raises `OutputError` naming the first output that cannot be
+  written (a read-only folder, a path under a file), before any work is done.
 - Float images are in [0, 1]; integer images are in [0, 2**bits − 1].
 """
 
@@ -22,7 +26,7 @@ import io as _io
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
@@ -30,19 +34,26 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageReadError
+from .errors import ImageReadError, OutputError
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "ImageReadError",
+    "MIN_SIDE",
     "as_rgb_array",
+    "check_size",
+    "check_writable",
     "from_tensor",
     "list_images",
     "read_image",
     "to_tensor",
     "write_image",
+    "write_images",
 ]
 
+# The smallest wide (LR) image the commands take: the network's features at half the LR's size
+# need 2 pixels a side, its matching 2 of the centre crop's; 8 is a round floor above both.
+MIN_SIDE = 8
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _WRITE_SUFFIXES = {".png": 16, ".tif": 16, ".tiff": 16, ".jpg": 8, ".jpeg": 8}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -97,7 +108,18 @@ def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, top).astype(rgb.dtype)
 
 
-def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+def _flatten(rgb: np.ndarray, alpha: np.ndarray, notes: list[str] | None) -> np.ndarray:
+    top = 65535 if alpha.dtype == np.uint16 else 255
+    if notes is not None and int(alpha.min()) < top:
+        share = float(np.mean(alpha < top))
+        notes.append(
+            f"{share:.0%} of the pixels are transparent or translucent; they were flattened onto "
+            "white (the output has no alpha channel)"
+        )
+    return _composite_on_white(rgb, alpha)
+
+
+def _pil_to_rgb(im: Image.Image, notes: list[str] | None = None) -> np.ndarray:
     """A loaded PIL image (any mode) as RGB uint8/uint16 H×W×3, alpha composited on white."""
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
@@ -114,11 +136,11 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     )
     if has_alpha:
         rgba = np.asarray(im.convert("RGBA"))
-        return _composite_on_white(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3])
+        return _flatten(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3], notes)
     return np.asarray(im.convert("RGB")).copy()
 
 
-def _cv2_16bit(data: bytes) -> np.ndarray | None:
+def _cv2_16bit(data: bytes, notes: list[str] | None = None) -> np.ndarray | None:
     a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if a is None or a.dtype != np.uint16:
         return None
@@ -129,15 +151,16 @@ def _cv2_16bit(data: bytes) -> np.ndarray | None:
     if a.shape[2] == 3:
         return np.ascontiguousarray(a[..., ::-1])
     if a.shape[2] == 4:
-        return _composite_on_white(np.ascontiguousarray(a[..., 2::-1]), a[..., 3])
+        return _flatten(np.ascontiguousarray(a[..., 2::-1]), a[..., 3], notes)
     return None
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, notes: list[str] | None = None) -> np.ndarray:
     """Read an image file as RGB H×W×3 uint8 (uint16 for 16-bit PNG/TIFF), EXIF orientation applied.
 
     Raises `ImageReadError` (a `ValueError`) naming the file when it is missing or not a complete,
-    decodable image.
+    decodable image. `notes`, if given, receives a sentence about what the conversion dropped (a
+    transparency flattened onto white).
     """
     p = Path(path)
     if not p.is_file():
@@ -162,9 +185,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             check = Image.open(_io.BytesIO(data))
             check.verify()  # walks every chunk and checks its CRC
         orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError as e:
+        kinds = ", ".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
         raise ImageReadError(
-            f"cannot read image {str(p)!r}: it is not in an image format that can be decoded ({e})."
+            f"cannot read image {str(p)!r}: it is not in an image format that can be decoded "
+            f"({kinds})."
+        ) from e
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(
+            f"cannot read image {str(p)!r}: it declares more pixels than can be decoded safely."
         ) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e) or type(e).__name__
@@ -172,25 +201,38 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             f"cannot read image {str(p)!r}: the data is damaged or incomplete ({msg})."
         ) from e
 
+    dropped: list[str] = []
     rgb = None
     sixteen = (fmt == "PNG" and _png_bit_depth(data) == 16) or (
         fmt == "TIFF" and max(_as_tuple(getattr(im, "tag_v2", {}).get(258, 8))) > 8
     )
     if sixteen:
         # Pillow decodes 16-bit RGB as 8 bits; OpenCV keeps the 16 (but ignores EXIF: applied below).
-        rgb = _cv2_16bit(data)
+        rgb = _cv2_16bit(data, dropped)
         if rgb is not None and fmt == "PNG":
             # OpenCV's TIFF decoder applies the orientation tag itself; its PNG decoder does not.
             rgb = _apply_orientation(rgb, orientation)
     if rgb is None:
         try:
             im = ImageOps.exif_transpose(im)
-            rgb = _pil_to_rgb(im)
+            rgb = _pil_to_rgb(im, dropped)
         except (OSError, ValueError) as e:
             raise ImageReadError(
                 f"cannot read image {str(p)!r}: its pixel format ({im.mode}) cannot be converted to RGB ({e})."
             ) from e
+    if notes is not None:
+        notes.extend(f"{str(p)!r}: {d}" for d in dropped)
     return np.ascontiguousarray(rgb)
+
+
+def check_size(image: np.ndarray, path: str | os.PathLike, min_side: int = MIN_SIDE) -> None:
+    """`ImageReadError` if `image` (read from `path`) is smaller than min_side on either side."""
+    h, w = image.shape[:2]
+    if min(h, w) < min_side:
+        raise ImageReadError(
+            f"image {str(path)!r} is {w}x{h} pixels, too small to enlarge: the network needs at "
+            f"least {min_side}x{min_side}."
+        )
 
 
 def _as_tuple(v) -> tuple:
@@ -277,7 +319,33 @@ def write_image(
     `bit_depth` None keeps 16 bits for a uint16 array where the format allows it (PNG, TIFF) and
     writes 8 bits otherwise (float input: 8). JPEG is 8-bit only.
     """
-    p = Path(path)
+    write_images({path: array}, bit_depth, jpeg_quality=jpeg_quality)
+
+
+def write_images(
+    images: dict[str | os.PathLike, np.ndarray],
+    bit_depth: int | None = None,
+    *,
+    jpeg_quality: int = 95,
+) -> None:
+    """Write several images (see `write_image`) all or none: every one is encoded and written to
+    a temporary file beside its target, and the renames happen only once all have succeeded."""
+    encoded = [(Path(p), _encode(Path(p), a, bit_depth, jpeg_quality)) for p, a in images.items()]
+    with contextlib.ExitStack() as stack:
+        for p, data in encoded:
+            tmp = stack.enter_context(atomic_output(p))
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OutputError:
+                raise
+            except OSError as e:  # a full disk, a quota: about the target, not the temporary file
+                raise _cannot_write(p, p.parent, e) from None
+
+
+def _encode(p: Path, array: np.ndarray, bit_depth: int | None, jpeg_quality: int) -> bytes:
     suffix = p.suffix.lower()
     if suffix not in _WRITE_SUFFIXES:
         raise ValueError(
@@ -298,11 +366,7 @@ def write_image(
     ok, buf = cv2.imencode(suffix, np.ascontiguousarray(a[..., ::-1]), params)  # OpenCV wants BGR
     if not ok:
         raise OSError(f"cannot encode {str(p)!r} as {suffix}")
-
-    with atomic_output(p) as tmp, open(tmp, "wb") as f:
-        f.write(buf.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    return buf.tobytes()
 
 
 @contextlib.contextmanager
@@ -312,17 +376,63 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     and an existing file is untouched: nothing is ever half-written."""
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise _cannot_write(p, folder, e) from None
     os.close(fd)
     try:
         yield Path(tmp)
         # mkstemp creates 0600; give the file the mode a plain open() would (or the old file's).
         os.chmod(tmp, p.stat().st_mode & 0o7777 if p.exists() else 0o666 & ~_umask())
-        os.replace(tmp, p)
+        try:
+            os.replace(tmp, p)
+        except OSError as e:
+            raise _cannot_write(p, folder, e) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _cannot_write(target: Path, folder: Path, e: OSError) -> OutputError:
+    """One sentence about `target`, never about the hidden temporary file that failed."""
+    if target.is_dir():
+        return OutputError(f"cannot write {str(target)!r}: it is a folder.")
+    why = (e.strerror or str(e)).lower()
+    return OutputError(f"cannot write {str(target)!r} in the folder {str(folder)!r} ({why}).")
+
+
+def check_writable(
+    files: Iterable[str | os.PathLike | None] = (),
+    folders: Iterable[str | os.PathLike | None] = (),
+) -> None:
+    """Raise `OutputError` for the first output that could not be written: a file path that is a
+    folder or lies under a file, a folder that is a file, a folder (or, for one that does not exist
+    yet, its nearest existing parent) where no file can be created. None entries are ignored.
+    Nothing is left behind: the probe file is removed."""
+    targets = [(Path(f), Path(f).parent) for f in files if f is not None]
+    targets += [(Path(d), Path(d)) for d in folders if d is not None]
+    for target, folder in targets:
+        if target is not folder and target.is_dir():
+            raise OutputError(f"cannot write {str(target)!r}: it is a folder.")
+        folder = folder if str(folder) else Path(".")
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            what = "it" if existing == target else repr(str(existing))
+            raise OutputError(f"cannot write {str(target)!r}: {what} is a file, not a folder.")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".sddusr-probe.", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            why = (e.strerror or str(e)).lower()
+            raise OutputError(
+                f"cannot write {str(target)!r}: the folder {str(existing)!r} is not writable "
+                f"({why})."
+            ) from None
 
 
 def _umask() -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +39,40 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncation and garbage
-        raise WeightsError(f"{path} is not a readable safetensors file ({e}).") from None
+    except Exception:  # safetensors raises its own error types for truncation and garbage
+        raise WeightsError(
+            f"{path} is not a readable safetensors file (it is damaged, truncated or of "
+            "another kind)."
+        ) from None
     return tensors, meta
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True and torch's own warnings kept off the user's screen."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # mmap needs the zip format; older pickled files load without it
+            return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        try:  # mmap needs the zip format; older pickled files load without it
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
+        obj = _torch_load(path)
+    except Exception as e:
+        # torch's text advises weights_only=False (running the file's code): never shown
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
             raise WeightsError(
-                f"{path} is not a readable PyTorch state dict ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else 'no details'})."
+                f"{path} holds Python objects besides tensors (e.g. {found.group(1)}), which are "
+                "not loaded because loading them could run code; save the state dict alone "
+                "(torch.save(model.state_dict(), FILE))."
             ) from None
+        raise WeightsError(
+            f"{path} is not a readable PyTorch checkpoint (it is damaged, truncated or of "
+            "another kind)."
+        ) from None
     for _ in range(3):  # unwrap nested containers
         if isinstance(obj, dict):
             inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
@@ -81,7 +100,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], **fixed: Any) -> ModelConf
         fusion = sd["AdaFuison.conv1.weight"].shape[0]
     except KeyError as e:
         raise WeightsError(
-            f"not an SDDuSR/KeDuSR state dict: no tensor named {e.args[0]}"
+            f"not an SDDuSR/KeDuSR state dict: it has no tensor named {e.args[0]}."
         ) from None
     variant = fixed.pop("variant", "sddusr" if fusion == 3 * n else "kedusr")
     fields: dict[str, Any] = {
@@ -138,7 +157,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Mode
     """Read a weights file into (state dict, config), without building a network."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(f"weights file not found: {path}.")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         tensors, meta = _read_safetensors(path)
@@ -146,16 +165,23 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Mode
             try:
                 config = ModelConfig.from_dict(json.loads(meta["config"]))
             except (ValueError, TypeError) as e:
-                raise WeightsError(f"{path} carries an invalid config: {e}") from None
+                raise WeightsError(f"{path} carries an invalid config ({e}).") from None
         else:  # a plain state dict saved as safetensors: infer, as for .pth
-            config = infer_config(tensors)
+            config = _inferred(path, tensors)
         return tensors, config
     if suffix in (".pth", ".pt", ".ckpt", ".bin"):
         tensors = _read_pth(path)
-        return tensors, infer_config(tensors)
+        return tensors, _inferred(path, tensors)
     raise WeightsError(
-        f"{path}: unknown weights format {suffix!r}; expected .safetensors, .pth or .pt"
+        f"{path}: unknown weights format {suffix!r}; expected .safetensors, .pth or .pt."
     )
+
+
+def _inferred(path: Path, tensors: dict[str, torch.Tensor]) -> ModelConfig:
+    try:
+        return infer_config(tensors)
+    except WeightsError as e:
+        raise WeightsError(f"{path} is {e}") from None
 
 
 def load_model(
@@ -181,7 +207,7 @@ def load_model(
     check_state_dict(model, tensors, str(path))
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
-        raise WeightsError(f"{path} has non-finite values in {len(bad)} tensors, e.g. {bad[0]}")
+        raise WeightsError(f"{path} has non-finite values in {len(bad)} tensors, e.g. {bad[0]}.")
     model.load_state_dict(tensors, strict=True, assign=True)  # keeps fixed layers frozen
     return model.to(device=device, dtype=dtype).eval()
 

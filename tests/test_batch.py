@@ -101,7 +101,8 @@ def test_batch_writes_good_pairs_lists_bad_ones_and_resumes(raw_folder, tiny_wei
 
 def test_batch_usage_errors_exit_2(tmp_path, tiny_weights):
     res = invoke("batch", tmp_path / "missing", "-o", tmp_path / "o", "--weights", tiny_weights)
-    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.exit_code == 1 and "Traceback" not in res.output  # a missing file, not a usage
+    assert "does not exist" in res.stderr
     (tmp_path / "empty").mkdir()
     res = invoke("batch", tmp_path / "empty", "-o", tmp_path / "o", "--weights", tiny_weights)
     assert res.exit_code == 2 and "published layout" in res.stderr
@@ -164,3 +165,48 @@ def test_triplet_warnings_reach_the_report(tmp_path):
     assert "low-band projection was skipped" in (rows["0001"]["message"] or "")
     assert rows["0000"]["message"] is None  # an exact crop: found, projected, nothing to say
     assert "low_band" in rows["0000"]["timings"]
+
+
+def test_interrupted_batch_writes_what_finished_and_its_report(tmp_path, tiny_weights, monkeypatch):
+    """Ctrl-C after the first pair: that pair's image is written whole, the report lists it and
+    the pairs not run, and the command exits 130 with no temporary file left behind."""
+    from sddusr_engine.engine import Engine
+
+    real_run, calls = Engine.run, []
+
+    def run_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "run", run_then_interrupt)
+    root = published_folder(tmp_path / "data", 3, size=(16, 24))
+    out = tmp_path / "out"
+    res = invoke("batch", root, "-o", out, "--weights", tiny_weights, "--device", "cpu",
+                 "--report", tmp_path / "r.json")  # fmt: skip
+    assert res.exit_code == 130, res.output
+    assert "Traceback" not in res.output and "interrupted." in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png"]  # no temporary files
+    assert read_image(out / "0000.png").shape == (32, 48, 3)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["interrupted"] is True
+    assert [(r["name"], r["status"]) for r in report["results"]] == [("0000", "written")]
+    assert report["not_run"] == ["0001", "0002"]
+    assert "summary" in res.stdout  # the table of what finished is printed
+
+
+def test_batch_checks_its_outputs_before_any_pair(tmp_path, tiny_weights, monkeypatch):
+    """An output folder that cannot be made fails at once, one sentence, nothing computed."""
+    from sddusr_engine.engine import Engine
+
+    def never(self, *a, **k):
+        raise AssertionError("the engine ran although the output cannot be written")
+
+    monkeypatch.setattr(Engine, "run", never)
+    root = published_folder(tmp_path / "data", 1, size=(16, 24))
+    (tmp_path / "file").write_text("a file")
+    res = invoke("batch", root, "-o", tmp_path / "file" / "out", "--weights", tiny_weights)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.stderr.strip().splitlines()[-1].startswith("error: cannot write")
+    assert "is a file, not a folder" in res.stderr

@@ -167,3 +167,32 @@ def test_convert_a_kedusr_state_dict(tmp_path):
     assert_one_line_error(
         invoke("convert", tmp_path / "missing.pth", tmp_path / "x.safetensors"), 1
     )
+
+
+def test_sr_refuses_an_existing_output_and_warns_of_a_flattened_alpha(tiny_weights, tmp_path):
+    """One overwrite rule (batch skips, sr refuses, both unless --overwrite); an RGBA input is
+    flattened onto white with a warning, a grayscale one comes back as RGB without one."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:6, :8, 3] = 0  # a transparent corner: 6% of the pixels
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgba[..., 0], "L").save(tmp_path / "gray.png")
+    write_image(tmp_path / "flat.png", np.full((24, 32, 3), 128, np.uint8))
+    out = tmp_path / "o.png"
+    common = ("-o", out, "--weights", tiny_weights, "--device", "cpu", "--no-reference-ok")
+    res = invoke("sr", tmp_path / "rgba.png", tmp_path / "flat.png", *common)
+    assert res.exit_code == 0, res.output
+    assert "rgba.png': 6% of the pixels are transparent or translucent; they were flattened onto " \
+        "white" in res.stderr  # fmt: skip
+    first = out.stat().st_mtime_ns
+    res = invoke("sr", tmp_path / "gray.png", tmp_path / "flat.png", *common)
+    assert_one_line_error(res, 2)
+    assert "o.png exists; pass --overwrite to replace it." in res.stderr
+    assert out.stat().st_mtime_ns == first
+    res = invoke("sr", tmp_path / "gray.png", tmp_path / "flat.png", *common, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert "transparent" not in res.stderr and out.stat().st_mtime_ns != first
+    assert read_image(out).shape == (48, 64, 3)

@@ -9,15 +9,19 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from sddusr_engine.errors import OutputError
 from sddusr_engine.io import (
     ImageReadError,
     _apply_orientation,
     as_rgb_array,
+    check_size,
+    check_writable,
     from_tensor,
     list_images,
     read_image,
     to_tensor,
     write_image,
+    write_images,
 )
 
 
@@ -288,3 +292,84 @@ def test_list_images(tmp_path):
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.tiff", "d.jpeg"]
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "nope")
+
+
+def test_unreadable_image_sentence_names_no_internal_object(tmp_path):
+    (tmp_path / "t.png").write_text("text")
+    with pytest.raises(ImageReadError) as e:
+        read_image(tmp_path / "t.png")
+    msg = str(e.value)
+    assert "not in an image format that can be decoded (png, jpg" in msg
+    assert "BytesIO" not in msg and "0x" not in msg and msg.endswith(".")
+
+
+def test_alpha_dropped_is_noted_opaque_and_gray_are_not(tmp_path):
+    rgba = np.full((10, 10, 4), 200, np.uint8)
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "opaque.png")
+    rgba[:5, :, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    Image.fromarray(rgba[..., 0], "L").save(tmp_path / "gray.png")
+    notes: list[str] = []
+    assert read_image(tmp_path / "opaque.png", notes).shape == (10, 10, 3) and notes == []
+    gray = read_image(tmp_path / "gray.png", notes)
+    assert gray.shape == (10, 10, 3) and notes == []  # three equal channels: nothing dropped
+    half = read_image(tmp_path / "half.png", notes)
+    assert (half[:5] == 255).all() and (half[5:] == 200).all()  # flattened onto white
+    assert len(notes) == 1 and "half.png': 50% of the pixels are transparent" in notes[0]
+    deep = np.full((4, 4, 4), 40000, np.uint16)
+    deep[..., 3] = 65535
+    deep[0, 0, 3] = 0
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    read_image(tmp_path / "deep.png", notes)
+    assert len(notes) == 2 and "deep.png': 6% of the pixels" in notes[1]
+
+
+def test_check_size_says_the_minimum():
+    check_size(np.zeros((8, 8, 3), np.uint8), "ok.png")
+    with pytest.raises(ImageReadError, match=r"'dot.png' is 1x2 pixels.*at least 8x8\."):
+        check_size(np.zeros((2, 1, 3), np.uint8), "dot.png")
+
+
+def test_write_images_is_all_or_none(tmp_path):
+    a = np.zeros((4, 4, 3), np.uint8)
+    (tmp_path / "file").write_text("a file where a folder should be")
+    (tmp_path / "kept.png").write_text("old")
+    with pytest.raises(OutputError, match="cannot write"):
+        write_images({tmp_path / "new.png": a, tmp_path / "kept.png": a,
+                      tmp_path / "file" / "x.png": a})  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "kept.png"]  # no temporaries
+    assert (tmp_path / "kept.png").read_text() == "old"
+    write_images({tmp_path / "new.png": a, tmp_path / "kept.png": a})
+    assert read_image(tmp_path / "kept.png").shape == (4, 4, 3)
+
+
+def test_check_writable_before_the_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    check_writable([tmp_path / "a" / "b" / "o.png", None], [tmp_path / "new" / "maps"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]  # made nothing
+    with pytest.raises(OutputError, match=r"/file' is a file, not a folder\."):
+        check_writable([tmp_path / "file" / "o.png"])
+    with pytest.raises(OutputError, match=r"dir': it is a folder\."):
+        check_writable([tmp_path / "dir"])
+    with pytest.raises(OutputError, match=r"file': it is a file, not a folder\."):
+        check_writable(folders=[tmp_path / "file"])
+
+
+def test_unwritable_folder_names_the_target_not_the_temporary(tmp_path, monkeypatch):
+    """A folder where no file can be made (read-only; root ignores the mode, so the refusal is
+    simulated): the sentence names the output, not the hidden temporary file."""
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".o.png.x1.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OutputError) as e:
+        check_writable([tmp_path / "o.png"])
+    assert "is not writable (permission denied)" in str(e.value) and ".tmp" not in str(e.value)
+    with pytest.raises(OutputError) as e:
+        write_image(tmp_path / "o.png", np.zeros((4, 4, 3), np.uint8))
+    assert str(e.value).startswith(f"cannot write {str(tmp_path / 'o.png')!r}")
+    assert ".tmp" not in str(e.value) and "(permission denied)" in str(e.value)

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import SettingsError
 from ..kernels import HAS_TRITON
+from ..kernels._launch import is_interpreter
 from .adapt import AdaptSettings
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -76,9 +77,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise SettingsError(f"unknown device {device!r}; expected auto, cpu or cuda.") from None
+        raise SettingsError(
+            f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N."
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SettingsError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N.")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SettingsError("CUDA was asked for, but no CUDA GPU is available; use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise SettingsError(
+            f"there is no GPU {device!r}: this machine has {n} (cuda:0 to cuda:{n - 1})."
+        )
     return dev
 
 
@@ -100,7 +110,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in ("triton", "torch"):
         raise SettingsError(f"unknown backend {backend!r}; expected auto, triton or torch.")
     if backend == "triton" and not HAS_TRITON:
-        raise SettingsError("the triton backend needs the triton package, which is not installed.")
+        raise SettingsError(
+            "the triton backend needs the triton package, which is not installed; "
+            "use --backend torch."
+        )
+    if backend == "triton" and device.type != "cuda" and not is_interpreter():
+        raise SettingsError(
+            "the triton backend runs on a CUDA GPU only; use --backend torch (or auto) on the CPU."
+        )
     return backend
 
 
