@@ -3,7 +3,8 @@
 `guarded` turns an exception into one red sentence on stderr and the exit code the docs promise
 (`SddusrError.exit_code`: 2 for a usage error, 1 for files, memory and failed work; 3 for a bug,
 with the advice to rerun with `--debug`; 130 for Ctrl-C). A memory error of any origin (GPU, the
-CPU allocator) becomes a sentence naming the option that fits, from the command's own `--tile`.
+CPU allocator) becomes a sentence naming the option that fits, from the command's own `--tile`;
+on the CPU, `memory_ceiling` makes running out of memory such an error rather than a kill.
 `load_engine` says which weights are missing before torch is even asked; `refuse_existing` is the
 one overwrite rule of the image outputs (`sr` refuses, `batch` skips, unless `--overwrite`);
 `plain_help_and_errors` makes typer's own help and usage errors read like the rest.
@@ -11,6 +12,7 @@ one overwrite rule of the image outputs (`sr` refuses, `batch` skips, unless `--
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -61,7 +63,8 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         debug = STATE["debug"] or os.environ.get("SDDUSR_DEBUG", "") not in ("", "0")
         try:
-            return fn(*args, **kwargs)
+            with memory_ceiling():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except KeyboardInterrupt:
@@ -86,6 +89,42 @@ def guarded(fn):
             raise typer.Exit(code) from None
 
     return wrapper
+
+
+def _kib(path: str, key: str) -> int:
+    with open(path) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"no {key} in {path}")
+
+
+@contextlib.contextmanager
+def memory_ceiling():
+    """On Linux without a GPU, hold the process's data under what the machine has free (its
+    current size plus available memory and swap) while a command runs: running out of memory is
+    then an allocation error, told in one sentence, rather than the kernel's kill with no word.
+    Best effort: another program can still take the memory first. The old limit comes back after."""
+    old = None
+    try:
+        import resource
+
+        import torch
+
+        free = _kib("/proc/meminfo", "MemAvailable") + _kib("/proc/meminfo", "SwapFree")
+        limit = (_kib("/proc/self/status", "VmData") + free) * 1024
+        current = resource.getrlimit(resource.RLIMIT_DATA)
+        lower = current[0] == resource.RLIM_INFINITY or limit < current[0]
+        if lower and not torch.cuda.is_available():  # a GPU driver's mappings: left alone
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, current[1]))
+            old = current
+    except (ImportError, OSError, ValueError):  # not Linux, or a hard limit below: as it is
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, old)
 
 
 def load_engine(

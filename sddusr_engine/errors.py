@@ -109,4 +109,6 @@ def memory_advice(e: BaseException, tile: int | None = None) -> str | None:
     more = f" (one step asked for {int(asked.group(1)) / 2**30:.1f} GiB)" if asked else ""
     if gpu:
         return f"out of GPU memory{more}; try {smaller}, --precision fp16, or --device cpu."
-    return f"out of memory on the CPU{more}; try {smaller}, or close other programs."
+    if smaller != "a smaller image":
+        smaller += " or a smaller image"
+    return f"out of memory on the CPU{more}; try {smaller}."

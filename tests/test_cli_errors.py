@@ -259,3 +259,35 @@ def test_report_of_a_failed_batch_is_json(files, tmp_path):
     report = json.loads((root / "r.json").read_text())
     assert report["interrupted"] is False and report["results"][0]["status"] == "failed"
     assert "not in an image format" in report["results"][0]["message"]
+
+
+def test_more_memory_than_the_machine_has_is_a_sentence_not_a_kill(files, tmp_path, monkeypatch):
+    """On Linux without a GPU the commands run under a data limit of what is free, so a step that
+    wants more than the machine has fails as an allocation (one sentence, exit 1), not by the
+    kernel's kill. Without the limit this allocation would be granted (overcommit) untouched."""
+    import resource
+
+    from sddusr_engine.cli_errors import memory_ceiling
+    from sddusr_engine.engine import Engine
+
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    if torch.cuda.is_available():  # a GPU process: its driver's mappings are left unlimited
+        with memory_ceiling():
+            assert resource.getrlimit(resource.RLIMIT_DATA) == before
+        return
+    free = sum(
+        int(ln.split()[1]) * 1024
+        for ln in open("/proc/meminfo")
+        if ln.startswith(("MemAvailable:", "SwapFree:"))
+    )
+
+    def too_much(self, *a, **k):
+        return torch.empty(free + 2**30, dtype=torch.uint8)
+
+    monkeypatch.setattr(Engine, "super_resolve", too_much)
+    d = files["d"]
+    res = invoke("sr", d / "wide.png", d / "tele.png", "-o", tmp_path / "o.png", "-w", files["w"],
+                 "--device", "cpu", "--tile", 64)  # fmt: skip
+    msg = one_sentence(res, 1)
+    assert "out of memory on the CPU" in msg and "--tile 32" in msg
+    assert resource.getrlimit(resource.RLIMIT_DATA) == before  # put back after the command
