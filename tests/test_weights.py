@@ -169,3 +169,20 @@ def test_loading_keeps_the_fixed_normalisation_frozen(tmp_path):
     fixed = list(model.feature_match.sub_mean.parameters())
     assert fixed and not any(p.requires_grad for p in fixed)
     assert all(p.requires_grad for n, p in model.named_parameters() if "sub_mean" not in n)
+
+
+def test_pth_errors_never_pass_on_torchs_advice(tmp_path):
+    """torch's own text for a refused pickle advises weights_only=False (running the file's code):
+    the sentence says what the file holds instead, and a text file is simply not a checkpoint."""
+    import argparse
+
+    torch.save({"args": argparse.Namespace(lr=1.0), "w": torch.zeros(1)}, tmp_path / "ns.pth")
+    with pytest.raises(WeightsError) as e:
+        load_model(tmp_path / "ns.pth")
+    msg = str(e.value)
+    assert "holds Python objects besides tensors (e.g. argparse.Namespace)" in msg
+    assert "weights_only" not in msg and "arbitrary code" not in msg and msg.endswith(".")
+    (tmp_path / "t.pth").write_text("hello")
+    with pytest.raises(WeightsError, match=r"t\.pth is not a readable PyTorch checkpoint") as e:
+        load_model(tmp_path / "t.pth")
+    assert "KeyError" not in str(e.value)
