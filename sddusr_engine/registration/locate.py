@@ -70,7 +70,7 @@ def register(
     max_rotation_deg: float = 10.0,
     refine: bool = True,
     ratio: float = 0.8,
-    max_side: int = 1600,
+    max_side: int = 1200,
     zoom_prior: float | None = None,
 ) -> Footprint:
     """Locate the telephoto in the wide image (arrays H×W×3, uint8/uint16/float in [0, 1], or

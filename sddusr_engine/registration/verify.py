@@ -4,7 +4,7 @@ Two checks, both on zero-mean normalised cross-correlation (NCC) of the telephot
 candidate against the wide image, so that exposure, white balance and gamma do not matter:
 
 - **Local residuals.** A 3×3 grid of patches over the footprint, at every pyramid scale where a
-  patch still has 24 pixels: each patch is correlated at the candidate and at every shift up to
+  patch still has 24 pixels (8 on a 2×2 grid on a tiny image): each patch is correlated at the candidate and at every shift up to
   ±3 pixels of its level (so ±3, ±6, ±12 ... wide pixels), which gives the patch's residual shift
   (sub-pixel, from a parabola through the peak), the peak's sharpness, and any second peak
   almost as high (a repeated texture at that scale: the patch says nothing there). A weighted
@@ -34,7 +34,8 @@ from .pyramid import Level
 
 HIGH_CONFIDENCE = 0.5
 SEARCH_PX = 3  # patch shifts examined, each way, in pixels of the patch's level
-MIN_PATCH = 24  # a patch smaller than this at a level says too little to be used there
+MIN_PATCH = 24  # a patch smaller than this at a level says too little to be used there...
+SMALL_PATCH = 8  # ...unless the whole image is that small: then 8 pixels on a 2×2 grid
 MAX_PATCH = 96
 GRID = 3
 MIN_PEAK_NCC = 0.25  # a patch peak below this is noise: no observation
@@ -99,24 +100,24 @@ def _peak(c: np.ndarray) -> tuple[float, float, float, float, float, bool, bool]
     return ix - r + dx, iy - r + dy, kx, ky, c0, bool(loc.any()), border
 
 
-def _local_observations(wide_levels, tele_levels, h_full, zoom, inner):
+def _local_observations(wide_levels, tele_levels, h_full, zoom, inner, min_patch, grid):
     """Rows (x, y, axis, shift, weight) in full-resolution wide pixels, one per informative patch
     axis and scale; `inner` is the footprint's inner box (x0, y0, x1, y1) in wide pixels."""
     x0, y0, x1, y1 = inner
     rows = []
     for lv in wide_levels:
         s = lv.scale
-        rw, rh = (x1 - x0) * s / GRID, (y1 - y0) * s / GRID
+        rw, rh = (x1 - x0) * s / grid, (y1 - y0) * s / grid
         p = int(min(rw, rh, MAX_PATCH))
-        if p < MIN_PATCH:
+        if p < min_patch:
             continue
         src, t_down = _tele_source(tele_levels, zoom, s)
         h_lv = lv.down @ h_full @ np.linalg.inv(t_down)  # tele level → wide level
         h_inv = np.linalg.inv(h_lv)
         wide_b = _blur(lv.image, 0.8)
         hh, ww = wide_b.shape
-        for gy in range(GRID):
-            for gx in range(GRID):
+        for gy in range(grid):
+            for gx in range(grid):
                 cx = (x0 + 0.5) * s - 0.5 + (gx + 0.5) * rw
                 cy = (y0 + 0.5) * s - 0.5 + (gy + 0.5) * rh
                 ax, ay = int(round(cx - p / 2)), int(round(cy - p / 2))
@@ -258,7 +259,9 @@ def verify(
     if inner[2] - inner[0] < 16 or inner[3] - inner[1] < 16:
         return Verdict(0.0, np.inf, np.inf, 0.0, 0.0, 0, "the footprint is too small to check")
     ncc, margin, is_top = _uniqueness(wide_levels, tele_levels, h_full, zoom, inner)
-    rows = _local_observations(wide_levels, tele_levels, h_full, zoom, inner)
+    rows = _local_observations(wide_levels, tele_levels, h_full, zoom, inner, MIN_PATCH, GRID)
+    if not rows:  # a tiny image: smaller patches, noisier but better than none
+        rows = _local_observations(wide_levels, tele_levels, h_full, zoom, inner, SMALL_PATCH, 2)
     centre = ((inner[0] + inner[2]) / 2, (inner[1] + inner[3]) / 2)
     residual, bound = _fit_corners(rows, corners, centre)
     acc = 2.0 ** (-((bound / 0.6) ** 2))
