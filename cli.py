@@ -95,7 +95,12 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", "-p", help="Compute precision.")]
 BackendOpt = Annotated[Backend, typer.Option(help="Kernels: triton (GPU) or torch (reference).")]
 TileOpt = Annotated[
-    int, typer.Option(help="LR tile side in pixels (0 = whole image); smaller uses less memory.")
+    int | None,
+    typer.Option(
+        show_default="auto",
+        help="LR tile side in pixels (0 = whole image); smaller uses less memory. "
+        "Default: the whole image when it fits in the free memory, else 256.",
+    ),
 ]
 EnsembleOpt = Annotated[
     int,
@@ -130,7 +135,7 @@ def demo(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     backend: BackendOpt = Backend.auto,
-    tile: TileOpt = 256,
+    tile: TileOpt = None,
     ensemble: EnsembleOpt = 1,
     adapt: AdaptOpt = 0,
     shrink: Annotated[
@@ -196,7 +201,7 @@ def sr(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     backend: BackendOpt = Backend.auto,
-    tile: TileOpt = 256,
+    tile: TileOpt = None,
     ensemble: EnsembleOpt = 1,
     adapt: AdaptOpt = 0,
     no_reference_ok: Annotated[
@@ -299,7 +304,7 @@ def batch(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     backend: BackendOpt = Backend.auto,
-    tile: TileOpt = 256,
+    tile: TileOpt = None,
     ensemble: EnsembleOpt = 1,
     adapt: AdaptOpt = 0,
     overwrite: Annotated[
@@ -442,7 +447,7 @@ def eval_(
         typer.Option("--precision", "-p", help="Compute precision (fp32 for reported numbers)."),
     ] = Precision.fp32,
     backend: BackendOpt = Backend.auto,
-    tile: TileOpt = 256,
+    tile: TileOpt = None,
     ensemble: EnsembleOpt = 1,
     adapt: AdaptOpt = 0,
     boxes: Annotated[
@@ -513,7 +518,7 @@ def profile(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     backend: BackendOpt = Backend.auto,
-    tile: TileOpt = 256,
+    tile: TileOpt = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per row (median reported).")] = 3,
 ) -> None:
     """Time the kernels against their PyTorch references and the pipeline stage by stage."""
@@ -623,6 +628,9 @@ def train(ctx: typer.Context) -> None:
 
 def main() -> None:
     """Console-script entry point (`sddusr`)."""
+    from sddusr_engine.process import keep_freed_memory
+
+    keep_freed_memory()  # the command owns its process: see sddusr_engine/process.py
     app(prog_name="sddusr")
 
 

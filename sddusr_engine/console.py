@@ -29,12 +29,16 @@ def warn(message: str, console: Console = err) -> None:
     console.print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
 
 
+def _tile_words(tile: int | None) -> str:
+    return "auto" if tile is None else str(tile or "whole")
+
+
 def engine_line(eng, weights: Path | None) -> str:
     dt = str(eng.dtype).replace("torch.", "")
     name = weights.name if weights else "default weights"
     passes = f", ensemble of {eng.ensemble} passes" if eng.ensemble > 1 else ""
     passes += f", self-adaptation {eng.adapt.steps} steps" if eng.adapt.steps else ""
-    return f"{eng.config.variant} ({name}) on {eng.device}, {dt}, {eng.backend} kernels, tile {eng.tile or 'whole'}{passes}"
+    return f"{eng.config.variant} ({name}) on {eng.device}, {dt}, {eng.backend} kernels, tile {_tile_words(eng.tile)}{passes}"
 
 
 def wide() -> Console:

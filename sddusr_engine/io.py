@@ -411,10 +411,10 @@ def check_writable(
     folder or lies under a file, a folder that is a file, a folder (or, for one that does not exist
     yet, its nearest existing parent) where no file can be created. None entries are ignored.
     Nothing is left behind: the probe file is removed."""
-    targets = [(Path(f), Path(f).parent) for f in files if f is not None]
-    targets += [(Path(d), Path(d)) for d in folders if d is not None]
-    for target, folder in targets:
-        if target is not folder and target.is_dir():
+    targets = [(Path(f), Path(f).parent, True) for f in files if f is not None]
+    targets += [(Path(d), Path(d), False) for d in folders if d is not None]
+    for target, folder, is_file in targets:
+        if is_file and target.is_dir():
             raise OutputError(f"cannot write {str(target)!r}: it is a folder.")
         folder = folder if str(folder) else Path(".")
         existing = folder

@@ -84,7 +84,8 @@ def test_batch_writes_good_pairs_lists_bad_ones_and_resumes(raw_folder, tiny_wei
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     res = invoke(*args, "--report", tmp_path / "r2.json")
-    assert res.exit_code == 1  # the bad pairs still fail
+    assert res.exit_code == 1, res.output  # the bad pairs still fail
+    assert (tmp_path / "r2.json").exists(), res.output
     status = {
         r["name"]: r["status"] for r in json.loads((tmp_path / "r2.json").read_text())["results"]
     }

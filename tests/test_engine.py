@@ -317,7 +317,8 @@ def test_channels_last_gives_the_same_output(variant, backend, tile):
     assert differs <= 100 * flipped.mean() and (got - want).abs().max().item() < 1e-2
     if not flipped.any():
         assert (got - want).abs().max().item() <= 1e-5
-    assert Engine(tiny_model(variant), "cpu", "fp32", backend).channels_last is False  # default
+    # the default: NHWC on the CPU (oneDNN's fast layout), NCHW on a GPU
+    assert Engine(tiny_model(variant), "cpu", "fp32", backend).channels_last is True
 
 
 @pytest.mark.parametrize("low_band", [False, True])
@@ -367,3 +368,33 @@ def test_pipeline_benchmark_times_the_shipped_network_and_the_ensemble(tmp_path)
         ("kedusr", "256 nchw ensemble 2"),
     ]
     assert all(r["ms"] > 0 and r["stages_ms"]["decode"] > 0 for r in rows)
+
+
+def test_auto_tile_takes_the_whole_image_when_it_fits_the_free_memory(monkeypatch):
+    """tile=None: one whole-image pass when the estimate fits in half the free memory, else
+    256-pixel tiles; the tiles give the whole pass's output (the fusion statistic pass aside)."""
+    from sddusr_engine.engine import memory
+
+    free = memory.free_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    need = memory.whole_pass_bytes((480, 640), 32, torch.float32)
+    assert need == pytest.approx(63 * 32 * 4 * 480 * 640)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 2 * need)
+    assert memory.auto_tile((480, 640), 32, torch.float32, "cpu") == 0
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 2 * need - 1)
+    assert memory.auto_tile((480, 640), 32, torch.float32, "cpu") == memory.TILED_TILE
+    monkeypatch.setattr(memory, "free_bytes", lambda device: None)  # unknown: tiles
+    assert memory.auto_tile((480, 640), 32, torch.float32, "cpu") == memory.TILED_TILE
+
+    model = tiny_model("sddusr")
+    lr, lrc, ref = torch.rand(1, 3, 40, 44), torch.rand(1, 3, 16, 20), torch.rand(1, 3, 32, 40)
+    eng = Engine(model, "cpu", "fp32", "torch")  # tile=None
+    assert eng.tile is None
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 10**15)
+    whole, info = eng.run(lr, lrc, ref, return_info=True)
+    assert info.tile == 0 and "fusion_statistics" not in info.timings
+    monkeypatch.setattr(memory, "TILED_TILE", 32)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1)
+    tiled, info = eng.run(lr, lrc, ref, return_info=True)
+    assert info.tile == 32 and "fusion_statistics" in info.timings
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)

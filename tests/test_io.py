@@ -349,6 +349,9 @@ def test_check_writable_before_the_work(tmp_path):
     (tmp_path / "dir").mkdir()
     check_writable([tmp_path / "a" / "b" / "o.png", None], [tmp_path / "new" / "maps"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]  # made nothing
+    check_writable(
+        folders=[tmp_path / "dir"]
+    )  # an existing output folder is fine (a resumed batch)
     with pytest.raises(OutputError, match=r"/file' is a file, not a folder\."):
         check_writable([tmp_path / "file" / "o.png"])
     with pytest.raises(OutputError, match=r"dir': it is a folder\."):

@@ -27,6 +27,7 @@ from ..weights import load_model
 from .adapt import adapt_single_image_path, crop_size
 from .ensemble import ensemble_mean
 from .info import RunInfo
+from .memory import auto_tile
 from .postprocess import blend_outside, project_low_band
 from .settings import MIN_TILE, RunSettings, device_flags
 from .tiling import tiled_forward
@@ -45,8 +46,8 @@ class Engine:
         device="auto",
         dtype="auto",
         backend: str = "auto",
-        tile: int = 256,
-        channels_last: bool = False,
+        tile: int | None = None,
+        channels_last: bool | None = None,
         ensemble: int = 1,
         adapt: int = 0,
     ):
@@ -55,8 +56,9 @@ class Engine:
         # channels_last (NHWC) spares cuDNN the two layout transposes it adds around each fp16
         # convolution of an NCHW tensor, but the element-wise work between the convolutions then
         # mixes layouts. Measured on an H200 (bench/RESULTS.md, 2026-11-26): sddusr 642 ms NHWC
-        # against 614 ms NCHW, kedusr 576 against 600, and NHWC peaks 15 % higher. So NCHW by
-        # default; channels_last=True is there for networks like kedusr's.
+        # against 614 ms NCHW, kedusr 576 against 600, and NHWC peaks 15 % higher. So NCHW on a
+        # GPU by default. On the CPU oneDNN's convolutions run twice as fast on NHWC (32
+        # channels at 480x640: 127 against 254 ms, 2-core CPU, 2026-12-04), so NHWC there.
         self.model = _placed(model, s)
         self.config = model.config
         self._host = _HostStaging()
@@ -77,20 +79,23 @@ class Engine:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         backend: str = "auto",
-        tile: int = 256,
+        tile: int | None = None,
         variant: str | None = None,
         ensemble: int = 1,
         adapt: int = 0,
+        channels_last: bool | None = None,
     ) -> Engine:
         """Load weights (`path=None`: the shipped default) onto `device` in `dtype`.
 
-        `tile` is the LR tile side in pixels (0 = the whole image at once); `ensemble` (1, 2, 4
-        or 8) averages that many flipped/transposed passes (N times the time); `adapt` > 0 runs
-        that many steps of self-adaptation per pair with a reference (`engine.adapt`).
+        `tile` is the LR tile side in pixels (0 = the whole image at once; None = the whole
+        image when it fits in the free memory, else 256-pixel tiles); `ensemble` (1, 2, 4 or 8)
+        averages that many flipped/transposed passes (N times the time); `adapt` > 0 runs that
+        many steps of self-adaptation per pair with a reference (`engine.adapt`);
+        `channels_last` (None: on the CPU only) runs the network in NHWC.
         """
-        RunSettings.resolve(device, dtype, backend, tile, False, ensemble, adapt)  # fail early
+        RunSettings.resolve(device, dtype, backend, tile, channels_last, ensemble, adapt)
         model = load_model(path, variant=variant, device="cpu", dtype=torch.float32)
-        return cls(model, device, dtype, backend, tile, ensemble=ensemble, adapt=adapt)
+        return cls(model, device, dtype, backend, tile, channels_last, ensemble, adapt)
 
     # -- public API -----------------------------------------------------------------------------
     def run(
@@ -201,6 +206,9 @@ class Engine:
         """The network pass at the engine's tile; on a GPU out of memory, again at half the
         tile, down to MIN_TILE, then OutOfMemoryError."""
         tile = self.tile
+        if tile is None:
+            tile = auto_tile(lr.shape[-2:], self.config.channels, self.dtype, self.device)
+        first = tile
         while True:
             info = RunInfo(tile=tile, ensemble=self.ensemble)
             try:
@@ -218,7 +226,7 @@ class Engine:
                         "use --precision fp16, or run on the CPU."
                     ) from None
                 tile = smaller
-        if tile != self.tile:
+        if tile != first:
             info.warnings.append(f"GPU out of memory: retried with {tile}-pixel tiles.")
         return sr, info
 

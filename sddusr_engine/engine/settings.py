@@ -32,7 +32,7 @@ class RunSettings:
     device: torch.device
     dtype: torch.dtype
     backend: str  # "triton" or "torch"
-    tile: int  # LR tile side, a multiple of 4; 0 = the whole image at once
+    tile: int | None  # LR tile side, a multiple of 4; 0 = the whole image; None = by free memory
     channels_last: bool = False
     ensemble: int = 1  # passes averaged (geometric self-ensemble)
     adapt: AdaptSettings = AdaptSettings(steps=0)  # steps == 0: no self-adaptation
@@ -43,24 +43,30 @@ class RunSettings:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         backend: str = "auto",
-        tile: int = 256,
-        channels_last: bool = False,
+        tile: int | None = None,
+        channels_last: bool | None = None,
         ensemble: int = 1,
         adapt: int = 0,
     ) -> RunSettings:
+        """`tile=None` picks per image from the free memory (`engine.memory.auto_tile`);
+        `channels_last=None` is NHWC on the CPU and NCHW on a GPU (see `Engine`)."""
         if ensemble not in ENSEMBLE_SIZES:
             sizes = ", ".join(map(str, ENSEMBLE_SIZES))
             raise SettingsError(f"ensemble must be one of {sizes}, got {ensemble}.")
         if not 0 <= int(adapt) <= MAX_ADAPT_STEPS:
             raise SettingsError(f"adapt must be 0 (off) to {MAX_ADAPT_STEPS} steps, got {adapt}.")
-        if tile and tile < MIN_TILE:
-            raise SettingsError(f"tile must be 0 (whole image) or at least {MIN_TILE} pixels.")
+        if tile is not None and tile != 0 and tile < MIN_TILE:
+            raise SettingsError(
+                f"tile must be 0 (whole image) or at least {MIN_TILE} pixels, got {tile}."
+            )
         dev = resolve_device(device)
+        if channels_last is None:
+            channels_last = dev.type == "cpu"
         return cls(
             device=dev,
             dtype=_resolve_dtype(dtype, dev),
             backend=_resolve_backend(backend, dev),
-            tile=int(tile) // 4 * 4,
+            tile=None if tile is None else int(tile) // 4 * 4,
             channels_last=bool(channels_last),
             ensemble=int(ensemble),
             adapt=AdaptSettings(steps=int(adapt)),

@@ -161,9 +161,11 @@ class MeanShift(nn.Conv2d):
 
     def __init__(self, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
         super().__init__(3, 3, 1)
-        mean_t, std_t = torch.tensor(mean), torch.tensor(std)
+        # from Python lists, with no tensor arithmetic: under the loader's torch.device("meta")
+        # an op such as torch.diag imports torch's reference decompositions, 1.5 s of every start
+        diag = [[[[1.0 / std[i] if i == j else 0.0]] for j in range(3)] for i in range(3)]
         with torch.no_grad():
-            self.weight.copy_(torch.diag(1.0 / std_t).view(3, 3, 1, 1))
-            self.bias.copy_(-mean_t / std_t)
+            self.weight.copy_(torch.tensor(diag))
+            self.bias.copy_(torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]))
         for p in self.parameters():
             p.requires_grad_(False)

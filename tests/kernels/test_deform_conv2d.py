@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from sddusr_engine.kernels import deform_conv2d, deform_conv2d_reference
+from sddusr_engine.kernels import (
+    deform_conv2d,
+    deform_conv2d_reference,
+    deform_conv2d_sampled,
+    get_ops,
+)
 from sddusr_engine.kernels._launch import is_interpreter
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -24,7 +29,7 @@ def _inputs(b, cin, h, w, cout, g, dtype, kh=3, kw=3, device="cpu", spread=3.0):
 
 
 @pytest.mark.parametrize("case", [0, 1, 2])
-@pytest.mark.parametrize("impl", [deform_conv2d_reference, deform_conv2d])
+@pytest.mark.parametrize("impl", [deform_conv2d_reference, deform_conv2d_sampled, deform_conv2d])
 def test_torchvision_golden(golden_dir, close, case, impl):
     d = load_file(str(golden_dir / "deform_conv2d_golden.safetensors"))
     x, off, mask, w, b = (d[f"case{case}_{n}"] for n in ("x", "offset", "mask", "weight", "bias"))
@@ -40,6 +45,7 @@ def test_zero_offsets_unit_mask_is_conv2d(close):
     close(deform_conv2d_reference(x, off, mask, w, b), want, 1e-5, "reference")
     close(deform_conv2d_reference(x, off, None, w, b), want, 1e-5, "reference, mask None")
     close(deform_conv2d(x, off, None, w, b), want, 1e-5, "kernel, mask None")
+    close(deform_conv2d_sampled(x, off, None, w, b), want, 1e-5, "sampled, mask None")
 
 
 def test_integer_offsets_shift_the_sample(close):
@@ -113,3 +119,57 @@ def test_gpu_golden(golden_dir, close):
             d[f"case{case}_{n}"] for n in ("x", "offset", "mask", "weight", "bias")
         )
         close(deform_conv2d(x, off, mask, w, b), d[f"case{case}_out"], 1e-5, f"cuda case{case}")
+
+
+@pytest.mark.parametrize(
+    "b,cin,h,w,cout,g,kh,kw,pad,spread",
+    [
+        (1, 16, 13, 17, 16, 8, 3, 3, 1, 3.0),
+        (2, 8, 7, 5, 5, 1, 3, 3, 1, 3.0),
+        (1, 12, 6, 9, 7, 3, 1, 3, 0, 3.0),
+        (1, 6, 31, 40, 6, 2, 3, 3, 1, 25.0),  # most samples far outside the map
+        (1, 6, 1, 9, 4, 3, 3, 3, 1, 3.0),  # one row: the reference's arithmetic
+    ],
+)
+def test_sampled_path_matches_reference(close, b, cin, h, w, cout, g, kh, kw, pad, spread):
+    """grid_sample's sampling agrees with the gathers on ragged shapes, offsets outside the map
+    included; sample positions are rounded by the [-1, 1] normalisation, hence 1e-5."""
+    k = kh * kw
+    ho, wo = h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
+    x = torch.randn(b, cin, h, w)
+    off = torch.randn(b, 2 * g * k, ho, wo) * spread
+    mask = torch.rand(b, g * k, ho, wo)
+    wt = torch.randn(cout, cin, kh, kw) / (cin * k) ** 0.5
+    bias = torch.randn(cout)
+    want = deform_conv2d_reference(x, off, mask, wt, bias, padding=pad)
+    got = deform_conv2d_sampled(x, off, mask, wt, bias, padding=pad)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    close(got, want, 1e-5, "sampled")
+    half = deform_conv2d_sampled(x.half(), off.half(), mask.half(), wt.half(), bias.half(), pad)
+    assert half.dtype == torch.float16
+    close(half, deform_conv2d_reference(x.half(), off.half(), mask.half(), wt.half(),
+                                        bias.half(), pad), TOL[torch.float16], "sampled fp16")  # fmt: skip
+
+
+def test_sampled_row_chunks(monkeypatch, close):
+    import importlib
+
+    mod = importlib.import_module("sddusr_engine.kernels.deform_conv2d")
+    x, off, mask, w, b = _inputs(2, 4, 9, 6, 5, 2, torch.float32)
+    whole = deform_conv2d_sampled(x, off, mask, w, b)
+    monkeypatch.setattr(mod, "_REF_CHUNK_ELEMS", 1)
+    close(deform_conv2d_sampled(x, off, mask, w, b), whole, 1e-6, "row chunks")
+
+
+def test_torch_backend_samples_for_cpu_inference_and_gathers_for_training():
+    """The torch backend's op: the sampled path under no_grad on the CPU, the reference (exactly)
+    where gradients flow, so training keeps the reference's backward."""
+    x, off, mask, w, b = _inputs(1, 8, 11, 13, 4, 2, torch.float32)
+    op = get_ops("torch").deform_conv2d
+    with torch.no_grad():
+        assert torch.equal(op(x, off, mask, w, b), deform_conv2d_sampled(x, off, mask, w, b))
+    x.requires_grad_(True)
+    trained = op(x, off, mask, w, b)
+    assert torch.equal(trained.detach(), deform_conv2d_reference(x, off, mask, w, b).detach())
+    trained.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

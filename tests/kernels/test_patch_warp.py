@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sddusr_engine.kernels import patch_grid, patch_warp, patch_warp_reference
+from sddusr_engine.kernels import (
+    get_ops,
+    patch_grid,
+    patch_warp,
+    patch_warp_blocked,
+    patch_warp_reference,
+)
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -91,3 +97,36 @@ def test_gpu_matches_reference(close, dtype):
     n = patch_grid(131)[0] * patch_grid(97)[0]
     idx = torch.randint(-1, n, (61, 43), device="cuda")
     close(patch_warp(v, idx), patch_warp_reference(v, idx), TOL[dtype], "patch_warp cuda")
+
+
+@pytest.mark.parametrize(
+    "vshape,qshape,ksize,stride",
+    [
+        ((3, 13, 17), (6, 7), 9, 4),
+        ((2, 8, 5), (5, 3), 9, 4),
+        ((4, 30, 41), (9, 13), 9, 4),  # more queries than fit one value row
+        ((3, 12, 10), (4, 6), 5, 2),  # P = 2 = stride: blocks of 2
+        ((2, 11, 9), (3, 5), 5, 4),  # P = 2 is not a multiple of 4: the reference
+    ],
+)
+def test_blocked_path_matches_the_loop(close, vshape, qshape, ksize, stride):
+    v = torch.randn(*vshape)
+    n = patch_grid(vshape[1], ksize, stride)[0] * patch_grid(vshape[2], ksize, stride)[0]
+    idx = torch.randint(-1, n, qshape)
+    got = patch_warp_blocked(v, idx, ksize, stride)
+    assert got.shape == (vshape[0], stride * qshape[0], stride * qshape[1])
+    close(got, _brute(v, idx, ksize, stride), 1e-6, "blocked")
+    half = patch_warp_blocked(v.half(), idx, ksize, stride)
+    assert half.dtype == torch.float16
+    close(half, patch_warp_reference(v.half(), idx, ksize, stride), TOL[torch.float16], "fp16")
+    assert not patch_warp_blocked(v, torch.full_like(idx, -1), ksize, stride).any()
+
+
+def test_torch_backend_warps_by_blocks_for_cpu_inference_only():
+    v = torch.randn(3, 13, 17)
+    idx = torch.randint(-1, 4 * 5, (6, 7))
+    op = get_ops("torch").patch_warp
+    with torch.no_grad():
+        assert torch.equal(op(v, idx), patch_warp_blocked(v, idx))
+    v.requires_grad_(True)
+    assert torch.equal(op(v, idx).detach(), patch_warp_reference(v, idx).detach())
