@@ -224,6 +224,7 @@ def sr(
     """Enlarge one wide photo x2 using its telephoto as the reference."""
     from sddusr_engine.compare import map_images
     from sddusr_engine.io import check_size, check_writable, read_image, write_images
+    from sddusr_engine.registration.prior import exif_zoom
 
     if output.suffix.lower() not in (".png", ".tif", ".tiff", ".jpg", ".jpeg"):
         raise UsageError(f"output {output} must end in .png, .tif, .tiff, .jpg or .jpeg.")
@@ -247,6 +248,7 @@ def sr(
             return_info=True,
             keep_maps=save_maps is not None,
             progress=tile_progress(prog, task),
+            zoom_prior=exif_zoom(wide, tele, wide_a, tele_a),
         )
     maps = map_images(info, wide_a.shape) if save_maps is not None else {}
     images = {save_maps / f"{n}.png": img for n, img in maps.items()}

@@ -40,6 +40,7 @@ from .distributed import DistContext, all_gather
 from .errors import DatasetError, memory_advice
 from .errors import DatasetLayoutError as BatchUsageError
 from .io import IMAGE_SUFFIXES, atomic_output, check_size, read_image, write_image
+from .registration.prior import exif_zoom
 
 __all__ = [
     "BatchInterrupted",
@@ -369,7 +370,13 @@ def _compute(
         with warnings.catch_warnings():  # the engine's warnings come back in info.warnings
             warnings.simplefilter("ignore")
             sr, info = engine.super_resolve(
-                data["wide"], data["tele"], missing_reference=missing_reference, return_info=True
+                data["wide"],
+                data["tele"],
+                missing_reference=missing_reference,
+                return_info=True,
+                zoom_prior=exif_zoom(
+                    job.inputs["wide"], job.inputs["tele"], data["wide"], data["tele"]
+                ),
             )
     else:  # a triplet: its info too (a skipped low-band projection is a warning)
         sr, info = engine.run(data["lr"], data["lrc"], data["ref"], return_info=True)

@@ -196,3 +196,29 @@ def test_sr_refuses_an_existing_output_and_warns_of_a_flattened_alpha(tiny_weigh
     assert res.exit_code == 0, res.output
     assert "transparent" not in res.stderr and out.stat().st_mtime_ns != first
     assert read_image(out).shape == (48, 64, 3)
+
+
+def test_sr_uses_the_exif_focal_lengths_as_the_zoom_prior(pair, tiny_weights, tmp_path):
+    """Two JPEGs with FocalLengthIn35mmFilm: the ratio (times the width ratio) narrows the
+    registration's zoom search, and the run info says so; without EXIF there is no prior."""
+    from PIL import Image
+
+    wide, tele, shape = pair
+    files = {}
+    for name, src, mm in (("w", wide, 26), ("t", tele, 52)):
+        im = Image.open(src).convert("RGB")
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0xA405] = mm  # FocalLengthIn35mmFilm
+        files[name] = tmp_path / f"{name}.jpg"
+        im.save(files[name], quality=95, exif=exif)
+    res = invoke("sr", files["w"], files["t"], "-o", tmp_path / "x.png", "--weights",
+                 tiny_weights, "--device", "cpu", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    fp = json.loads(res.stdout)["footprint"]
+    tele_w = read_image(files["t"]).shape[1]
+    assert fp["zoom_prior"] == pytest.approx(2.0 * tele_w / shape[1])
+    assert "EXIF focal lengths 52 mm / 26 mm" in fp["notes"]
+    assert fp["corner_error_px"] is not None and fp["method"] in ("features", "intensity search")
+    res = invoke("sr", wide, tele, "-o", tmp_path / "y.png", "--weights", tiny_weights,
+                 "--device", "cpu", "--json")  # fmt: skip
+    assert res.exit_code == 0 and json.loads(res.stdout)["footprint"]["zoom_prior"] is None

@@ -257,7 +257,9 @@ def test_warp_shift_init_puts_exact_matches_in_place():
 
     inner = f_ref[..., 8:-8, 8:-8]
     before = carried()
-    torch.testing.assert_close(before, f_ref[..., 10:-6, 10:-6], rtol=0, atol=1e-5)
+    # 1e-4: on the CPU the DCN samples through grid_sample, whose [-1, 1] normalisation moves a
+    # sample by ~1e-6 px (kernels/deform_conv2d.py); the geometry is off by 2 px or not at all
+    torch.testing.assert_close(before, f_ref[..., 10:-6, 10:-6], rtol=0, atol=1e-4)
     assert (before - inner).abs().max() > 1.0
     assert compensate_warp_shift(model) == {"warp_shift_px": -2.0}
     torch.testing.assert_close(carried(), inner, rtol=0, atol=1e-4)

@@ -16,12 +16,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .. import io as imageio
 from ..errors import EngineError, FootprintNotFoundError, OutOfMemoryError
 from ..geometry import Box, locate_crop
 from ..model.network import DualLensSR
-from ..registration import align_reference
+from ..registration import align_reference, register
 from ..timing import StageHook, StageTimer
 from ..weights import load_model
 from .adapt import adapt_single_image_path, crop_size
@@ -139,19 +140,25 @@ class Engine:
         progress: Progress | None = None,
         return_info: bool = False,
         keep_maps: bool = False,
+        zoom_prior=None,
     ):
         """Super-resolve a raw wide/telephoto pair: find the telephoto's footprint, resample it
         onto the 2x centre grid with the wide image's colours, and run the network.
 
         If the telephoto is not found: `missing_reference="error"` raises FootprintNotFoundError;
-        "skip" warns and returns the reference-free result.
+        "skip" warns and returns the reference-free result. The registration's zoom search is
+        narrowed by `zoom_prior` (telephoto pixels per wide pixel, or the `ZoomPrior` that
+        `registration.prior.exif_zoom` reads from the two files) or, given two PIL images, by their EXIF
+        focal lengths.
         """
         if missing_reference not in ("error", "skip"):
             raise EngineError("missing_reference must be 'error' or 'skip'.")
         wide_a, tele_a = imageio.as_rgb_array(wide), imageio.as_rgb_array(tele)
         t0 = time.perf_counter()
+        exif = isinstance(wide, Image.Image) and isinstance(tele, Image.Image)
         try:
-            pair = align_reference(wide_a, tele_a)
+            fp = register(wide if exif else wide_a, tele if exif else tele_a, zoom_prior=zoom_prior)
+            pair = align_reference(wide_a, tele_a, footprint=fp)
         except FootprintNotFoundError as e:
             if missing_reference == "error":
                 raise

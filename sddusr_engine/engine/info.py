@@ -37,6 +37,11 @@ class RunInfo:
                 "inliers": int(fp.inliers),
                 "zoom": float(fp.zoom),
                 "rotation_deg": float(fp.rotation_deg),
+                "method": fp.method,
+                # the verification's bound on the corner error, wide pixels (None: not verified)
+                "corner_error_px": None if np.isnan(fp.corner_error_px) else fp.corner_error_px,
+                "zoom_prior": fp.zoom_prior,
+                "notes": fp.notes,
             }
         d["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return d

@@ -71,7 +71,7 @@ def register(
     refine: bool = True,
     ratio: float = 0.8,
     max_side: int = 1200,
-    zoom_prior: float | None = None,
+    zoom_prior: float | ZoomPrior | None = None,
 ) -> Footprint:
     """Locate the telephoto in the wide image (arrays H×W×3, uint8/uint16/float in [0, 1], or
     PIL images, whose EXIF focal lengths then give the zoom prior).
@@ -89,6 +89,8 @@ def register(
     prior = None
     if zoom_prior is None and isinstance(wide, Image.Image) and isinstance(tele, Image.Image):
         prior = exif_zoom_prior(wide, tele, wide.width, tele.width)
+    elif isinstance(zoom_prior, ZoomPrior):  # from the files' EXIF (`prior.exif_zoom`)
+        prior = zoom_prior
     elif zoom_prior is not None:
         z = float(zoom_prior)
         prior = ZoomPrior(z, (z * (1 - WINDOW_35MM), z * (1 + WINDOW_35MM)), f"zoom prior x{z:.2f}")

@@ -70,3 +70,9 @@ def zoom_prior(wide_source, tele_source, wide_width: int, tele_width: int) -> Zo
     zoom = ratio * tele_width / wide_width
     note = f"EXIF focal lengths {what} give a zoom prior of x{zoom:.2f}, searched within ±{window:.0%}."
     return ZoomPrior(zoom, (zoom * (1 - window), zoom * (1 + window)), note)
+
+
+def exif_zoom(wide_file, tele_file, wide, tele) -> ZoomPrior | None:
+    """The zoom prior of two image files whose pixels are the arrays `wide` and `tele` (their
+    widths scale it), or None when either file has no focal length."""
+    return zoom_prior(wide_file, tele_file, wide.shape[1], tele.shape[1])

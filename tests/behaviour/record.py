@@ -15,6 +15,7 @@ Re-record only when a change of output is intended, and say so in the commit.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-GOLDEN = ROOT.parent / "shared" / "golden"
+GOLDEN = Path(os.environ.get("SDDUSR_GOLDEN_DIR") or ROOT.parent / "shared" / "golden")
 WINDOW = 96
 
 
