@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import published_dir, read_boxes
+from .datasets import images_by_stem, published_dir, read_boxes
 from .distributed import DistContext, all_gather
 from .errors import DatasetError, memory_advice
 from .errors import DatasetLayoutError as BatchUsageError
-from .io import IMAGE_SUFFIXES, atomic_output, check_size, read_image, write_image
+from .io import atomic_output, check_size, read_image, write_image
 from .registration.prior import exif_zoom
 
 __all__ = [
@@ -98,14 +98,6 @@ class BatchInterrupted(KeyboardInterrupt):
 # ----------------------------------------------------------------------------- discovery
 
 
-def _by_stem(folder: Path) -> dict[str, list[Path]]:
-    found: dict[str, list[Path]] = {}
-    for p in sorted(folder.iterdir(), key=lambda q: q.name):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
-            found.setdefault(p.stem, []).append(p)
-    return found
-
-
 def _pick(
     name: str, paths: list[Path] | None, what: str, folder: Path
 ) -> tuple[Path | None, str | None]:
@@ -132,7 +124,7 @@ def discover_pairs(root: str | os.PathLike) -> tuple[str, list[PairJob]]:
         raise DatasetError(f"input folder {str(root)!r} does not exist or is not a directory.")
     jobs: list[PairJob] = []
     if (root / "wide").is_dir() and (root / "tele").is_dir():
-        wide, tele = _by_stem(root / "wide"), _by_stem(root / "tele")
+        wide, tele = images_by_stem(root / "wide"), images_by_stem(root / "tele")
         for name in sorted(set(wide) | set(tele)):
             w, wp = _pick(name, wide.get(name), "wide", root / "wide")
             t, tp = _pick(name, tele.get(name), "telephoto", root / "tele")
@@ -149,8 +141,8 @@ def discover_pairs(root: str | os.PathLike) -> tuple[str, list[PairJob]]:
         )
     ref_dir = d / "Ref_SIFT" if (d / "Ref_SIFT").is_dir() else d / "Ref"
     lrc_dir = d / "LR_center"
-    lr, ref = _by_stem(d / "LR"), _by_stem(ref_dir)
-    lrc = _by_stem(lrc_dir) if lrc_dir.is_dir() else {}
+    lr, ref = images_by_stem(d / "LR"), images_by_stem(ref_dir)
+    lrc = images_by_stem(lrc_dir) if lrc_dir.is_dir() else {}
     boxes = {} if lrc_dir.is_dir() else find_boxes(root, d, d.parent)
     for name in sorted(set(lr) | set(ref) | set(lrc)):
         lp, problem = _pick(name, lr.get(name), "LR", d / "LR")

@@ -16,11 +16,12 @@ import cv2
 import numpy as np
 
 from .errors import DatasetError
-from .io import read_image
+from .io import IMAGE_SUFFIXES, read_image
 
 __all__ = [
-    "IMAGE_EXTS",
+    "ALIGNED_REF_DIRS",
     "Triplet",
+    "images_by_stem",
     "load_boxes",
     "load_pairs",
     "load_triplets",
@@ -29,8 +30,21 @@ __all__ = [
     "read_boxes_file",
 ]
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ALIGNED_REF_DIRS = ("Ref_SIFT", "Ref")  # references already on LR_center's 2x grid
 Box = tuple[int, int, int, int]
+
+
+def images_by_stem(folder: Path | str) -> dict[str, list[Path]]:
+    """The image files in `folder` (not hidden), grouped by name without suffix, sorted; {} when
+    the folder does not exist. A stem with two files is a doubled image the caller reports."""
+    found: dict[str, list[Path]] = {}
+    d = Path(folder)
+    if not d.is_dir():
+        return found
+    for p in sorted(d.iterdir(), key=lambda q: q.name):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            found.setdefault(p.stem, []).append(p)
+    return found
 
 
 def _is_box_table(obj: object) -> bool:
@@ -80,11 +94,16 @@ def read_boxes_file(path: Path | str, error: type[DatasetError] = DatasetError) 
     return _stem_keys(obj)
 
 
-def published_dir(root: Path | str) -> Path | None:
-    """`root` or `root/test`, whichever holds `LR/` and `Ref_SIFT/` (or `Ref/`); else None."""
+def published_dir(
+    root: Path | str, required: tuple[str, ...] = ("LR",), aligned_ref: bool = True
+) -> Path | None:
+    """`root` or `root/test`, the first that holds every `required` folder and (with
+    `aligned_ref`) one of ALIGNED_REF_DIRS; else None."""
     root = Path(root)
     for d in (root, root / "test"):
-        if (d / "LR").is_dir() and ((d / "Ref_SIFT").is_dir() or (d / "Ref").is_dir()):
+        if all((d / r).is_dir() for r in required) and (
+            not aligned_ref or any((d / r).is_dir() for r in ALIGNED_REF_DIRS)
+        ):
             return d
     return None
 
@@ -110,7 +129,7 @@ class Triplet:
 
 def _find_image(folder: Path, name: str) -> Path | None:
     stem = Path(name).stem
-    for ext in IMAGE_EXTS:
+    for ext in IMAGE_SUFFIXES:
         p = folder / (stem + ext)
         if p.is_file():
             return p
@@ -128,7 +147,7 @@ def load_triplets(
     if not (d / "LR").is_dir() or not (d / "HR").is_dir():
         raise FileNotFoundError(f"{d} has no LR/ and HR/ folders (expected the KeDuSR layout)")
     boxes = load_boxes(root, split)
-    names = sorted(p.name for p in (d / "LR").iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    names = [paths[0].name for paths in images_by_stem(d / "LR").values()]
     if limit:
         names = names[:limit]
     out = []

@@ -48,11 +48,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import read_boxes, read_boxes_file
+from .datasets import ALIGNED_REF_DIRS, images_by_stem, published_dir, read_boxes, read_boxes_file
 from .engine import Engine
 from .errors import EvalError, EvalUsageError
 from .geometry import lr_box
-from .io import IMAGE_SUFFIXES, atomic_output, read_image, to_tensor
+from .io import atomic_output, read_image, to_tensor
 from .metrics import region_metrics
 from .model.network import upsample_bicubic
 
@@ -99,13 +99,7 @@ class EvalItem:
 
 
 def _images(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {
-        p.stem: p
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    }
+    return {stem: paths[0] for stem, paths in images_by_stem(folder).items()}
 
 
 def find_dataset(
@@ -115,15 +109,13 @@ def find_dataset(
     root = Path(root)
     if not root.is_dir():
         raise EvalError(f"dataset folder {str(root)!r} does not exist or is not a directory.")
-    d = next(
-        (c for c in (root / "test", root) if (c / "LR").is_dir() and (c / "HR").is_dir()), None
-    )
+    d = published_dir(root, ("LR", "HR"), aligned_ref=False)
     if d is None:
         raise EvalUsageError(
             f"{str(root)!r} is not in the published layout: expected test/LR/ and test/HR/ "
             "(with LR_center/ and Ref_SIFT/) under it."
         )
-    ref_dir = next((d / s for s in ("Ref_SIFT", "Ref") if (d / s).is_dir()), None)
+    ref_dir = next((d / s for s in ALIGNED_REF_DIRS if (d / s).is_dir()), None)
     if ref_dir is None:
         raise EvalError(f"{str(d)!r} has no Ref_SIFT/ folder of aligned references.")
     boxes = (
