@@ -77,7 +77,12 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default=None, help="LR size HxW (default 1280x1792; --cpu: 96x128)")
     ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--backend", default="triton", choices=["triton", "torch"])
-    ap.add_argument("--tile", type=int, default=256)
+    ap.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="LR tile side (default: the engine's, the whole image when it fits the free memory)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="sddusr,kedusr")
     ap.add_argument(
