@@ -145,10 +145,10 @@ def demo(
         ),
     ] = 1,
 ) -> None:
-    """Super-resolve the bundled sample pair and write the result and a side-by-side comparison."""
+    """Super-resolve the bundled sample pair and write the result and a comparison to judge it."""
     import cv2
 
-    from sddusr_engine.compare import comparison_image
+    from sddusr_engine.compare import comparison_from_run
     from sddusr_engine.io import check_writable, read_image, write_images
     from sddusr_engine.shipped import sample_dir
 
@@ -173,17 +173,16 @@ def demo(
         with warnings.catch_warnings():  # printed below from info.warnings
             warnings.simplefilter("ignore")
             sr, info = eng.super_resolve(
-                wide, tele, return_info=True, progress=tile_progress(prog, task)
+                wide, tele, return_info=True, keep_maps=True, progress=tile_progress(prog, task)
             )
     outdir.mkdir(parents=True, exist_ok=True)
     sr_path, cmp_path = outdir / "sr.png", outdir / "comparison.png"
-    corners = None if info.footprint is None else info.footprint.corners
-    write_images({sr_path: sr, cmp_path: comparison_image(wide, sr, corners, info.box_lr)})
+    write_images({sr_path: sr, cmp_path: comparison_from_run(wide, sr, info)})
     for w in info.warnings:
         warn(w)
     total = sum(info.timings.values())
     out.print(f"wrote {sr_path} ({sr.shape[1]}x{sr.shape[0]}) in {total / 1e3:.1f} s")
-    out.print(f"wrote {cmp_path} (left: bicubic x2 with the telephoto's footprint; right: SR)")
+    out.print(f"wrote {cmp_path} (the footprint, and crops: bicubic | SR | telephoto)")
 
 
 # ----------------------------------------------------------------------------- sr
@@ -214,6 +213,7 @@ def sr(
     save_maps: Annotated[
         Path | None, typer.Option(help="Folder for mask_lr/mask_lrc/confidence/index PNGs.")
     ] = None,
+    comparison: Annotated[Path | None, typer.Option(help="Also write a comparison image.")] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout.")
     ] = False,
@@ -222,15 +222,17 @@ def sr(
     ] = False,
 ) -> None:
     """Enlarge one wide photo x2 using its telephoto as the reference."""
-    from sddusr_engine.compare import map_images
+    from sddusr_engine.compare import comparison_from_run, map_images
     from sddusr_engine.io import check_size, check_writable, read_image, write_images
     from sddusr_engine.registration.prior import exif_zoom
 
-    if output.suffix.lower() not in (".png", ".tif", ".tiff", ".jpg", ".jpeg"):
-        raise UsageError(f"output {output} must end in .png, .tif, .tiff, .jpg or .jpeg.")
+    for p in (output, comparison or output):
+        if p.suffix.lower() not in (".png", ".tif", ".tiff", ".jpg", ".jpeg"):
+            raise UsageError(f"output {p} must end in .png, .tif, .tiff, .jpg or .jpeg.")
     names = ("mask_lr", "mask_lrc", "confidence", "index") if save_maps else ()
-    check_writable([output], [save_maps])
-    refuse_existing(output, *(save_maps / f"{n}.png" for n in names), overwrite=overwrite)
+    check_writable([output, comparison], [save_maps])
+    maps_out = [save_maps / f"{n}.png" for n in names]
+    refuse_existing(output, comparison, *maps_out, overwrite=overwrite)
     notes: list[str] = []
     wide_a, tele_a = read_image(wide, notes), read_image(tele, notes)
     check_size(wide_a, wide)
@@ -246,15 +248,16 @@ def sr(
             tele_a,
             missing_reference="skip" if no_reference_ok else "error",
             return_info=True,
-            keep_maps=save_maps is not None,
+            keep_maps=save_maps is not None or comparison is not None,
             progress=tile_progress(prog, task),
             zoom_prior=exif_zoom(wide, tele, wide_a, tele_a),
         )
     maps = map_images(info, wide_a.shape) if save_maps is not None else {}
     images = {save_maps / f"{n}.png": img for n, img in maps.items()}
-    for folder in {output.parent, *(p.parent for p in images)}:
+    cmp = {comparison: comparison_from_run(wide_a, result, info)} if comparison else {}
+    for folder in {output.parent, *(p.parent for p in [*images, *cmp])}:
         folder.mkdir(parents=True, exist_ok=True)
-    write_images({output: result, **images})  # all of them, or none
+    write_images({output: result, **images, **cmp})  # all of them, or none
     written_maps = [str(p) for p in images]
     for w in [*notes, *info.warnings]:
         warn(w)
@@ -269,6 +272,7 @@ def sr(
             "dtype": str(eng.dtype).replace("torch.", ""),
             "backend": eng.backend,
             "maps": written_maps,
+            "comparison": None if comparison is None else str(comparison),
             **info.to_dict(),
         }
         sys.stdout.write(json.dumps(summary, indent=2, default=json_default) + "\n")
@@ -282,7 +286,7 @@ def sr(
             f"active LR {frac(info.mask_fraction_lr)}, active LRC {frac(info.mask_fraction_lrc)}, "
             f"matching work saved {frac(m.get('work_saved'))}"
         )
-    for p in written_maps:
+    for p in [*written_maps, *map(str, cmp)]:
         out.print(f"wrote {p}")
 
 

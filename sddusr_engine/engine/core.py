@@ -149,7 +149,8 @@ class Engine:
         "skip" warns and returns the reference-free result. The registration's zoom search is
         narrowed by `zoom_prior` (telephoto pixels per wide pixel, or the `ZoomPrior` that
         `registration.prior.exif_zoom` reads from the two files) or, given two PIL images, by their EXIF
-        focal lengths.
+        focal lengths. `keep_maps` keeps the matching maps and the registered telephoto
+        (`info.maps["ref"]`, on the 2x grid of `info.box_lr`) in the info.
         """
         if missing_reference not in ("error", "skip"):
             raise EngineError("missing_reference must be 'error' or 'skip'.")
@@ -182,6 +183,8 @@ class Engine:
         )
         info.timings = {"registration": reg_ms, **info.timings}
         info.footprint, info.box_lr = pair.footprint, box
+        if keep_maps:  # the registered telephoto, for comparisons (the array itself, no copy)
+            info.maps["ref"] = pair.ref
         return (out, info) if return_info else out
 
     # -- one call, step by step -----------------------------------------------------------------
