@@ -71,6 +71,11 @@ def _profile(fn, device: torch.device, path: Path, rows: int = 30) -> None:
     print(table)
 
 
+def _layout(eng: Engine) -> str:
+    """The engine's memory layout as the table names it (the default differs by device)."""
+    return "nhwc" if eng.channels_last else "nchw"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="small size on the CPU (harness check)")
@@ -157,13 +162,13 @@ def main(argv=None) -> int:
     if args.shipped:  # the network the default weights configure, with those weights
         for n in sorted({1, args.ensemble}):
             eng = Engine.from_pretrained(None, device, precision, backend, args.tile, ensemble=n)
-            rows.append(engine_row("shipped", eng, f"nchw ensemble {n}"))
+            rows.append(engine_row("shipped", eng, f"{_layout(eng)} ensemble {n}"))
             del eng
         if args.adapt:
             eng = Engine.from_pretrained(
                 None, device, precision, backend, args.tile, adapt=args.adapt
             )
-            rows.append(engine_row("shipped", eng, f"nchw adapt {args.adapt}"))
+            rows.append(engine_row("shipped", eng, f"{_layout(eng)} adapt {args.adapt}"))
             del eng
     for variant in args.variants.split(","):
         torch.manual_seed(0)
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
             del eng
         if args.ensemble > 1:
             eng = Engine(model, device, precision, backend, args.tile, ensemble=args.ensemble)
-            rows.append(engine_row(variant, eng, f"nchw ensemble {args.ensemble}"))
+            rows.append(engine_row(variant, eng, f"{_layout(eng)} ensemble {args.ensemble}"))
             del eng
         if not args.no_baseline:
             base_model = build_model(variant).to(device).eval()
