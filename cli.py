@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from sddusr_engine import report as html_report  # light: its numpy and cv2 load when used
 from sddusr_engine.cli_errors import (
     STATE,
     describe,
@@ -129,7 +130,7 @@ AdaptOpt = Annotated[
 @guarded
 def demo(
     outdir: Annotated[
-        Path, typer.Option("--outdir", "-o", help="Folder for sr.png and comparison.png.")
+        Path, typer.Option("--outdir", "-o", help="Folder for sr.png, comparison.png, report.html.")
     ] = Path("sddusr-demo"),
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
@@ -183,6 +184,7 @@ def demo(
     total = sum(info.timings.values())
     out.print(f"wrote {sr_path} ({sr.shape[1]}x{sr.shape[0]}) in {total / 1e3:.1f} s")
     out.print(f"wrote {cmp_path} (the footprint, and crops: bicubic | SR | telephoto)")
+    out.print(f"wrote {html_report.write_pair(outdir / 'report.html', sr_path, wide, sr, info)}")
 
 
 # ----------------------------------------------------------------------------- sr
@@ -214,6 +216,7 @@ def sr(
         Path | None, typer.Option(help="Folder for mask_lr/mask_lrc/confidence/index PNGs.")
     ] = None,
     comparison: Annotated[Path | None, typer.Option(help="Also write a comparison image.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write an HTML report (one file).")] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout.")
     ] = False,
@@ -230,9 +233,9 @@ def sr(
         if p.suffix.lower() not in (".png", ".tif", ".tiff", ".jpg", ".jpeg"):
             raise UsageError(f"output {p} must end in .png, .tif, .tiff, .jpg or .jpeg.")
     names = ("mask_lr", "mask_lrc", "confidence", "index") if save_maps else ()
-    check_writable([output, comparison], [save_maps])
+    check_writable([output, comparison, html], [save_maps])
     maps_out = [save_maps / f"{n}.png" for n in names]
-    refuse_existing(output, comparison, *maps_out, overwrite=overwrite)
+    refuse_existing(output, comparison, html, *maps_out, overwrite=overwrite)
     notes: list[str] = []
     wide_a, tele_a = read_image(wide, notes), read_image(tele, notes)
     check_size(wide_a, wide)
@@ -248,7 +251,7 @@ def sr(
             tele_a,
             missing_reference="skip" if no_reference_ok else "error",
             return_info=True,
-            keep_maps=save_maps is not None or comparison is not None,
+            keep_maps=(save_maps or comparison or html) is not None,
             progress=tile_progress(prog, task),
             zoom_prior=exif_zoom(wide, tele, wide_a, tele_a),
         )
@@ -259,6 +262,7 @@ def sr(
         folder.mkdir(parents=True, exist_ok=True)
     write_images({output: result, **images, **cmp})  # all of them, or none
     written_maps = [str(p) for p in images]
+    html_report.write_pair(html, output, wide_a, result, info, (wide, tele))  # links to them
     for w in [*notes, *info.warnings]:
         warn(w)
     if as_json:
@@ -286,7 +290,7 @@ def sr(
             f"active LR {frac(info.mask_fraction_lr)}, active LRC {frac(info.mask_fraction_lrc)}, "
             f"matching work saved {frac(m.get('work_saved'))}"
         )
-    for p in [*written_maps, *map(str, cmp)]:
+    for p in [*written_maps, *map(str, cmp), *map(str, filter(None, [html]))]:
         out.print(f"wrote {p}")
 
 
@@ -329,6 +333,7 @@ def batch(
             help="Write a JSON report of every pair here (and one per rank under torchrun)."
         ),
     ] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write an HTML report (one file).")] = None,
 ) -> None:
     """Super-resolve every pair in a folder; bad pairs are reported and skipped."""
     from sddusr_engine.batch import (
@@ -349,7 +354,7 @@ def batch(
     layout, jobs = discover_pairs(indir)
     if not jobs:
         raise UsageError(f"{indir} holds no image pairs ({layout} layout found, but empty).")
-    check_writable([report], [outdir])
+    check_writable([report, html], [outdir])
     ctx = dist_context(device)
     gathered = interrupted = False
     try:
@@ -384,8 +389,8 @@ def batch(
                 prog.update(task, advance=1, note=note)
 
             try:
-                results = run_batch(
-                    eng,
+                results = run_batch(  # for --html, an engine that keeps what the page shows
+                    (pages := html_report.BatchPages(eng, html if lead else None)).engine,
                     mine,
                     outdir,
                     overwrite=overwrite,
@@ -418,6 +423,7 @@ def batch(
                     jobs=mine if interrupted else None,
                 ),
             )  # fmt: skip
+        pages.write(everything, jobs)  # after the JSON: a page that fails leaves it written
     if interrupted:
         raise KeyboardInterrupt
     if failed:

@@ -42,6 +42,7 @@ setup(
     packages=[*find_packages(include=["sddusr_engine", "sddusr_engine.*"]), *MAPPED],
     package_dir=MAPPED,
     package_data={
+        "sddusr_engine": ["report.css", "report.js"],  # inlined into the HTML report
         "sddusr_engine.pretrained": ["*.safetensors", "*.md"],
         "sddusr_engine.assets": ["sample/*"],
     },

@@ -22,7 +22,7 @@ SOURCES = {"sddusr_engine": ROOT / "sddusr_engine", "sddusr_engine.kernels": ROO
 LAYERS = [
     ("face", ["sddusr_engine"]),
     ("cli", ["sddusr_engine.cli", "console", "cli_errors", "process"]),
-    ("commands", ["evaluate", "batch", "profiling", "compare", "distributed"]),
+    ("commands", ["evaluate", "batch", "profiling", "compare", "distributed", "report"]),
     ("engine", ["engine"]),
     ("training", ["train", "data"]),
     ("edges", ["weights", "io", "registration", "datasets", "synthetic", "metrics"]),
