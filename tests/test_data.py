@@ -1,5 +1,6 @@
-"""Data: licence lookup, photo fetching (from a locally built .deb), pair maker, both layouts,
-the training Dataset. Tiny synthetic images only; nothing is downloaded."""
+"""Data: licence lookup, photo fetching (from a locally built .deb), near-duplicate collapse, the
+fixed validation split, the reserved package, pair maker, both layouts, the training Dataset.
+Tiny synthetic images only; nothing is downloaded."""
 
 import json
 import shutil
@@ -19,6 +20,8 @@ from sddusr_engine.data import (
     parse_dep5,
     prepare_pairs,
 )
+from sddusr_engine.data.dedup import collapse_duplicates, dct_hash, hamming
+from sddusr_engine.data.photos import PHOTO_PACKAGES, RESERVED_PACKAGES, split_for
 from sddusr_engine.datasets import load_pairs
 
 COPYRIGHT = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
@@ -60,27 +63,151 @@ def test_dep5_licence_lookup():
     assert license_for(parse_dep5("Files: a.jpg\nLicense: MIT\n"), "b.jpg") is None
 
 
-@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
-def test_fetch_photos_from_a_local_deb(tmp_path):
-    pkg = "sddusr-test-photos"
+def _save(path, img, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((img * 255).astype(np.uint8)).save(path, **kw)
+
+
+def _build_deb(tmp_path, pkg, files, copyright_text=COPYRIGHT):
+    """A .deb of `files` ({relative path: image}) in `tmp_path/cache/debs`, as apt-get would
+    leave it; returns the cache folder."""
     root = tmp_path / "build" / pkg
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN/control").write_text(
         f"Package: {pkg}\nVersion: 1.0-1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: t\n"
     )
-    (root / "usr/share/backgrounds/nature").mkdir(parents=True)
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "usr/share/backgrounds/nature/a.jpg")
+    for rel, img in files.items():
+        _save(root / rel, img, quality=90)
     (root / f"usr/share/doc/{pkg}").mkdir(parents=True)
-    (root / f"usr/share/doc/{pkg}/copyright").write_text(COPYRIGHT)
+    (root / f"usr/share/doc/{pkg}/copyright").write_text(copyright_text)
     cache = tmp_path / "cache"
-    (cache / "debs").mkdir(parents=True)
+    (cache / "debs").mkdir(parents=True, exist_ok=True)
     deb = cache / "debs" / f"{pkg}_1.0-1_all.deb"
     subprocess.run(["dpkg-deb", "--build", str(root), str(deb)], check=True, capture_output=True)
+    return cache
+
+
+def _resized(img, h, w):
+    u8 = Image.fromarray((img * 255).astype(np.uint8)).resize((w, h), Image.LANCZOS)
+    return np.asarray(u8, np.float32) / 255
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_fetch_photos_from_a_local_deb(tmp_path):
+    """One original, its smaller re-encoded copy, a distinct photo and a thumbnail: photos.json
+    keeps the original and the distinct one, each with its licence, hash and split, names the
+    copy as the original's duplicate and leaves the thumbnail out."""
+    pkg = "sddusr-test-photos"
+    a = _photo(384, 512, seed=1)
+    d = "usr/share/backgrounds/nature"
+    files = {f"{d}/a.jpg": a, f"{d}/a_small.jpg": _resized(a, 288, 384)}
+    files.update({f"{d}/b.jpg": _photo(384, 512, seed=2), f"{d}/tiny.jpg": _photo(64, 96)})
+    cache = _build_deb(tmp_path, pkg, files)
     m = json.loads(fetch_photos(cache, packages=[pkg]).read_text())
-    assert m["packages"][pkg]["version"] == "1.0-1"
-    (ph,) = m["photos"]
-    assert ph["id"] == f"{pkg}/a.jpg" and ph["license"] == "GPL-2+"
+    assert m["packages"][pkg]["version"] == "1.0-1" and len(m["packages"][pkg]["sha256"]) == 64
+    assert [ph["id"] for ph in m["photos"]] == [f"{pkg}/a.jpg", f"{pkg}/b.jpg"]
+    ph = m["photos"][0]
+    assert ph["license"] == "GPL-2+" and ph["size"] == [384, 512]
     assert ph["path"].endswith("usr/share/backgrounds/nature/a.jpg")
+    assert ph["duplicates"] == [f"{pkg}/a_small.jpg"]
+    (dup,) = m["duplicates"]
+    assert dup["duplicate_of"] == f"{pkg}/a.jpg" and dup["hamming"] <= 10
+    assert m["too_small"] == [f"{pkg}/tiny.jpg"]
+    assert m["counts"] == {"files": 4, "too_small": 1, "duplicates": 1, "photos": 2, "test": 0}
+    for ph in m["photos"]:
+        assert ph["split"] == split_for(ph["id"]) and len(ph["phash"]) == 16
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_every_photo_has_a_licence(tmp_path):
+    """A photo its package's copyright file gives no licence for stops the fetch, naming it."""
+    pkg = "sddusr-test-unlicensed"
+    cache = _build_deb(
+        tmp_path,
+        pkg,
+        {"usr/share/backgrounds/x.jpg": _photo(300, 400)},
+        copyright_text="Files: other/*\nCopyright: someone\nLicense: MIT\n",
+    )
+    with pytest.raises(ValueError, match="no licence for usr/share/backgrounds/x.jpg"):
+        fetch_photos(cache, packages=[pkg], globs={pkg: ("usr/share/backgrounds/*.jpg",)})
+
+
+def test_dedup_collapses_resized_copies_and_keeps_distinct_photos(tmp_path):
+    """Resized, re-encoded and re-saved copies of one photo collapse onto its largest copy;
+    distinct photos, even of the same texture statistics, stay apart."""
+    base = _photo(480, 640, seed=5)
+    entries = []
+    for name, img, kw in [
+        ("orig.png", base, {}),
+        ("half.jpg", _resized(base, 240, 320), {"quality": 75}),
+        ("q60.jpg", base, {"quality": 60}),
+        ("wide.png", _resized(base, 300, 420), {}),  # resized to another aspect ratio
+        ("other1.png", _photo(480, 640, seed=6), {}),
+        ("other2.jpg", _photo(480, 640, seed=7), {"quality": 90}),
+        ("other2_flip.png", _photo(480, 640, seed=7)[:, ::-1], {}),  # mirrored: another view
+    ]:
+        _save(tmp_path / name, img, **kw)
+        entries.append({"id": f"pkg/{name}", "path": str(tmp_path / name), "size": img.shape[:2]})
+    kept, dropped = collapse_duplicates(entries)
+    assert [e["id"] for e in kept] == [
+        "pkg/orig.png",
+        "pkg/other1.png",
+        "pkg/other2.jpg",
+        "pkg/other2_flip.png",
+    ]
+    assert kept[0]["duplicates"] == ["pkg/half.jpg", "pkg/q60.jpg", "pkg/wide.png"]
+    assert {e["id"]: e["duplicate_of"] for e in dropped} == {
+        f"pkg/{n}": "pkg/orig.png" for n in ("half.jpg", "q60.jpg", "wide.png")
+    }
+    assert all(e["hamming"] <= 6 for e in dropped)
+    # the distinct photos are far from each other, not just past the threshold
+    hs = [dct_hash(e["path"]) for e in kept]
+    assert min(hamming(a, b) for i, a in enumerate(hs) for b in hs[i + 1 :]) >= 16
+
+
+def test_split_is_stable_when_photos_are_added(tmp_path):
+    """A photo's split depends on its id alone: adding photos (or packages) moves none, about a
+    fifth are held out, and prepare_pairs puts each photo where split_for says."""
+    ids = [f"pkg{i % 7}/photo_{i}.jpg" for i in range(3000)]
+    first = {i: split_for(i) for i in ids[:200]}
+    later = {i: split_for(i) for i in reversed(ids)}  # more photos, another order
+    assert all(later[i] == s for i, s in first.items())
+    share = sum(s == "test" for s in later.values()) / len(later)
+    assert 0.17 < share < 0.23
+    # 16 photos (p15 held out), then 18 (p17 held out too)
+    pm = _fake_photo_manifest(tmp_path, n=18, split=False)
+    fewer = json.loads(pm.read_text())
+    fewer["photos"] = fewer["photos"][:16]
+    pm16 = tmp_path / "photos16.json"
+    pm16.write_text(json.dumps(fewer))
+    kw = dict(seed=0, train_crops=0, ref_alignment="simulated")
+    m16 = json.loads(prepare_pairs(pm16, tmp_path / "d16", **kw).read_text())
+    m18 = json.loads(prepare_pairs(pm, tmp_path / "d18", **kw).read_text())
+    s18 = {p["id"]: p["split"] for p in m18["photos"]}
+    assert all(s18[p["id"]] == p["split"] == split_for(p["id"]) for p in m16["photos"])
+    assert [i for i, s in s18.items() if s == "test"] == ["pkg/p15.png", "pkg/p17.png"]
+    held = {p["photo"] for p in m18["pairs"] if p["split"] == "test"}
+    trained = {p["photo"] for p in m18["pairs"] if p["split"] == "train"}
+    assert held == {"pkg/p15.png", "pkg/p17.png"} and not held & trained
+
+
+def test_reserved_package_is_refused(tmp_path):
+    """plasma-workspace-wallpapers is kept for independent evaluation: not among the training
+    packages, refused by the fetch before any download, and refused by prepare_pairs."""
+    assert "plasma-workspace-wallpapers" in RESERVED_PACKAGES
+    assert not RESERVED_PACKAGES & set(PHOTO_PACKAGES)
+    with pytest.raises(ValueError, match="reserved for independent evaluation"):
+        fetch_photos(
+            tmp_path / "cache", packages=["mate-backgrounds", "plasma-workspace-wallpapers"]
+        )
+    assert not (tmp_path / "cache").exists()
+    pm = _fake_photo_manifest(tmp_path, n=2)
+    m = json.loads(pm.read_text())
+    m["photos"][1]["package"] = "plasma-workspace-wallpapers"
+    pm.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="plasma-workspace-wallpapers is reserved"):
+        prepare_pairs(pm, tmp_path / "pairs")
+    assert not (tmp_path / "pairs").exists()
 
 
 def test_make_pair_geometry_and_determinism():
@@ -252,7 +379,9 @@ def test_simulated_reference_is_colour_matched_like_the_registered_one():
             assert abs(g - 1.0) < 0.03 and abs(o) < 4.0, (exposure, g, o)
 
 
-def _fake_photo_manifest(tmp_path, n=5):
+def _fake_photo_manifest(tmp_path, n=5, split=True):
+    """Photos p0..p{n-1}; with `split` each carries the split photos.json records (p2 held out),
+    without it prepare_pairs computes `split_for` itself."""
     photos = []
     for i in range(n):
         p = tmp_path / "photos" / f"p{i}.png"
@@ -261,6 +390,8 @@ def _fake_photo_manifest(tmp_path, n=5):
         photos.append(
             {"id": f"pkg/p{i}.png", "package": "pkg", "path": str(p), "license": "CC0-1.0"}
         )
+        if split:
+            photos[-1]["split"] = "test" if i == 2 else "train"
     pm = tmp_path / "photos.json"
     pm.write_text(json.dumps({"photos": photos, "packages": {"pkg": {"version": "1"}}}))
     return pm

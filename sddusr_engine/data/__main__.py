@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.cmd in ("fetch", "all"):
         pm = fetch_photos(a.cache)
-        print(f"photos: {pm}")
+        counts = json.loads(pm.read_text())["counts"]
+        print(f"photos: {pm} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     if a.cmd in ("prepare", "all"):
         pm = Path(a.cache).expanduser() / "photos.json"
         m = prepare_pairs(

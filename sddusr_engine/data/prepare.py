@@ -2,7 +2,8 @@
 published KeDuSR layout, `{train,test}/{LR,HR,LR_center,Ref_SIFT}/<name>.png`, with
 `center_box.json` mapping `<name>.png` to the centre rectangle `[y0, y1, x0, x1]` in HR pixels and
 `manifest.json` recording every photo, its split, its licence and the sampled parameters. The
-held-out split is by photo (every 5th in sorted order), fixed, and recorded."""
+held-out (validation) split is by photo, fixed by a hash of the photo's id (`photos.split_for`),
+and recorded; photos of the packages reserved for independent evaluation are refused."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .camera import make_pair
+from .photos import VALIDATION_FRACTION, refuse_reserved, split_for
 
 SPLITS = ("train", "test")
 BOX_FILE = "center_box.json"
@@ -26,8 +28,8 @@ def _seed_for(seed: int, key: str) -> int:
 
 
 def _load_photo(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    with Image.open(path) as im:  # as displayed: a camera's EXIF rotation applied
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.float32) / 255.0
 
 
 def _write_png(path: Path, x: np.ndarray) -> None:
@@ -39,6 +41,16 @@ def _stem(photo_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(photo_id).stem).strip("-")
 
 
+def _stems(ids: list[str]) -> dict[str, str]:
+    """A file stem per photo: the file's own where unique, else with a hash of the id added
+    (two packages both ship a `butterfly`)."""
+    plain = [_stem(i) for i in ids]
+    return {
+        i: s if plain.count(s) == 1 else f"{s}-{hashlib.sha256(i.encode()).hexdigest()[:6]}"
+        for i, s in zip(ids, plain, strict=True)
+    }
+
+
 def prepare_pairs(
     photo_manifest: Path | str,
     out: Path | str,
@@ -46,13 +58,13 @@ def prepare_pairs(
     hr_max: int = 1024,
     train_crops: int = 3,
     crop_hr: tuple[int, int] = (512, 768),
-    val_every: int = 5,
     ref_alignment: str = "registration",
 ) -> Path:
     """Make the triplets for every photo of `photo_manifest` and write them under `out`.
 
-    Split by photo: sorted photo ids, index % val_every == val_every // 2 goes to `test` (one
-    pair per photo, the whole photo), the rest to `train` (the whole photo plus up to
+    Split by photo: each photo's recorded `split` (`photos.split_for` of its id where the
+    manifest has none); `test` is the validation split (one pair per photo, the whole photo,
+    never a training crop), `train` the rest (the whole photo plus up to
     `train_crops` random crops of `crop_hr` HR pixels from photos big enough). The whole-photo
     pairs are resized so the HR's longer side is at most `hr_max`. `ref_alignment`: see
     `make_pair`; each pair records the one used. Returns `out/manifest.json`.
@@ -60,11 +72,13 @@ def prepare_pairs(
     out = Path(out)
     pm = json.loads(Path(photo_manifest).read_text())
     photos = sorted(pm["photos"], key=lambda e: e["id"])
+    refuse_reserved([ph.get("package", "") for ph in photos])
+    stems = _stems([ph["id"] for ph in photos])
     boxes: dict[str, list[int]] = {}
     pairs = []
     photo_rows = []
-    for i, ph in enumerate(photos):
-        split = "test" if i % val_every == val_every // 2 else "train"
+    for ph in photos:
+        split = ph.get("split") or split_for(ph["id"])
         photo_rows.append({**ph, "split": split})
         rng = np.random.default_rng(_seed_for(seed, ph["id"]))
         img = _load_photo(ph["path"])
@@ -97,7 +111,7 @@ def prepare_pairs(
                     )
                 )
         for tag, src, crop in sources:
-            name = f"{_stem(ph['id'])}_{tag}.png"
+            name = f"{stems[ph['id']]}_{tag}.png"
             pair = make_pair(np.ascontiguousarray(src), rng, ref_alignment=ref_alignment)
             root = out / split
             _write_png(root / "HR" / name, pair["hr"])
@@ -129,7 +143,11 @@ def prepare_pairs(
         "train_crops": train_crops,
         "crop_hr": list(crop_hr),
         "ref_alignment": ref_alignment,
-        "split_rule": f"photos sorted by id; index % {val_every} == {val_every // 2} -> test",
+        "split_rule": pm.get(
+            "split_rule", f"sha256('split:' + id) < {VALIDATION_FRACTION} * 2**64 -> test"
+        ),
+        "dedup": pm.get("dedup"),
+        "duplicates": pm.get("duplicates", []),
         "packages": pm.get("packages", {}),
         "photos": photo_rows,
         "pairs": pairs,
