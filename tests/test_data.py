@@ -20,7 +20,7 @@ from sddusr_engine.data import (
     parse_dep5,
     prepare_pairs,
 )
-from sddusr_engine.data.dedup import collapse_duplicates, dct_hash, hamming
+from sddusr_engine.data.dedup import collapse_copies, dct_hash, hamming
 from sddusr_engine.data.photos import PHOTO_PACKAGES, RESERVED_PACKAGES, split_for
 from sddusr_engine.datasets import load_pairs
 
@@ -109,11 +109,11 @@ def test_fetch_photos_from_a_local_deb(tmp_path):
     ph = m["photos"][0]
     assert ph["license"] == "GPL-2+" and ph["size"] == [384, 512]
     assert ph["path"].endswith("usr/share/backgrounds/nature/a.jpg")
-    assert ph["duplicates"] == [f"{pkg}/a_small.jpg"]
-    (dup,) = m["duplicates"]
+    assert ph["copies"] == [f"{pkg}/a_small.jpg"]
+    (dup,) = m["collapsed"]
     assert dup["duplicate_of"] == f"{pkg}/a.jpg" and dup["hamming"] <= 10
     assert m["too_small"] == [f"{pkg}/tiny.jpg"]
-    assert m["counts"] == {"files": 4, "too_small": 1, "duplicates": 1, "photos": 2, "test": 0}
+    assert m["counts"] == {"files": 4, "too_small": 1, "collapsed": 1, "photos": 2, "test": 0}
     for ph in m["photos"]:
         assert ph["split"] == split_for(ph["id"]) and len(ph["phash"]) == 16
 
@@ -148,14 +148,14 @@ def test_dedup_collapses_resized_copies_and_keeps_distinct_photos(tmp_path):
     ]:
         _save(tmp_path / name, img, **kw)
         entries.append({"id": f"pkg/{name}", "path": str(tmp_path / name), "size": img.shape[:2]})
-    kept, dropped = collapse_duplicates(entries)
+    kept, dropped = collapse_copies(entries)
     assert [e["id"] for e in kept] == [
         "pkg/orig.png",
         "pkg/other1.png",
         "pkg/other2.jpg",
         "pkg/other2_flip.png",
     ]
-    assert kept[0]["duplicates"] == ["pkg/half.jpg", "pkg/q60.jpg", "pkg/wide.png"]
+    assert kept[0]["copies"] == ["pkg/half.jpg", "pkg/q60.jpg", "pkg/wide.png"]
     assert {e["id"]: e["duplicate_of"] for e in dropped} == {
         f"pkg/{n}": "pkg/orig.png" for n in ("half.jpg", "q60.jpg", "wide.png")
     }

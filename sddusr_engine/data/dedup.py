@@ -1,4 +1,4 @@
-"""Near-duplicate photos: `collapse_duplicates(photos)` groups photos whose perceptual hashes (a
+"""Near-identical photos: `collapse_copies(photos)` groups photos whose perceptual hashes (a
 DCT hash of a small grey thumbnail, `dct_hash`) differ in at most `HAMMING_MAX` of 64 bits, and
 keeps one photo of each group, the largest, so that no photo reaches two splits as a resized or
 re-encoded copy of itself."""
@@ -51,14 +51,14 @@ def _rank(e: dict) -> tuple:
     return (-e["size"][0] * e["size"][1], lossy, e["id"])
 
 
-def collapse_duplicates(
+def collapse_copies(
     photos: Sequence[dict], hamming_max: int = HAMMING_MAX
 ) -> tuple[list[dict], list[dict]]:
     """(kept, dropped) from photo entries with `id`, `path` and `size` ([h, w]).
 
     Every entry gets `phash` (16 hex digits). Photos within `hamming_max` bits of each other,
     directly or through a chain, form one group; the largest (then the first id) is kept and
-    lists the others' ids under `duplicates`; each dropped one names it in `duplicate_of`.
+    lists the others' ids under `copies`; each dropped one names it in `duplicate_of`.
     """
     entries = [dict(e) for e in photos]
     hashes = [dct_hash(e["path"]) for e in entries]
@@ -85,7 +85,7 @@ def collapse_duplicates(
         best = min(members, key=lambda i: _rank(entries[i]))
         others = sorted((i for i in members if i != best), key=lambda i: entries[i]["id"])
         if others:
-            entries[best]["duplicates"] = [entries[i]["id"] for i in others]
+            entries[best]["copies"] = [entries[i]["id"] for i in others]
         kept.append(entries[best])
         for i in others:
             dropped.append(

@@ -1,7 +1,7 @@
 """Photos for training: `fetch_photos(cache)` downloads the photo packages from Debian with
 `apt-get download` into a cache folder outside the repository, unpacks them with `dpkg-deb -x`,
 and writes `photos.json` listing every distinct photo with its package, the licence that the
-package's `copyright` file (DEP-5) gives for it, its near-duplicates (collapsed by `dedup`) and its
+package's `copyright` file (DEP-5) gives for it, its near-identical copies (collapsed by `dedup`) and its
 fixed split (`split_for`)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dedup import DEDUP_RULE, collapse_duplicates, image_size
+from .dedup import DEDUP_RULE, collapse_copies, image_size
 
 
 def _each(folder: str, names: str) -> tuple[str, ...]:
@@ -246,8 +246,8 @@ def fetch_photos(
     Uses `apt-get download` (run `apt-get update` first on a fresh machine) and `dpkg-deb -x`.
     `globs` (default `PHOTO_PACKAGES`) names each package's photo files. Each photo entry carries
     its package, version, path, size, copyright holders, licence (a photo without one is an
-    error), perceptual hash and split; near-duplicates collapse onto the largest copy, which
-    lists them under `duplicates`.
+    error), perceptual hash and split; near-identical copies collapse onto the largest copy, which
+    lists them under `copies`.
     """
     globs = PHOTO_PACKAGES if globs is None else globs
     packages = list(packages or globs)
@@ -279,7 +279,7 @@ def fetch_photos(
             entry = {"id": pid, "package": pkg, "version": version, "path": str(f)}
             entry.update(size=[h, w], license=licence, copyright=holders)
             (small if min(w, h) < MIN_SIDE else photos).append(entry)
-    kept, dropped = collapse_duplicates(photos)
+    kept, dropped = collapse_copies(photos)
     for e in kept:
         e["split"] = split_for(e["id"])
     manifest = {
@@ -290,12 +290,12 @@ def fetch_photos(
         "counts": {
             "files": len(photos) + len(small),
             "too_small": len(small),
-            "duplicates": len(dropped),
+            "collapsed": len(dropped),
             "photos": len(kept),
             "test": sum(e["split"] == "test" for e in kept),
         },
         "photos": kept,
-        "duplicates": dropped,
+        "collapsed": dropped,
         "too_small": [e["id"] for e in small],
     }
     out = cache / "photos.json"

@@ -147,7 +147,7 @@ def prepare_pairs(
             "split_rule", f"sha256('split:' + id) < {VALIDATION_FRACTION} * 2**64 -> test"
         ),
         "dedup": pm.get("dedup"),
-        "duplicates": pm.get("duplicates", []),
+        "collapsed": pm.get("collapsed", []),
         "packages": pm.get("packages", {}),
         "photos": photo_rows,
         "pairs": pairs,
