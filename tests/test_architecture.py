@@ -21,7 +21,7 @@ SOURCES = {"sddusr_engine": ROOT / "sddusr_engine", "sddusr_engine.kernels": ROO
 # engine and training sit side by side on one layer and never import each other.
 LAYERS = [
     ("face", ["sddusr_engine"]),
-    ("cli", ["sddusr_engine.cli", "console", "cli_errors", "process"]),
+    ("cli", ["sddusr_engine.cli", "console", "cli_errors", "process", "batch_command"]),
     ("commands", ["evaluate", "batch", "profiling", "compare", "distributed", "report"]),
     ("engine", ["engine"]),
     ("training", ["train", "data"]),

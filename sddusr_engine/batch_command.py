@@ -1,0 +1,138 @@
+"""The run behind `sddusr batch`: the pairs shared out over torchrun's ranks, the network
+started on every rank, progress on stderr, the JSON and HTML reports, and the summary."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from . import report as html_report
+from .cli_errors import describe
+from .console import batch_summary, engine_line, err, progress
+from .errors import UsageError
+
+
+def run_folder(
+    indir: Path,
+    outdir: Path,
+    load: Callable[[str], Any],
+    weights: Path | None,
+    device: str,
+    ensemble: int,
+    adapt: int,
+    overwrite: bool,
+    ext: str,
+    no_reference_ok: bool,
+    report: Path | None,
+    html: Path | None,
+) -> None:
+    """Every pair of `indir` into `outdir`; `load(device)` starts the engine on a rank's device.
+    Exits 1 when a pair failed, and re-raises Ctrl-C once what finished is reported."""
+    from sddusr_engine.batch import (
+        OUTPUT_SUFFIXES,
+        BatchInterrupted,
+        discover_pairs,
+        gather_results,
+        report_payload,
+        run_batch,
+        shard,
+        write_report,
+    )
+    from sddusr_engine.distributed import close_dist, dist_context, rank_device, start_on_every_rank
+    from sddusr_engine.io import check_writable
+
+    if ext.lower().lstrip(".") not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--ext {ext!r} is not one of {', '.join(OUTPUT_SUFFIXES)}.")
+    layout, jobs = discover_pairs(indir)
+    if not jobs:
+        raise UsageError(f"{indir} holds no image pairs ({layout} layout found, but empty).")
+    check_writable([report, html], [outdir])
+    ctx = dist_context(device)
+    gathered = interrupted = False
+    try:
+        mine = shard(jobs, ctx.rank, ctx.world)
+        dev = rank_device(device, ctx)
+        lead = ctx.rank == 0
+        console = err if lead else Console(stderr=True, quiet=True)
+        with console.status("loading the network..."):
+            eng = start_on_every_rank(
+                ctx,
+                lambda: load(dev),
+                describe,
+            )
+        where = (
+            f" (rank {ctx.rank}/{ctx.world}: {len(mine)} of {len(jobs)} pairs)"
+            if ctx.world > 1
+            else ""
+        )
+        console.print(
+            f"[dim]{engine_line(eng, weights)}; {layout} layout, {len(jobs)} pairs{where}[/dim]"
+        )
+        t0 = time.perf_counter()
+        with progress(console, transient=False) as prog:
+            task = prog.add_task("batch", total=len(mine), note="")
+
+            def on_result(r):
+                note = {
+                    "written": f"{r.name}: {r.seconds:.2f} s",
+                    "skipped": f"{r.name}: exists, skipped",
+                    "failed": f"[red]{r.name}: failed[/red]",
+                }[r.status]
+                prog.update(task, advance=1, note=note)
+
+            # for --html, an engine that keeps what the page shows
+            pages = html_report.BatchPages(eng, html if lead else None)
+            try:
+                results = run_batch(
+                    pages.engine,
+                    mine,
+                    outdir,
+                    overwrite=overwrite,
+                    ext=ext,
+                    missing_reference="skip" if no_reference_ok else "error",
+                    rank=ctx.rank,
+                    on_result=on_result,
+                )
+            except BatchInterrupted as stop:  # Ctrl-C: report what finished, then exit 130
+                results, interrupted = stop.results, True
+        wall = time.perf_counter() - t0
+        if report is not None and ctx.world > 1:
+            write_report(
+                report.with_name(f"{report.stem}.rank{ctx.rank}{report.suffix or '.json'}"),
+                {"rank": ctx.rank, "world": ctx.world, "interrupted": interrupted,
+                 "results": [r.to_dict() for r in results]},
+            )  # fmt: skip
+        everything = results if interrupted else gather_results(results, ctx)
+        gathered = not interrupted
+    finally:
+        close_dist(ctx, finished=gathered)
+    failed = [r for r in everything if r.status == "failed"]
+    if lead or interrupted:
+        batch_summary(everything, wall)
+        if report is not None and (ctx.world == 1 or not interrupted):
+            write_report(
+                report,
+                report_payload(
+                    indir, outdir, layout, ctx.world, ensemble, adapt, everything,
+                    jobs=mine if interrupted else None,
+                ),
+            )  # fmt: skip
+        pages.write(everything, jobs)  # after the JSON: a page that fails leaves it written
+    if interrupted:
+        raise KeyboardInterrupt
+    if failed:
+        if lead:
+            err.print(
+                Text(
+                    f"error: {len(failed)} of {len(everything)} pairs failed (listed above).",
+                    style="bold red",
+                ),
+                soft_wrap=True,
+            )
+        raise typer.Exit(1)
