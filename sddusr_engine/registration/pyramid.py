@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .common import scale_matrix
+from .common import resize_to as downscale  # (image, full -> small pixel map)
 
 # Grey as the luma of the (gamma-encoded) RGB values, with no contrast stretch: NCC and ECC are
 # invariant to gain and offset, and a stretch by percentiles would differ between the two photos.
@@ -27,16 +27,6 @@ def grey01(rgb: np.ndarray) -> np.ndarray:
         g = a[..., :3].astype(np.float32) @ _LUMA
     peak = 255.0 if g.dtype == np.uint8 else 65535.0 if g.dtype == np.uint16 else 1.0
     return g.astype(np.float32) * np.float32(1.0 / peak)
-
-
-def downscale(img: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(img area-downscaled by `scale` ≤ 1, the 3×3 map full pixel → small pixel)."""
-    h, w = img.shape[:2]
-    if scale >= 1.0:
-        return img, np.eye(3)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    out = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-    return out, scale_matrix(nw / w, nh / h)
 
 
 @dataclass
