@@ -29,14 +29,13 @@ from sddusr_engine.cli_errors import (
     refuse_existing,
 )
 from sddusr_engine.console import (
+    StageProgress,
     engine_line,
     err,
     eval_tables,
     json_default,
     out,
     profile_table,
-    progress,
-    tile_progress,
     warn,
 )
 from sddusr_engine.errors import UsageError
@@ -106,7 +105,9 @@ EnsembleOpt = Annotated[
         help="Average 1, 2, 4 or 8 flipped/transposed passes: N times the time, a cleaner result.",
     ),
 ]
-
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json output).")
+]
 
 AdaptOpt = Annotated[
     int,
@@ -141,6 +142,7 @@ def demo(
             min=1, max=8, help="Shrink the sample pair N times first (a quick look on a CPU)."
         ),
     ] = 1,
+    quiet: QuietOpt = False,
 ) -> None:
     """Super-resolve the bundled sample pair and write the result and a comparison to judge it."""
     import cv2
@@ -159,28 +161,31 @@ def demo(
             )
             for a in (wide, tele)
         )
-    with err.status("loading the network..."):
+    show = StageProgress(err, quiet)
+    with show.loading():
         eng = load_engine(weights, device, precision, backend, tile, ensemble, adapt)
-    err.print(f"[dim]{engine_line(eng, weights)}[/dim]")
-    err.print(
-        f"sample pair: wide {wide.shape[1]}x{wide.shape[0]}, tele {tele.shape[1]}x{tele.shape[0]} ({sample})"
-    )
-    with progress(err) as prog:
-        task = prog.add_task("super-resolving", total=None, note="")
-        with warnings.catch_warnings():  # printed below from info.warnings
-            warnings.simplefilter("ignore")
-            sr, info = eng.super_resolve(
-                wide, tele, return_info=True, keep_maps=True, progress=tile_progress(prog, task)
-            )
+    if not quiet:
+        err.print(f"[dim]{engine_line(eng, weights)}[/dim]")
+        err.print(
+            f"sample pair: wide {wide.shape[1]}x{wide.shape[0]}, tele {tele.shape[1]}x{tele.shape[0]} ({sample})"
+        )
+    with show, warnings.catch_warnings():  # the warnings are printed below from info.warnings
+        warnings.simplefilter("ignore")
+        sr, info = eng.super_resolve(
+            wide, tele, return_info=True, keep_maps=True, progress=show.tiles, on_stage=show.stage
+        )
     outdir.mkdir(parents=True, exist_ok=True)
     sr_path, cmp_path = outdir / "sr.png", outdir / "comparison.png"
     write_images({sr_path: sr, cmp_path: comparison_from_run(wide, sr, info)})
+    page = html_report.write_pair(outdir / "report.html", sr_path, wide, sr, info)
+    if quiet:
+        return
     for w in info.warnings:
         warn(w)
     total = sum(info.timings.values())
     out.print(f"wrote {sr_path} ({sr.shape[1]}x{sr.shape[0]}) in {total / 1e3:.1f} s")
     out.print(f"wrote {cmp_path} (the footprint, and crops: bicubic | SR | telephoto)")
-    out.print(f"wrote {html_report.write_pair(outdir / 'report.html', sr_path, wide, sr, info)}")
+    out.print(f"wrote {page}")
 
 
 # ----------------------------------------------------------------------------- sr
@@ -219,6 +224,7 @@ def sr(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the output (and maps) if they exist.")
     ] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Enlarge one wide photo x2 using its telephoto as the reference."""
     from sddusr_engine.compare import comparison_from_run, map_images
@@ -235,20 +241,21 @@ def sr(
     notes: list[str] = []
     wide_a, tele_a = read_image(wide, notes), read_image(tele, notes)
     check_size(wide_a, wide)
-    with err.status("loading the network..."):
+    show = StageProgress(err, quiet)
+    with show.loading():
         eng = load_engine(weights, device, precision, backend, tile, ensemble, adapt)
-    if not as_json:
+    if not (as_json or quiet):
         err.print(f"[dim]{engine_line(eng, weights)}[/dim]")
-    with progress(err) as prog, warnings.catch_warnings():
+    with show, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the engine's warnings are printed from info.warnings
-        task = prog.add_task("super-resolving", total=None, note="")
         result, info = eng.super_resolve(
             wide_a,
             tele_a,
             missing_reference="skip" if no_reference_ok else "error",
             return_info=True,
             keep_maps=(save_maps or comparison or html) is not None,
-            progress=tile_progress(prog, task),
+            progress=show.tiles,
+            on_stage=show.stage,
             zoom_prior=exif_zoom(wide, tele, wide_a, tele_a),
         )
     maps = map_images(info, wide_a.shape) if save_maps is not None else {}
@@ -259,7 +266,7 @@ def sr(
     write_images({output: result, **images, **cmp})  # all of them, or none
     written_maps = [str(p) for p in images]
     html_report.write_pair(html, output, wide_a, result, info, (wide, tele))  # links to them
-    for w in [*notes, *info.warnings]:
+    for w in [] if quiet else [*notes, *info.warnings]:
         warn(w)
     if as_json:
         summary = {
@@ -276,6 +283,7 @@ def sr(
             **info.to_dict(),
         }
         sys.stdout.write(json.dumps(summary, indent=2, default=json_default) + "\n")
+    if as_json or quiet:
         return
     total = sum(info.timings.values())
     out.print(f"wrote {output} ({result.shape[1]}x{result.shape[0]}) in {total / 1e3:.2f} s")
@@ -330,13 +338,14 @@ def batch(
         ),
     ] = None,
     html: Annotated[Path | None, typer.Option(help="Also write an HTML report (one file).")] = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Super-resolve every pair in a folder; bad pairs are reported and skipped."""
     from sddusr_engine.batch_command import run_folder
 
     run_folder(
         indir, outdir, lambda dev: load_engine(weights, dev, precision, backend, tile, ensemble, adapt),
-        weights, device, ensemble, adapt, overwrite, ext, no_reference_ok, report, html,
+        weights, device, ensemble, adapt, overwrite, ext, no_reference_ok, report, html, quiet,
     )  # fmt: skip
 
 
@@ -385,6 +394,7 @@ def eval_(
             help="Also score each centre with another photo's reference (the control).",
         ),
     ] = True,
+    quiet: QuietOpt = False,
 ) -> None:
     """PSNR/SSIM (full, center, corner) of SR, the network without reference, and bicubic."""
     from sddusr_engine.evaluate import evaluate, find_dataset, write_csv, write_json
@@ -392,10 +402,10 @@ def eval_(
 
     check_writable([json_path, csv_path])
     items = find_dataset(dataset, boxes)
-    with err.status("loading the network..."):
+    show = StageProgress(err, quiet)
+    with show.loading():
         eng = load_engine(weights, device, precision, backend, tile, ensemble, adapt)
-    with progress(err) as prog:
-        task = prog.add_task("evaluating", total=None, note="")
+    with show:
         report = evaluate(
             eng,
             items,
@@ -403,17 +413,19 @@ def eval_(
             only=only,
             wrong_reference=wrong_ref,
             weights=weights,
-            progress=lambda d, n, name: prog.update(task, completed=d, total=n, note=name),
+            progress=show.items,
         )
     report["dataset"] = str(dataset)
-    err.print(f"[dim]{engine_line(eng, weights)}; {report['count']} images[/dim]")
-    eval_tables(report)
     if json_path is not None:
         write_json(report, json_path)
-        out.print(f"wrote {json_path}")
     if csv_path is not None:
         write_csv(report, csv_path)
-        out.print(f"wrote {csv_path}")
+    if quiet:
+        return
+    err.print(f"[dim]{engine_line(eng, weights)}; {report['count']} images[/dim]")
+    eval_tables(report)
+    for p in filter(None, [json_path, csv_path]):
+        out.print(f"wrote {p}")
 
 
 # ----------------------------------------------------------------------------- profile

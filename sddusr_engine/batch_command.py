@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,12 @@ def run_folder(
     no_reference_ok: bool,
     report: Path | None,
     html: Path | None,
+    quiet: bool = False,
 ) -> None:
     """Every pair of `indir` into `outdir`; `load(device)` starts the engine on a rank's device.
-    Exits 1 when a pair failed, and re-raises Ctrl-C once what finished is reported."""
+    Exits 1 when a pair failed, and re-raises Ctrl-C once what finished is reported. Progress:
+    a bar on a terminal, a plain line per pair when stderr is piped, nothing with `quiet`
+    (which prints the summary only when interrupted)."""
     from sddusr_engine.batch import (
         OUTPUT_SUFFIXES,
         BatchInterrupted,
@@ -59,8 +63,11 @@ def run_folder(
         mine = shard(jobs, ctx.rank, ctx.world)
         dev = rank_device(device, ctx)
         lead = ctx.rank == 0
-        console = err if lead else Console(stderr=True, quiet=True)
-        with console.status("loading the network..."):
+        console = err if lead and not quiet else Console(stderr=True, quiet=True)
+        # piped stderr (or CI): plain lines, since a live bar there is only escape codes
+        plain = not console.quiet and not console.is_terminal
+        t_load = time.perf_counter()
+        with console.status("loading the network...") if not plain else nullcontext():
             eng = start_on_every_rank(
                 ctx,
                 lambda: load(dev),
@@ -71,19 +78,27 @@ def run_folder(
             if ctx.world > 1
             else ""
         )
+        if plain:  # after loading: a failure's error stays the only line
+            console.print(f"loaded the network ({time.perf_counter() - t_load:.1f} s)")
         console.print(
             f"[dim]{engine_line(eng, weights)}; {layout} layout, {len(jobs)} pairs{where}[/dim]"
         )
         t0 = time.perf_counter()
-        with progress(console, transient=False) as prog:
+        bar = Console(stderr=True, quiet=True) if plain else console
+        with progress(bar, transient=False, remaining=True) as prog:
             task = prog.add_task("batch", total=len(mine), note="")
+            count = [0]
 
             def on_result(r):
                 note = {
                     "written": f"{r.name}: {r.seconds:.2f} s",
                     "skipped": f"{r.name}: exists, skipped",
-                    "failed": f"[red]{r.name}: failed[/red]",
+                    "failed": f"{r.name}: failed",
                 }[r.status]
+                count[0] += 1
+                if plain:
+                    console.print(Text(f"pair {count[0]}/{len(mine)} {note}"), soft_wrap=True)
+                note = f"[red]{note}[/red]" if r.status == "failed" else note
                 prog.update(task, advance=1, note=note)
 
             # for --html, an engine that keeps what the page shows
@@ -114,7 +129,8 @@ def run_folder(
         close_dist(ctx, finished=gathered)
     failed = [r for r in everything if r.status == "failed"]
     if lead or interrupted:
-        batch_summary(everything, wall)
+        if interrupted or not quiet:
+            batch_summary(everything, wall)
         if report is not None and (ctx.world == 1 or not interrupted):
             write_report(
                 report,

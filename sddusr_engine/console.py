@@ -5,6 +5,9 @@ profile."""
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -46,24 +50,133 @@ def wide() -> Console:
     return out if out.is_terminal else Console(highlight=False, width=max(out.width, 160))
 
 
-def progress(console: Console, transient: bool = True) -> Progress:
+def progress(console: Console, transient: bool = True, remaining: bool = False) -> Progress:
     return Progress(
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        *([TimeRemainingColumn()] if remaining else []),
         TextColumn("{task.fields[note]}"),
         console=console,
         transient=transient,
     )
 
 
-def tile_progress(progress: Progress, task):
-    def cb(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
+# The engine's stage names as a person reads them; the tile-counting stages say "tiles".
+STAGE_LABELS = {
+    "registration": "registration (locating the telephoto)",
+    "reference": "reference context",
+    "trunk": "tiles: feature trunk",
+    "match_features": "tiles: matching features",
+    "matching": "matching",
+    "fusion_statistics": "tiles: fusion statistics",
+    "decode": "tiles: 2x stage",
+    "adapt": "self-adaptation",
+    "low_band": "low band",
+}
 
-    return cb
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}:{s:02d}" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+class StageProgress:
+    """One run's progress on stderr: each stage by name with its elapsed time, and for the
+    tile-counting stages the tiles done and the time left. On a terminal a rich display; with
+    stderr piped (or in CI) plain lines without ANSI codes: one per stage start and one about
+    every 10 % of the tiles; `quiet`: nothing. `stage` and `tiles` are the engine's `on_stage`
+    and `progress` callbacks."""
+
+    def __init__(self, console: Console, quiet: bool = False, transient: bool = True):
+        self.console, self.quiet = console, quiet
+        self.live = not quiet and console.is_terminal
+        self._prog = progress(console, transient, remaining=True) if self.live else None
+        self._task = None
+        self._t0 = self._run_t0 = time.perf_counter()
+        self._tile_t0: tuple[float, int] | None = None  # (time, done) at the first tile report
+        self._decile = self._last_done = 0
+
+    def __enter__(self) -> StageProgress:
+        self._run_t0 = time.perf_counter()  # the items' rate leaves out loading the network
+        if self._prog is not None:
+            self._prog.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._prog is not None:
+            self._prog.__exit__(*exc)
+
+    def _line(self, text: str) -> None:
+        # plain text: no markup, no colour, never wrapped into the next line's columns
+        self.console.print(
+            Text(f"[{_clock(time.perf_counter() - self._t0)}] {text}"), soft_wrap=True
+        )
+
+    def stage(self, name: str) -> None:
+        label = STAGE_LABELS.get(name, name.replace("_", " "))
+        if self.quiet:
+            return
+        if self._tile_t0 is None and label.startswith("tiles"):
+            self._tile_t0 = (time.perf_counter(), 0)  # the time left counts from the first tile
+        if self._prog is None:
+            self._line(label)
+            return
+        if self._task is not None:  # the finished stage stays shown, its clock stopped
+            self._prog.stop_task(self._task)
+        self._task = self._prog.add_task(label, total=None, note="")
+
+    def tiles(self, done: int, total: int) -> None:
+        if self.quiet or total <= 0:
+            return
+        now = time.perf_counter()
+        if done < self._last_done:  # a second pass (self-adaptation's) counts from 1 again
+            self._tile_t0, self._decile = None, 0
+        self._last_done = done
+        if self._tile_t0 is None:  # a caller without stages: the rate counts from this report
+            self._tile_t0 = (now, done)
+        if self._prog is not None:
+            if self._task is None:
+                self._task = self._prog.add_task("tiles", total=None, note="")
+            self._prog.update(self._task, completed=done, total=total)
+            return
+        decile = 10 * done // total
+        if decile <= self._decile and done < total:
+            return
+        self._decile = decile
+        t, d0 = self._tile_t0
+        rate = (now - t) / (done - d0) if done > d0 else None
+        left = f", about {_clock(rate * (total - done))} left" if rate and done < total else ""
+        self._line(f"tiles {done}/{total} ({100 * done // total} %){left}")
+
+    def items(self, done: int, total: int, name: str) -> None:
+        """After each of `total` items (eval's images): a bar on a terminal, a line each else."""
+        if self.quiet:
+            return
+        if self._prog is not None:
+            if self._task is None:
+                self._task = self._prog.add_task("evaluating", total=total, note="")
+            self._prog.update(self._task, completed=done, total=total, note=name)
+            return
+        rate = (time.perf_counter() - self._run_t0) / max(done, 1)
+        left = f", about {_clock(rate * (total - done))} left" if done < total else ""
+        self._line(f"{done}/{total} {name}{left}")
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        """Around loading the network: a spinner on a terminal; piped, one line once it has
+        loaded (a line before it would stand above a failure's one-sentence error)."""
+        if self.quiet:
+            yield
+        elif self.live:
+            with self.console.status("loading the network..."):
+                yield
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._line(f"loaded the network ({time.perf_counter() - t0:.1f} s)")
 
 
 def json_default(o):

@@ -15,6 +15,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 
 StageHook = Callable[[str], AbstractContextManager]
+# Told each stage's name as it starts (a progress display names the stage running now).
+StageStart = Callable[[str], None]
 
 # One probe size for everyone: an 8192^3 product fills an H100/H200 (a smaller one reads low);
 # the CPU gets a size that finishes in well under a second.
@@ -67,6 +69,22 @@ class StageTimer:
             yield
         sync(self.device)
         self.timings[stage] = self.timings.get(stage, 0.0) + 1e3 * (time.perf_counter() - t0)
+
+
+def announcing(on_start: StageStart | None, hook: StageHook | None = None) -> StageHook | None:
+    """A stage hook that calls `on_start(stage)` as each stage starts, then enters `hook`'s
+    context (when given): the engine passes one hook down, so a progress display and a
+    profiler can both watch the same stages."""
+    if on_start is None:
+        return hook
+
+    @contextmanager
+    def both(stage: str) -> Iterator[None]:
+        on_start(stage)
+        with hook(stage) if hook is not None else nullcontext():
+            yield
+
+    return both
 
 
 def measured_peaks(device: torch.device | str, dtype: torch.dtype) -> dict[str, float]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from support import TINY, invoke
+from test_eval import dataset  # noqa: F401  (a fixture shared with the eval tests)
 
 from sddusr_engine.io import read_image, write_image
 from sddusr_engine.model.network import build_model
@@ -222,3 +223,92 @@ def test_sr_uses_the_exif_focal_lengths_as_the_zoom_prior(pair, tiny_weights, tm
     res = invoke("sr", wide, tele, "-o", tmp_path / "y.png", "--weights", tiny_weights,
                  "--device", "cpu", "--json")  # fmt: skip
     assert res.exit_code == 0 and json.loads(res.stdout)["footprint"]["zoom_prior"] is None
+
+
+ANSI = "\x1b["
+
+
+def test_piped_progress_names_each_stage_in_plain_lines(pair, tiny_weights, tmp_path):
+    """stderr not a terminal (the runner's, as in CI): one plain line per stage start, in the
+    engine's order, and tile lines with the time left; no escape codes anywhere."""
+    wide, tele, _ = pair
+    res = invoke(
+        "sr", wide, tele, "-o", tmp_path / "x2.png", "--weights", tiny_weights,
+        "--device", "cpu", "--tile", "64",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert ANSI not in res.stderr and ANSI not in res.stdout
+    order = ["loaded the network", "registration", "reference context", "tiles: feature trunk",
+             "matching", "tiles: 2x stage", "tiles 7/7"]  # fmt: skip
+    at = [next(i for i, ln in enumerate(lines) if want in ln) for want in order]
+    assert at == sorted(at), res.stderr
+    ticks = [ln for ln in lines if "] tiles " in ln]
+    assert ticks and ticks[-1].endswith("(100 %)"), res.stderr
+    assert 1 <= len(ticks) <= 11 and any("left" in ln for ln in ticks[:-1]), res.stderr
+    assert "wrote" in res.stdout
+
+
+def test_quiet_prints_nothing_and_json_stays_pure(pair, tiny_weights, tmp_path):
+    wide, tele, shape = pair
+    res = invoke(
+        "sr", wide, tele, "-o", tmp_path / "x2.png", "--weights", tiny_weights,
+        "--device", "cpu", "--quiet",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and res.stdout == ""
+    assert read_image(tmp_path / "x2.png").shape == (2 * shape[0], 2 * shape[1], 3)
+    res = invoke(
+        "sr", wide, tele, "-o", tmp_path / "y2.png", "--weights", tiny_weights,
+        "--device", "cpu", "--json", "-q",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""
+    assert json.loads(res.stdout)["output_size"] == [2 * shape[0], 2 * shape[1]]
+    res = invoke("sr", wide, tele, "-o", tmp_path / "y2.png", "--weights", tiny_weights, "-q")
+    assert res.exit_code != 0 and res.stderr.startswith("error: ")  # errors still show
+
+
+def test_batch_piped_progress_is_a_line_per_pair_and_quiet_is_silent(pair, tiny_weights, tmp_path):
+    wide, tele, _ = pair
+    for sub, src in (("wide", wide), ("tele", tele)):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        for name in ("a", "b"):
+            (tmp_path / "in" / sub / f"{name}.png").write_bytes(src.read_bytes())
+    res = invoke(
+        "batch", tmp_path / "in", "-o", tmp_path / "o1", "-w", tiny_weights, "--device", "cpu"
+    )
+    assert res.exit_code == 0, res.output
+    assert ANSI not in res.stderr
+    assert [ln.split(":")[0] for ln in res.stderr.splitlines() if ln.startswith("pair ")] == [
+        "pair 1/2 a",
+        "pair 2/2 b",
+    ], res.stderr
+    res = invoke(
+        "batch", tmp_path / "in", "-o", tmp_path / "o2", "-w", tiny_weights, "--device", "cpu", "-q"
+    )
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and res.stdout == ""
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == ["a.png", "b.png"]
+
+
+def test_demo_eval_quiet_and_eval_lines(dataset, tiny_weights, tmp_path):  # noqa: F811
+    """--quiet on demo and eval prints nothing; piped eval writes one line per image."""
+    res = invoke("demo", "-o", tmp_path / "demo", "--shrink", 8, "--device", "cpu", "-q",
+                 SDDUSR_WEIGHTS=str(tiny_weights))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and res.stdout == ""
+    assert (tmp_path / "demo" / "sr.png").is_file() and (
+        tmp_path / "demo" / "report.html"
+    ).is_file()
+    res = invoke("eval", dataset, "-w", tiny_weights, "--device", "cpu", "--json", tmp_path / "m.json",
+                 "--no-wrong-ref")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert ANSI not in res.stderr
+    images = [ln.split("] ")[1].split(",")[0] for ln in res.stderr.splitlines() if "/2 " in ln]
+    assert [s.split()[0] for s in images] == ["1/2", "2/2"], res.stderr
+    res = invoke("eval", dataset, "-w", tiny_weights, "--device", "cpu", "--json", tmp_path / "q.json",
+                 "--no-wrong-ref", "-q")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and res.stdout == ""
+    assert json.loads((tmp_path / "q.json").read_text())["count"] == 2

@@ -399,3 +399,24 @@ def test_auto_tile_takes_the_whole_image_when_it_fits_the_free_memory(monkeypatc
     tiled, info = eng.run(lr, lrc, ref, return_info=True)
     assert info.tile == 32 and "fusion_statistics" in info.timings
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+
+
+def test_progress_keeps_the_two_argument_callback_and_names_the_stages():
+    """`progress(done, total)` as before; `on_stage(name)` is told each stage as it starts,
+    before that stage's tiles are counted."""
+    eng = Engine(tiny_model("sddusr"), "cpu", "fp32", "torch", tile=32)
+    lr, lrc, ref = torch.rand(1, 3, 40, 44), torch.rand(1, 3, 16, 20), torch.rand(1, 3, 32, 40)
+    events = []
+    eng.run(lr, lrc, ref, progress=lambda done, total: events.append((done, total)))
+    assert events and events[-1][0] == events[-1][1] and all(t == events[0][1] for _, t in events)
+    both = []
+    eng.run(
+        lr, lrc, ref,
+        progress=lambda done, total: both.append(("tile", done)),
+        on_stage=lambda name: both.append(("stage", name)),
+    )  # fmt: skip
+    stages = [n for kind, n in both if kind == "stage"]
+    assert stages[:2] == ["reference", "trunk"] and "decode" in stages
+    assert [e for e in both if e[0] == "tile"] == [("tile", d) for d, _ in events]
+    first_decode = both.index(("stage", "decode"))
+    assert both[first_decode + 1][0] == "tile"  # the 2x stage's tiles come after its name

@@ -23,7 +23,7 @@ from ..errors import EngineError, FootprintNotFoundError, OutOfMemoryError
 from ..geometry import Box, locate_crop
 from ..model.network import DualLensSR
 from ..registration import align_reference, register
-from ..timing import StageHook, StageTimer
+from ..timing import StageHook, StageStart, StageTimer, announcing
 from ..weights import load_model
 from .adapt import adapt_single_image_path, crop_size
 from .ensemble import ensemble_mean
@@ -110,17 +110,21 @@ class Engine:
         keep_maps: bool = False,
         stage_hook: StageHook | None = None,
         box_lr: Box | None = None,
+        on_stage: StageStart | None = None,
     ):
         """Super-resolve a pre-aligned triplet (LR, its centre crop LRC, Ref at 2x LRC's size).
 
         Images as PIL images or RGB uint8/uint16 arrays give an array of LR's bit depth; RGB
         float tensors [1,3,H,W] in [0,1] give a tensor. lrc = ref = None switches the reference off.
         `stage_hook(stage)` returns a context manager entered around each stage (for profilers).
+        `progress(done, total)` counts the network's tiles; `on_stage(name)` is told each stage's
+        name as it starts (reference, trunk, match_features, matching, decode, low_band, ...).
         `box_lr`: where LRC lies in LR, (y0, y1, x0, x1) in LR pixels, for the weights' low-band
         projection (outside it) and self-adaptation (inside it); when not given, LRC is looked up
         in LR as an exact crop, and if it is not one both are skipped (with a warning in the info).
         """
         tensors, bit_depth = _as_tensors(lr, lrc, ref, box_lr)
+        stage_hook = announcing(on_stage, stage_hook)
         with device_flags(self.settings):
             sr, info = self._run_tensors(*tensors, progress, keep_maps, stage_hook, box_lr)
         info.box_lr = info.box_lr if box_lr is None else tuple(int(v) for v in box_lr)
@@ -141,6 +145,7 @@ class Engine:
         return_info: bool = False,
         keep_maps: bool = False,
         zoom_prior=None,
+        on_stage: StageStart | None = None,
     ):
         """Super-resolve a raw wide/telephoto pair: find the telephoto's footprint, resample it
         onto the 2x centre grid with the wide image's colours, and run the network.
@@ -151,12 +156,15 @@ class Engine:
         `registration.prior.exif_zoom` reads from the two files) or, given two PIL images, by their EXIF
         focal lengths. `keep_maps` keeps the matching maps and the registered telephoto
         (`info.maps["ref"]`, on the 2x grid of `info.box_lr`) in the info.
+        `progress` and `on_stage` as in `run`; registration is announced as "registration".
         """
         if missing_reference not in ("error", "skip"):
             raise EngineError("missing_reference must be 'error' or 'skip'.")
         wide_a, tele_a = imageio.as_rgb_array(wide), imageio.as_rgb_array(tele)
         t0 = time.perf_counter()
         exif = isinstance(wide, Image.Image) and isinstance(tele, Image.Image)
+        if on_stage is not None:
+            on_stage("registration")
         try:
             fp = register(wide if exif else wide_a, tele if exif else tele_a, zoom_prior=zoom_prior)
             pair = align_reference(wide_a, tele_a, footprint=fp)
@@ -166,7 +174,13 @@ class Engine:
             msg = f"{e} Continuing without the reference."
             warnings.warn(msg, stacklevel=2)
             out, info = self.run(
-                wide_a, None, None, progress=progress, return_info=True, keep_maps=keep_maps
+                wide_a,
+                None,
+                None,
+                progress=progress,
+                return_info=True,
+                keep_maps=keep_maps,
+                on_stage=on_stage,
             )
             info.warnings.append(msg)
             return (out, info) if return_info else out
@@ -180,6 +194,7 @@ class Engine:
             return_info=True,
             keep_maps=keep_maps,
             box_lr=box,
+            on_stage=on_stage,
         )
         info.timings = {"registration": reg_ms, **info.timings}
         info.footprint, info.box_lr = pair.footprint, box
