@@ -312,3 +312,32 @@ def test_demo_eval_quiet_and_eval_lines(dataset, tiny_weights, tmp_path):  # noq
     assert res.exit_code == 0, res.output
     assert res.stderr == "" and res.stdout == ""
     assert json.loads((tmp_path / "q.json").read_text())["count"] == 2
+
+
+@pytest.mark.parametrize("where", ["stage", "tiles"])
+def test_ctrl_c_at_a_stage_or_between_tiles_exits_130_and_writes_nothing(
+    pair, tiny_weights, tmp_path, monkeypatch, where
+):
+    """Ctrl-C arrives as KeyboardInterrupt at the next Python step: here at the 2x stage's start
+    or after the third tile. The command exits 130 and leaves no output, whole or partial."""
+    from sddusr_engine.console import StageProgress
+
+    def interrupt_stage(self, name):
+        if name == "decode":
+            raise KeyboardInterrupt
+
+    def interrupt_tiles(self, done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    if where == "stage":
+        monkeypatch.setattr(StageProgress, "stage", interrupt_stage)
+    else:
+        monkeypatch.setattr(StageProgress, "tiles", interrupt_tiles)
+    wide, tele, _ = pair
+    out = tmp_path / "o"
+    res = invoke("sr", wide, tele, "-o", out / "x2.png", "-w", tiny_weights, "--device", "cpu",
+                 "--tile", "64", "--html", out / "r.html")  # fmt: skip
+    assert res.exit_code == 130, res.output
+    assert "interrupted" in res.stderr
+    assert not out.exists() or list(out.iterdir()) == []
