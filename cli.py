@@ -176,8 +176,9 @@ def demo(
         )
     outdir.mkdir(parents=True, exist_ok=True)
     sr_path, cmp_path = outdir / "sr.png", outdir / "comparison.png"
-    write_images({sr_path: sr, cmp_path: comparison_from_run(wide, sr, info)})
-    page = html_report.write_pair(outdir / "report.html", sr_path, wide, sr, info)
+    page = outdir / "report.html"
+    html = html_report.pair_html(page, sr_path, wide, sr, info)
+    write_images({sr_path: sr, cmp_path: comparison_from_run(wide, sr, info)}, texts={page: html})
     if quiet:
         return
     for w in info.warnings:
@@ -261,11 +262,12 @@ def sr(
     maps = map_images(info, wide_a.shape) if save_maps is not None else {}
     images = {save_maps / f"{n}.png": img for n, img in maps.items()}
     cmp = {comparison: comparison_from_run(wide_a, result, info)} if comparison else {}
-    for folder in {output.parent, *(p.parent for p in [*images, *cmp])}:
+    for folder in {output.parent, *(p.parent for p in [*images, *cmp, *filter(None, [html])])}:
         folder.mkdir(parents=True, exist_ok=True)
-    write_images({output: result, **images, **cmp})  # all of them, or none
+    page = {} if html is None else {html: html_report.pair_html(html, output, wide_a, result,
+                                                               info, (wide, tele))}  # fmt: skip
+    write_images({output: result, **images, **cmp}, texts=page)  # all of them, or none
     written_maps = [str(p) for p in images]
-    html_report.write_pair(html, output, wide_a, result, info, (wide, tele))  # links to them
     for w in [] if quiet else [*notes, *info.warnings]:
         warn(w)
     if as_json:
@@ -280,6 +282,7 @@ def sr(
             "backend": eng.backend,
             "maps": written_maps,
             "comparison": None if comparison is None else str(comparison),
+            "html": None if html is None else str(html),
             **info.to_dict(),
         }
         sys.stdout.write(json.dumps(summary, indent=2, default=json_default) + "\n")

@@ -327,10 +327,13 @@ def write_images(
     bit_depth: int | None = None,
     *,
     jpeg_quality: int = 95,
+    texts: dict[str | os.PathLike, str] | None = None,
 ) -> None:
-    """Write several images (see `write_image`) all or none: every one is encoded and written to
-    a temporary file beside its target, and the renames happen only once all have succeeded."""
+    """Write several images (see `write_image`), and `texts` (UTF-8 files such as an HTML
+    report), all or none: every one is encoded and written to a temporary file beside its
+    target, and the renames happen only once all have succeeded."""
     encoded = [(Path(p), _encode(Path(p), a, bit_depth, jpeg_quality)) for p, a in images.items()]
+    encoded += [(Path(p), t.encode("utf-8")) for p, t in (texts or {}).items()]
     with contextlib.ExitStack() as stack:
         for p, data in encoded:
             tmp = stack.enter_context(atomic_output(p))

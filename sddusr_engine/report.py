@@ -481,18 +481,23 @@ def write_html(path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_pair(path, output, wide, sr, info, inputs=()):
-    """The report of one `super_resolve` call (`sddusr sr --html`, the demo); nothing when `path`
-    is None. `inputs`: the wide and telephoto files, linked from the page. Returns `path`."""
-    if path is None:
-        return None
+def pair_html(path, output, wide, sr, info, inputs=()) -> str:
+    """The page of one `super_resolve` call (`sddusr sr --html`, the demo), to be written at
+    `path` (its links are relative to that folder). `inputs`: the wide and telephoto files."""
     base = Path(path).resolve().parent
     names = dict(zip(("wide", "tele"), inputs, strict=False))
     page = pair_page(
         Path(output).name, "written", base, pair_material(wide, sr, info, ONE),
         output=output, inputs=names,
     )  # fmt: skip
-    write_html(path, render([page], f"sddusr: {Path(output).name}"))
+    return render([page], f"sddusr: {Path(output).name}")
+
+
+def write_pair(path, output, wide, sr, info, inputs=()):
+    """`pair_html` written atomically at `path`; nothing when `path` is None. Returns `path`."""
+    if path is None:
+        return None
+    write_html(path, pair_html(path, output, wide, sr, info, inputs))
     return path
 
 

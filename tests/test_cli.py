@@ -341,3 +341,28 @@ def test_ctrl_c_at_a_stage_or_between_tiles_exits_130_and_writes_nothing(
     assert res.exit_code == 130, res.output
     assert "interrupted" in res.stderr
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_sr_writes_the_html_report_with_its_output_or_nothing(
+    pair, tiny_weights, tmp_path, monkeypatch
+):
+    """`sr --html`: the page is written in the same all-or-none step as the image (a page that
+    cannot be made leaves no image behind), and the JSON summary names it."""
+    from sddusr_engine import report
+
+    wide, tele, _ = pair
+    out, page = tmp_path / "x.png", tmp_path / "r" / "report.html"
+    args = ("sr", wide, tele, "-o", out, "--weights", tiny_weights, "--device", "cpu", "--json")
+    res = invoke(*args, "--html", page)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["html"] == str(page) and page.is_file() and out.is_file()
+    out.unlink()
+    page.unlink()
+
+    def broken(*a, **k):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(report, "pair_html", broken)
+    res = invoke(*args, "--html", page)
+    assert res.exit_code == 1 and "no space left" in res.stderr
+    assert not out.exists() and not page.exists()
