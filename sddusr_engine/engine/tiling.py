@@ -65,7 +65,7 @@ def tiled_forward(
             progress(done, total)
 
     with timer("reference"):
-        ctx = m.empty_context(lr) if lrc is None else m.reference_context(lrc, ref)
+        ctx = m.empty_context(lr) if lrc is None else m.reference_context(lrc, ref, keep_taps=False)
 
     with timer("trunk"):
         if tiling.trunk_tiles:

@@ -150,8 +150,11 @@ class DualLensSR(nn.Module):
     def encode_ref(self, ref: torch.Tensor) -> torch.Tensor:
         return self.ref_encoder(self.ref_head(ref))
 
-    def reference_context(self, lrc: torch.Tensor, ref: torch.Tensor) -> ReferenceContext:
-        """lrc [B,3,hc,wc] (even sides), ref [B,3,2hc,2wc]."""
+    def reference_context(
+        self, lrc: torch.Tensor, ref: torch.Tensor, keep_taps: bool = True
+    ) -> ReferenceContext:
+        """lrc [B,3,hc,wc] (even sides), ref [B,3,2hc,2wc]. `keep_taps=False` lets the
+        intermediate features go (the engine's runs: F_Ref alone is C values per Ref pixel)."""
         _check_pair(lrc, ref)
         f_lrc = self.encode_lrc(lrc)
         f_ref = self.encode_ref(ref)
@@ -165,7 +168,7 @@ class DualLensSR(nn.Module):
         dicts = (
             self.tdl.update(f_lrc, f_ref_align, self.ops.attention) if self.config.use_tdl else None
         )
-        taps = {"f_lrc": f_lrc, "f_ref": f_ref, "flow": flow}
+        taps = {"f_lrc": f_lrc, "f_ref": f_ref, "flow": flow} if keep_taps else {}
         return ReferenceContext(f_ref_align, key_map, key_mask, dicts, taps)
 
     def empty_context(self, lr: torch.Tensor) -> ReferenceContext:
