@@ -510,6 +510,9 @@ def profile(
 def convert(
     src: Annotated[Path, typer.Argument(help="A KeDuSR checkpoint (.pth).")],
     dst: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace DST if it exists.")
+    ] = False,
 ) -> None:
     """Convert a published KeDuSR checkpoint to this engine's safetensors format."""
     from sddusr_engine.io import check_writable
@@ -518,6 +521,7 @@ def convert(
     if dst.suffix.lower() != ".safetensors":
         raise UsageError(f"the output {dst} must end in .safetensors.")
     check_writable([dst])
+    refuse_existing(dst, overwrite=overwrite)  # the rule of every output the commands write
     with err.status("converting..."):
         path = convert_kedusr(src, dst)
     tensors, config = read_weights(path)

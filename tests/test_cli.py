@@ -168,6 +168,14 @@ def test_convert_a_kedusr_state_dict(tmp_path):
     assert_one_line_error(
         invoke("convert", tmp_path / "missing.pth", tmp_path / "x.safetensors"), 1
     )
+    # an existing destination: refused (exit 2, untouched) unless --overwrite
+    before = (tmp_path / "k.safetensors").stat().st_mtime_ns
+    res = invoke("convert", tmp_path / "k.pth", tmp_path / "k.safetensors")
+    assert_one_line_error(res, 2)
+    assert "--overwrite" in res.stderr
+    assert (tmp_path / "k.safetensors").stat().st_mtime_ns == before
+    res = invoke("convert", tmp_path / "k.pth", tmp_path / "k.safetensors", "--overwrite")
+    assert res.exit_code == 0, res.output
 
 
 def test_sr_refuses_an_existing_output_and_warns_of_a_flattened_alpha(tiny_weights, tmp_path):
