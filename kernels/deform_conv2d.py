@@ -93,6 +93,19 @@ def _check(x, offset, mask, weight, bias, padding, offset_groups):
     return g, ho, wo
 
 
+def _tap_positions(offset_rows, y0, padding, kh, kw):
+    """Where every tap of output rows y0.. samples: (py, px), each [G, K, rows, Wo] in fp32.
+    `offset_rows` is offset[b, :, y0:y1] ([2*G*K, rows, Wo]); the spec's arithmetic, in its
+    order, shared by the reference and the sampled path."""
+    ntap, (_, r, wo), dev = kh * kw, offset_rows.shape, offset_rows.device
+    off = offset_rows.float().view(-1, ntap, 2, r, wo)
+    ti = torch.arange(kh, device=dev).repeat_interleave(kw).float().view(1, ntap, 1, 1)
+    tj = torch.arange(kw, device=dev).repeat(kh).float().view(1, ntap, 1, 1)
+    yy = torch.arange(y0, y0 + r, device=dev).float().view(1, 1, -1, 1)
+    xx = torch.arange(wo, device=dev).float().view(1, 1, 1, -1)
+    return yy - padding + ti + off[:, :, 0], xx - padding + tj + off[:, :, 1]
+
+
 def deform_conv2d_reference(
     x: torch.Tensor,
     offset: torch.Tensor,
@@ -110,19 +123,13 @@ def deform_conv2d_reference(
     dev = x.device
     w2 = weight.float().reshape(cout, cin * ntap)
     out = torch.empty(b, cout, ho, wo, dtype=torch.float32, device=dev)
-    ti = torch.arange(kh, device=dev).repeat_interleave(kw).float().view(1, ntap, 1, 1)
-    tj = torch.arange(kw, device=dev).repeat(kh).float().view(1, ntap, 1, 1)
     rows = max(1, _REF_CHUNK_ELEMS // max(1, cin * ntap * wo))
     for bi in range(b):
         xt = x[bi].float().reshape(g, cg, h * w).transpose(1, 2)  # [G, HW, Cg]
         xt = torch.cat([xt, xt.new_zeros(g, 1, cg)], 1)  # row HW is the zero "outside" sample
         for y0 in range(0, ho, rows):
             y1 = min(ho, y0 + rows)
-            off = offset[bi, :, y0:y1].float().view(g, ntap, 2, y1 - y0, wo)
-            yy = torch.arange(y0, y1, device=dev).float().view(1, 1, -1, 1)
-            xx = torch.arange(wo, device=dev).float().view(1, 1, 1, -1)
-            py = yy - padding + ti + off[:, :, 0]  # [G, K, r, Wo]
-            px = xx - padding + tj + off[:, :, 1]
+            py, px = _tap_positions(offset[bi, :, y0:y1], y0, padding, kh, kw)  # [G, K, r, Wo]
             inside = (py > -1) & (py < h) & (px > -1) & (px < w)
             y_lo, x_lo = torch.floor(py), torch.floor(px)
             ly, lx = py - y_lo, px - x_lo
@@ -169,19 +176,13 @@ def deform_conv2d_sampled(
     dev = x.device
     w2 = weight.float().reshape(cout, cin * ntap)
     out = torch.empty(b, cout, ho, wo, dtype=torch.float32, device=dev)
-    ti = torch.arange(kh, device=dev).repeat_interleave(kw).float().view(1, ntap, 1, 1)
-    tj = torch.arange(kw, device=dev).repeat(kh).float().view(1, ntap, 1, 1)
     rows = max(1, _REF_CHUNK_ELEMS // max(1, cin * ntap * wo))
-    xx = torch.arange(wo, device=dev).float().view(1, 1, 1, -1)
     for bi in range(b):
         xg = x[bi].float().reshape(g, cg, h, w)
         for y0 in range(0, ho, rows):
             y1 = min(ho, y0 + rows)
             r = y1 - y0
-            off = offset[bi, :, y0:y1].float().view(g, ntap, 2, r, wo)
-            yy = torch.arange(y0, y1, device=dev).float().view(1, 1, -1, 1)
-            py = yy - padding + ti + off[:, :, 0]  # [G, K, r, Wo]
-            px = xx - padding + tj + off[:, :, 1]
+            py, px = _tap_positions(offset[bi, :, y0:y1], y0, padding, kh, kw)  # [G, K, r, Wo]
             # align_corners=True puts -1 and 1 on the first and last pixel centres
             grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), dim=-1)
             cols = torch.nn.functional.grid_sample(
