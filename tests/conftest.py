@@ -57,3 +57,19 @@ def tiny_weights(tmp_path_factory):
     return save_weights(
         build_model("sddusr", **TINY), tmp_path_factory.mktemp("w") / "tiny.safetensors"
     )
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory):
+    """A small synthetic raw pair as files: (wide.png, tele.png, the wide's shape)."""
+    from sddusr_engine.io import write_image
+    from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
+
+    d = tmp_path_factory.mktemp("pair")
+    rng = np.random.default_rng(0)
+    wide, tele, _ = make_synthetic_pair(
+        procedural_image((160, 240), rng), rotation_deg=1.0, rng=rng
+    )
+    write_image(d / "wide.png", wide)
+    write_image(d / "tele.png", tele)
+    return d / "wide.png", d / "tele.png", wide.shape

@@ -13,21 +13,8 @@ from test_eval import dataset  # noqa: F401  (a fixture shared with the eval tes
 
 from sddusr_engine.io import read_image, write_image
 from sddusr_engine.model.network import build_model
-from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
 
 COMMANDS = ("demo", "sr", "batch", "eval", "profile", "convert", "train")
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pair")
-    rng = np.random.default_rng(0)
-    wide, tele, _ = make_synthetic_pair(
-        procedural_image((160, 240), rng), rotation_deg=1.0, rng=rng
-    )
-    write_image(d / "wide.png", wide)
-    write_image(d / "tele.png", tele)
-    return d / "wide.png", d / "tele.png", wide.shape
 
 
 def assert_one_line_error(res, code=None):

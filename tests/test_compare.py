@@ -17,8 +17,8 @@ from sddusr_engine.compare import (
     comparison_from_run,
     render_comparison,
 )
-from sddusr_engine.io import read_image, write_image
-from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
+from sddusr_engine.io import read_image
+from sddusr_engine.synthetic import procedural_image
 
 
 def flat_with_patches(shape, patches, seed=0):
@@ -165,22 +165,10 @@ def test_without_a_reference_there_is_no_telephoto_panel_and_16_bits_work():
     assert np.array_equal(got[: y1 - y0, : x1 - x0], (sr[y0:y1, x0:x1] // 257).astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pair")
-    rng = np.random.default_rng(0)
-    wide, tele, _ = make_synthetic_pair(
-        procedural_image((160, 240), rng), rotation_deg=1.0, rng=rng
-    )
-    write_image(d / "wide.png", wide)
-    write_image(d / "tele.png", tele)
-    return d / "wide.png", d / "tele.png"
-
-
 def test_sr_writes_the_comparison_with_its_output(pair, tiny_weights, tmp_path):
     from sddusr_engine.engine import Engine
 
-    wide, tele = pair
+    wide, tele, _ = pair
     out, cmp = tmp_path / "x2.png", tmp_path / "views" / "cmp.png"
     common = ("--weights", tiny_weights, "--device", "cpu")
     res = invoke("sr", wide, tele, "-o", out, "--comparison", cmp, "--json", *common)
