@@ -420,3 +420,26 @@ def test_progress_keeps_the_two_argument_callback_and_names_the_stages():
     assert [e for e in both if e[0] == "tile"] == [("tile", d) for d, _ in events]
     first_decode = both.index(("stage", "decode"))
     assert both[first_decode + 1][0] == "tile"  # the 2x stage's tiles come after its name
+
+
+def test_super_resolve_reads_the_zoom_prior_from_two_pil_images(pair):
+    """PIL images carrying FocalLengthIn35mmFilm give the registration its zoom prior; arrays
+    (no EXIF) give none."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    wide_p, tele_p, _ = pair
+    images = []
+    for path, mm in ((wide_p, 26), (tele_p, 52)):
+        im = Image.open(path).convert("RGB")
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0xA405] = mm
+        buf = BytesIO()
+        im.save(buf, "JPEG", quality=95, exif=exif)
+        images.append(Image.open(buf))
+    eng = Engine(tiny_model("sddusr"), "cpu", "fp32", "torch")
+    _, info = eng.super_resolve(*images, return_info=True)
+    assert info.footprint.zoom_prior == pytest.approx(2.0 * images[1].width / images[0].width)
+    _, info = eng.super_resolve(*(np.asarray(im) for im in images), return_info=True)
+    assert info.footprint.zoom_prior is None

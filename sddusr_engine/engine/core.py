@@ -23,6 +23,7 @@ from ..errors import EngineError, FootprintNotFoundError, OutOfMemoryError
 from ..geometry import Box, locate_crop
 from ..model.network import DualLensSR
 from ..registration import align_reference, register
+from ..registration.prior import zoom_prior as exif_prior
 from ..timing import StageHook, StageStart, StageTimer, announcing
 from ..weights import load_model
 from .adapt import adapt_single_image_path, crop_size
@@ -162,11 +163,12 @@ class Engine:
             raise EngineError("missing_reference must be 'error' or 'skip'.")
         wide_a, tele_a = imageio.as_rgb_array(wide), imageio.as_rgb_array(tele)
         t0 = time.perf_counter()
-        exif = isinstance(wide, Image.Image) and isinstance(tele, Image.Image)
+        if zoom_prior is None and isinstance(wide, Image.Image) and isinstance(tele, Image.Image):
+            zoom_prior = exif_prior(wide, tele, wide.width, tele.width)  # None without EXIF
         if on_stage is not None:
             on_stage("registration")
         try:
-            fp = register(wide if exif else wide_a, tele if exif else tele_a, zoom_prior=zoom_prior)
+            fp = register(wide_a, tele_a, zoom_prior=zoom_prior)  # the arrays, converted once
             pair = align_reference(wide_a, tele_a, footprint=fp)
         except FootprintNotFoundError as e:
             if missing_reference == "error":
