@@ -13,7 +13,10 @@ corners weighted as usual, each corner outside the map counting as zero.
 
 Contract. x [B, Cin, H, W]; offset [B, 2*G*K, Ho, Wo]; mask [B, G*K, Ho, Wo] or None (all ones);
 weight [Cout, Cin, kh, kw]; bias [Cout] or None; Ho = H + 2*padding - kh + 1 (same for W);
-G = offset channels / (2K) unless `offset_groups` is given; Cin divisible by G. All float tensors
+G = offset channels / (2K) unless `offset_groups` is given; Cin divisible by G. `row0` (default None: all)
+computes only output rows row0 .. row0 + offset rows - 1 (offset and mask then hold those rows,
+and so does the output): a band of a large output whose input x is whole, so that the offsets of
+the whole output need never exist at once (the engine's bounded-memory reference context). All float tensors
 share x's dtype (fp16, bf16, fp32); the output [B, Cout, Ho, Wo] is in x's dtype, accumulated in
 fp32. fp32 uses exact fp32 products on the GPU (no tf32), so it matches torchvision to ~1e-6.
 
@@ -42,7 +45,7 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _REF_CHUNK_ELEMS = 1 << 24
 
 
-def _check(x, offset, mask, weight, bias, padding, offset_groups):
+def _check(x, offset, mask, weight, bias, padding, offset_groups, row0=None):
     def desc(t):
         return f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}"
 
@@ -73,6 +76,16 @@ def _check(x, offset, mask, weight, bias, padding, offset_groups):
         )
     if cin % g:
         raise ValueError(f"deform_conv2d: Cin {cin} not divisible by {g} offset groups")
+    if row0 is not None:  # a band of output rows: as many as the offsets hold, inside the output
+        if not isinstance(row0, int) or row0 < 0:
+            raise ValueError(f"deform_conv2d: row0 must be a non-negative int, got {row0!r}")
+        rows = offset.shape[2]
+        if rows == 0 or row0 + rows > ho:
+            raise ValueError(
+                f"deform_conv2d: offset {desc(offset)} rows from row0={row0} exceed the {ho} "
+                "output rows"
+            )
+        ho = rows
     if tuple(offset.shape) != (b, 2 * g * ntap, ho, wo):
         raise ValueError(
             f"deform_conv2d: offset {desc(offset)}, expected {(b, 2 * g * ntap, ho, wo)}"
@@ -114,9 +127,10 @@ def deform_conv2d_reference(
     bias: torch.Tensor | None = None,
     padding: int = 1,
     offset_groups: int | None = None,
+    row0: int | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch spec: bilinear gathers into columns (row chunks), then a matmul, in fp32."""
-    g, ho, wo = _check(x, offset, mask, weight, bias, padding, offset_groups)
+    g, ho, wo = _check(x, offset, mask, weight, bias, padding, offset_groups, row0)
     b, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ntap, cg = kh * kw, cin // g
@@ -129,7 +143,7 @@ def deform_conv2d_reference(
         xt = torch.cat([xt, xt.new_zeros(g, 1, cg)], 1)  # row HW is the zero "outside" sample
         for y0 in range(0, ho, rows):
             y1 = min(ho, y0 + rows)
-            py, px = _tap_positions(offset[bi, :, y0:y1], y0, padding, kh, kw)  # [G, K, r, Wo]
+            py, px = _tap_positions(offset[bi, :, y0:y1], (row0 or 0) + y0, padding, kh, kw)
             inside = (py > -1) & (py < h) & (px > -1) & (px < w)
             y_lo, x_lo = torch.floor(py), torch.floor(px)
             ly, lx = py - y_lo, px - x_lo
@@ -164,13 +178,14 @@ def deform_conv2d_sampled(
     bias: torch.Tensor | None = None,
     padding: int = 1,
     offset_groups: int | None = None,
+    row0: int | None = None,
 ) -> torch.Tensor:
     """The same op through `grid_sample` (bilinear, zeros outside) and a matmul, in fp32, in
     chunks of output rows; maps narrower than 2 pixels fall back to the reference."""
-    g, ho, wo = _check(x, offset, mask, weight, bias, padding, offset_groups)
+    g, ho, wo = _check(x, offset, mask, weight, bias, padding, offset_groups, row0)
     b, cin, h, w = x.shape
     if h < 2 or w < 2:  # grid_sample's normalisation divides by H - 1 and W - 1
-        return deform_conv2d_reference(x, offset, mask, weight, bias, padding, offset_groups)
+        return deform_conv2d_reference(x, offset, mask, weight, bias, padding, offset_groups, row0)
     cout, _, kh, kw = weight.shape
     ntap, cg = kh * kw, cin // g
     dev = x.device
@@ -182,7 +197,7 @@ def deform_conv2d_sampled(
         for y0 in range(0, ho, rows):
             y1 = min(ho, y0 + rows)
             r = y1 - y0
-            py, px = _tap_positions(offset[bi, :, y0:y1], y0, padding, kh, kw)  # [G, K, r, Wo]
+            py, px = _tap_positions(offset[bi, :, y0:y1], (row0 or 0) + y0, padding, kh, kw)
             # align_corners=True puts -1 and 1 on the first and last pixel centres
             grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), dim=-1)
             cols = torch.nn.functional.grid_sample(
@@ -200,7 +215,7 @@ def deform_conv2d_sampled(
 def _deform_conv2d_kernel(
     out_ptr,
     x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr,
-    CIN, H, W, COUT, HO, WO, CG, G, PAD,
+    CIN, H, W, COUT, HO, WO, CG, G, PAD, ROW0,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -216,7 +231,7 @@ def _deform_conv2d_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     mask_p = offs_p < npix
     mask_n = offs_n < COUT
-    oy = (offs_p // WO).to(tl.float32)
+    oy = (offs_p // WO + ROW0).to(tl.float32)  # HO counts the band's rows, from ROW0
     ox = (offs_p % WO).to(tl.float32)
     x_base = x_ptr + bi * CIN * H * W
     off_base = off_ptr + bi * (2 * G * K) * npix
@@ -290,9 +305,11 @@ def deform_conv2d(
     bias: torch.Tensor | None = None,
     padding: int = 1,
     offset_groups: int | None = None,
+    row0: int | None = None,
 ) -> torch.Tensor:
-    """Modulated deformable conv, stride 1: [B, Cout, Ho, Wo] in x's dtype."""
-    g, ho, wo = _check(x, offset, mask, weight, bias, padding, offset_groups)
+    """Modulated deformable conv, stride 1: [B, Cout, Ho, Wo] in x's dtype (Ho: the band's rows
+    with `row0`)."""
+    g, ho, wo = _check(x, offset, mask, weight, bias, padding, offset_groups, row0)
     require_triton(x)
     b, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
@@ -307,7 +324,7 @@ def deform_conv2d(
     grid = (triton.cdiv(ho * wo, bp), triton.cdiv(cout, bn), b)
     _deform_conv2d_kernel[grid](
         out, x, offset, mask if mask is not None else x, weight, bias if bias is not None else x,
-        cin, h, w, cout, ho, wo, cin // g, g, padding,
+        cin, h, w, cout, ho, wo, cin // g, g, padding, row0 or 0,
         KH=kh, KW=kw, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
         IEEE=dot_ieee(x.dtype), BLOCK_P=bp, BLOCK_N=bn, BLOCK_C=bc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

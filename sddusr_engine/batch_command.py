@@ -17,6 +17,7 @@ from . import report as html_report
 from .cli_errors import describe
 from .console import batch_summary, engine_line, err, progress
 from .errors import UsageError
+from .interrupt import on_abandon
 
 
 def run_folder(
@@ -87,9 +88,10 @@ def run_folder(
         bar = Console(stderr=True, quiet=True) if plain else console
         with progress(bar, transient=False, remaining=True) as prog:
             task = prog.add_task("batch", total=len(mine), note="")
-            count = [0]
+            count, finished = [0], []
 
             def on_result(r):
+                finished.append(r)
                 note = {
                     "written": f"{r.name}: {r.seconds:.2f} s",
                     "skipped": f"{r.name}: exists, skipped",
@@ -103,17 +105,32 @@ def run_folder(
 
             # for --html, an engine that keeps what the page shows
             pages = html_report.BatchPages(eng, html if lead else None)
+
+            def abandoned() -> None:
+                """Ctrl-C while one pair's long operation would not yield: what finished."""
+                done = list(finished)
+                prog.stop()
+                batch_summary(done, time.perf_counter() - t0)
+                if report is not None:
+                    write_report(
+                        report if ctx.world == 1 else
+                        report.with_name(f"{report.stem}.rank{ctx.rank}{report.suffix or '.json'}"),
+                        report_payload(indir, outdir, layout, ctx.world, ensemble, adapt, done,
+                                       jobs=mine),
+                    )  # fmt: skip
+
             try:
-                results = run_batch(
-                    pages.engine,
-                    mine,
-                    outdir,
-                    overwrite=overwrite,
-                    ext=ext,
-                    missing_reference="skip" if no_reference_ok else "error",
-                    rank=ctx.rank,
-                    on_result=on_result,
-                )
+                with on_abandon(abandoned):
+                    results = run_batch(
+                        pages.engine,
+                        mine,
+                        outdir,
+                        overwrite=overwrite,
+                        ext=ext,
+                        missing_reference="skip" if no_reference_ok else "error",
+                        rank=ctx.rank,
+                        on_result=on_result,
+                    )
             except BatchInterrupted as stop:  # Ctrl-C: report what finished, then exit 130
                 results, interrupted = stop.results, True
         wall = time.perf_counter() - t0

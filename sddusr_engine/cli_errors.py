@@ -2,7 +2,8 @@
 
 `guarded` turns an exception into one red sentence on stderr and the exit code the docs promise
 (`SddusrError.exit_code`: 2 for a usage error, 1 for files, memory and failed work; 3 for a bug,
-with the advice to rerun with `--debug`; 130 for Ctrl-C). A memory error of any origin (GPU, the
+with the advice to rerun with `--debug`; 130 for Ctrl-C, which `interrupt.run_interruptible` makes
+heard within a couple of seconds even inside one long operation). A memory error of any origin (GPU, the
 CPU allocator) becomes a sentence naming the option that fits, from the command's own `--tile`;
 on the CPU, `memory_ceiling` makes running out of memory such an error rather than a kill.
 `load_engine` says which weights are missing before torch is even asked; `refuse_existing` is the
@@ -21,6 +22,7 @@ import typer
 from rich.text import Text
 
 from .console import err
+from .interrupt import run_interruptible
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -48,6 +50,10 @@ def _user_message(e: BaseException, tile: int | None = None) -> tuple[str, int] 
     return None
 
 
+def _say_interrupted(text: str) -> None:
+    err.print(Text(text, style="red"))
+
+
 STATE = {"debug": False}  # set by the root callback for the command that follows
 
 
@@ -64,7 +70,8 @@ def guarded(fn):
         debug = STATE["debug"] or os.environ.get("SDDUSR_DEBUG", "") not in ("", "0")
         try:
             with memory_ceiling():
-                return fn(*args, **kwargs)
+                # in a worker thread, so that Ctrl-C is heard even inside one long torch op
+                return run_interruptible(fn, *args, say=_say_interrupted, **kwargs)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except KeyboardInterrupt:

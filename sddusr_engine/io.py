@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageReadError, OutputError
+from .interrupt import OUTPUT_LOCK
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -379,11 +380,17 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     and an existing file is untouched: nothing is ever half-written."""
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise _cannot_write(p, folder, e) from None
-    os.close(fd)
+    # held while the temporary file exists: a hard exit on Ctrl-C waits for the rename
+    with OUTPUT_LOCK:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+        except OSError as e:
+            raise _cannot_write(p, folder, e) from None
+        os.close(fd)
+        yield from _filled_then_renamed(p, folder, tmp)
+
+
+def _filled_then_renamed(p: Path, folder: Path, tmp: str) -> Iterator[Path]:
     try:
         yield Path(tmp)
         # mkstemp creates 0600; give the file the mode a plain open() would (or the old file's).

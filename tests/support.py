@@ -1,8 +1,10 @@
-"""Shared test helpers: tiny network sizes, the golden-vector folder, the CLI runner."""
+"""Shared test helpers: tiny network sizes, the golden-vector folder, the CLI runner, a folder of
+pre-aligned triplets."""
 
 import os
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 # A network small enough for the CPU: every part present, every width tiny.
@@ -33,3 +35,25 @@ def invoke(*args, **env):
     from sddusr_engine.cli import app
 
     return _runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **env})
+
+
+def published_folder(root, n, size=(32, 48)):
+    """n pre-aligned triplets in the published layout (with HR/, which batch ignores)."""
+    from sddusr_engine.io import write_image
+
+    rng = np.random.default_rng(1)
+    h, w = size
+    for sub in ("LR", "LR_center", "Ref_SIFT", "HR"):
+        (root / "test" / sub).mkdir(parents=True)
+    for i in range(n):
+        lr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        lrc = lr[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2]
+        write_image(root / "test" / "LR" / f"{i:04d}.png", lr)
+        write_image(root / "test" / "LR_center" / f"{i:04d}.png", lrc)
+        write_image(
+            root / "test" / "Ref_SIFT" / f"{i:04d}.png", np.kron(lrc, np.ones((2, 2, 1), np.uint8))
+        )
+        write_image(
+            root / "test" / "HR" / f"{i:04d}.png", np.kron(lr, np.ones((2, 2, 1), np.uint8))
+        )
+    return root

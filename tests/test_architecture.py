@@ -27,7 +27,7 @@ LAYERS = [
     ("training", ["train", "data"]),
     ("edges", ["weights", "io", "registration", "datasets", "synthetic", "metrics"]),
     ("model", ["model"]),
-    ("base", ["config", "errors", "geometry", "timing", "shipped"]),
+    ("base", ["config", "errors", "geometry", "interrupt", "timing", "shipped"]),
     ("kernels", ["kernels"]),
 ]
 SIDE_BY_SIDE = {("engine", "training"), ("training", "engine")}

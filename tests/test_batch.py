@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from support import invoke
+from support import invoke, published_folder
 
 from sddusr_engine.batch import PairJob, discover_pairs, shard
 from sddusr_engine.io import read_image, write_image
@@ -34,26 +34,6 @@ def raw_folder(tmp_path_factory):
     write_image(root / "tele" / "text.png", tele)
     write_image(root / "wide" / "lonely.png", wide)
     (root / "wide" / "notes.txt").write_text("ignored: not an image suffix")
-    return root
-
-
-def published_folder(root, n, size=(32, 48)):
-    """n pre-aligned triplets in the published layout (with HR/, which batch ignores)."""
-    rng = np.random.default_rng(1)
-    h, w = size
-    for sub in ("LR", "LR_center", "Ref_SIFT", "HR"):
-        (root / "test" / sub).mkdir(parents=True)
-    for i in range(n):
-        lr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        lrc = lr[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2]
-        write_image(root / "test" / "LR" / f"{i:04d}.png", lr)
-        write_image(root / "test" / "LR_center" / f"{i:04d}.png", lrc)
-        write_image(
-            root / "test" / "Ref_SIFT" / f"{i:04d}.png", np.kron(lrc, np.ones((2, 2, 1), np.uint8))
-        )
-        write_image(
-            root / "test" / "HR" / f"{i:04d}.png", np.kron(lr, np.ones((2, 2, 1), np.uint8))
-        )
     return root
 
 

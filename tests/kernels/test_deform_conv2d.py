@@ -173,3 +173,25 @@ def test_torch_backend_samples_for_cpu_inference_and_gathers_for_training():
     assert torch.equal(trained.detach(), deform_conv2d_reference(x, off, mask, w, b).detach())
     trained.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", [deform_conv2d_reference, deform_conv2d_sampled, deform_conv2d])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [(0, 5), (3, 11), (10, 13), (12, 13)])
+def test_a_band_of_rows_is_those_rows_of_the_whole(close, impl, dtype, rows):
+    """`row0`: the band's offsets and mask give exactly the band's rows of the whole output (x
+    whole, samples reaching far above and below the band), on ragged sizes."""
+    x, off, mask, w, b = _inputs(1, 16, 13, 17, 12, 8, dtype, spread=6.0)
+    whole = impl(x, off, mask, w, b)
+    r0, r1 = rows
+    band = impl(x, off[:, :, r0:r1], mask[:, :, r0:r1], w, b, row0=r0)
+    assert band.shape == (1, 12, r1 - r0, 17) and band.dtype == dtype
+    close(band, whole[:, :, r0:r1], 1e-6 if dtype == torch.float32 else TOL[dtype], "band")
+
+
+def test_a_band_must_fit_inside_the_output():
+    x, off, mask, w, b = _inputs(1, 8, 9, 6, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match="exceed the 9 output rows"):
+        deform_conv2d_reference(x, off[:, :, 4:], mask[:, :, 4:], w, b, row0=5)
+    with pytest.raises(ValueError, match="row0 must be"):
+        deform_conv2d_sampled(x, off, mask, w, b, row0=-1)
