@@ -303,3 +303,39 @@ def test_warp_low_band_adds_the_low_band_the_detail_map_removes():
     low_net.train()
     low_net(lr, lrc, ref).square().mean().backward()
     assert low_net.low_band_gain.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
+@pytest.mark.parametrize("band_rows", [8, 16, 24])
+def test_reference_context_in_bands_equals_the_whole(variant, band_rows):
+    """Bands of Ref rows (ragged: 44 rows is not a multiple of any band), each stage with its
+    halo, give the whole pass's context: the aligned features, the LRC matching map and its SFM
+    mask, the dictionaries. Larger flows and offsets than a random network's come from scaling
+    the flow network's last layer, so the alignment's samples reach outside their band."""
+    torch.manual_seed(3)
+    m = build_model(variant, **{**TINY, "encoder_blocks": 2}).eval()
+    with torch.no_grad():
+        for level in m.spynet.basic_module:
+            level.basic_module[-1].weight.mul_(40.0)
+        m.Ref_align.dcnpack.conv_offset.weight.normal_(0.0, 0.05)
+    lrc = torch.rand(1, 3, 22, 30)
+    ref = torch.rand(1, 3, 44, 60)
+    ticks = []
+    with torch.no_grad():
+        whole = m.reference_context(lrc, ref, keep_taps=False)
+        banded = m.reference_context(lrc, ref, band_rows=band_rows, tick=lambda: ticks.append(1))
+    assert len(ticks) == m.reference_bands((44, 60), band_rows)
+    assert rel_err(banded.f_ref_align, whole.f_ref_align) < 1e-5
+    assert rel_err(banded.key_map, whole.key_map) < 1e-5
+    if variant == "sddusr":
+        assert torch.equal(banded.key_mask, whole.key_mask)
+        assert rel_err(banded.dicts.keys, whole.dicts.keys) < 1e-5
+        assert rel_err(banded.dicts.values, whole.dicts.values) < 1e-5
+    else:
+        assert banded.key_mask is None and whole.key_mask is None
+
+
+def test_reference_bands_are_checked():
+    m = build_model("sddusr", **TINY).eval()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        m.reference_context(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 16, 16), band_rows=12)

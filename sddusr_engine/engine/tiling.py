@@ -1,7 +1,8 @@
 """One network pass over a whole image, streamed in tiles whose stitched output is exact.
 
 Per pair, once: the reference context (LRC and Ref encoders, flow, alignment, LRC matching map and
-mask, dictionary update). Then the LR image goes through in stages:
+mask, dictionary update); in a tiled run it is computed in bands of Ref rows
+(`reference_band_rows`) so that its intermediate maps follow the tile size too. Then the LR image goes through in stages:
 
 1. trunk at LR resolution: in tiles with a halo of its receptive field, or whole when the trunk
    has channel attention (each block then pools over the whole image);
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ..geometry import spans
+from ..model.bands import tiled_apply
 from ..model.network import DualLensSR, MatchResult, ReferenceContext, pad_to_even, upsample_bicubic
 from ..timing import StageTimer
 from .info import RunInfo
@@ -56,6 +58,8 @@ def tiled_forward(
     out_spans = [(y, x) for y in spans(2 * hp, out_tile) for x in spans(2 * wp, out_tile)]
     total = (len(trunk_spans) if tiling.trunk_tiles else 1) + len(trunk_spans)
     total += len(out_spans) * (1 if whole else 2)
+    band_rows = 0 if whole or lrc is None else reference_band_rows(lr_tile, ref.shape[-1])
+    total += m.reference_bands(ref.shape[-2:], band_rows) if band_rows else 1
     done = 0
 
     def tick():
@@ -65,17 +69,22 @@ def tiled_forward(
             progress(done, total)
 
     with timer("reference"):
-        ctx = m.empty_context(lr) if lrc is None else m.reference_context(lrc, ref, keep_taps=False)
+        if lrc is None:
+            ctx = m.empty_context(lr)
+        else:
+            ctx = m.reference_context(lrc, ref, keep_taps=False, band_rows=band_rows, tick=tick)
+        if not band_rows:
+            tick()
 
     with timer("trunk"):
         if tiling.trunk_tiles:
-            feat = _tiled(m.lr_trunk, lr, trunk_spans, tiling.trunk_halo_lr, 1, 1, tick)
+            feat = tiled_apply(m.lr_trunk, lr, trunk_spans, tiling.trunk_halo_lr, 1, 1, tick)
         else:
             feat = m.lr_trunk(lr)
             tick()
 
     with timer("match_features"):
-        maps = _tiled(m.query_maps, lr, trunk_spans, tiling.match_halo_lr, 1, 2, tick)
+        maps = tiled_apply(m.query_maps, lr, trunk_spans, tiling.match_halo_lr, 1, 2, tick)
         q_map, q_mask = m.split_query_maps(maps)
 
     with timer("matching"):
@@ -105,6 +114,12 @@ def tiled_forward(
     return sr[..., : 2 * h, : 2 * w]
 
 
+def reference_band_rows(lr_tile: int, ref_width: int) -> int:
+    """Ref rows per band of a tiled run's reference context: about as many Ref pixels as one
+    output tile has (a multiple of 8, at least 8), so that its peak follows the tile's."""
+    return max(8, (2 * lr_tile) ** 2 // max(ref_width, 1) // 8 * 8)
+
+
 def _fusion_input(m: DualLensSR, lr, feat, ctx: ReferenceContext, conf, index, ys, xs, halo):
     """The fusion block's input for output rows ys, cols xs (+ halo, clipped to the image).
 
@@ -128,31 +143,6 @@ def _fusion_input(m: DualLensSR, lr, feat, ctx: ReferenceContext, conf, index, y
     fused = m.fusion_input(f_lr, match, ctx)
     inner = (..., slice(ys[0] - y0, ys[1] - y0), slice(xs[0] - x0, xs[1] - x0))
     return fused, f_lr, lr_up, inner
-
-
-def _tiled(fn, x, tile_spans, halo: int, scale_num: int, scale_den: int, tick) -> torch.Tensor:
-    """Apply a translation-equivariant `fn` to x in tiles with `halo` LR pixels of context.
-
-    The output grid is x's scaled by scale_num/scale_den; tile origins are multiples of
-    scale_den so every tile maps onto whole output pixels.
-    """
-    h, w = x.shape[-2:]
-    out = None
-
-    def o(v):
-        return v * scale_num // scale_den
-
-    for (y0, y1), (x0, x1) in tile_spans:
-        a0, a1 = max(y0 - halo, 0) // scale_den * scale_den, min(y1 + halo, h)
-        b0, b1 = max(x0 - halo, 0) // scale_den * scale_den, min(x1 + halo, w)
-        y = fn(x[..., a0:a1, b0:b1])
-        if out is None:
-            out = y.new_empty(*y.shape[:2], o(h), o(w))
-        out[..., o(y0) : o(y1), o(x0) : o(x1)] = y[
-            ..., o(y0 - a0) : o(y1 - a0), o(x0 - b0) : o(x1 - b0)
-        ]
-        tick()
-    return out
 
 
 def _record(info: RunInfo, stats, q_mask, ctx, conf, index, keep_maps) -> None:

@@ -35,13 +35,17 @@ class DeformConvPack(nn.Module):
         """The output channels of `conv_offset` that are offsets (o1, o2); the rest are masks."""
         return slice(0, 2 * self.groups * 9)
 
-    def forward(self, x, feat, flow, deform_conv2d) -> torch.Tensor:
-        o1, o2, m = torch.chunk(self.conv_offset(feat), 3, dim=1)
+    def forward(self, x, feat, flow, deform_conv2d, rows: slice | None = None, row0=None):
+        """`rows`, `row0`: the band of output rows from row0 whose context `feat` holds at `rows`
+        of its rows (and `flow` holds the band); x stays whole."""
+        o = self.conv_offset(feat)
+        o1, o2, m = torch.chunk(o if rows is None else o[..., rows, :], 3, dim=1)
         # flow is (dx, dy); offsets are (dy, dx) per group and tap, hence the flip.
         offset = self.MAX_RESIDUE * torch.tanh(torch.cat([o1, o2], dim=1))
         offset = offset + flow.flip(1).repeat(1, offset.shape[1] // 2, 1, 1)
         mask = torch.sigmoid(m)
-        return deform_conv2d(x, offset, mask, self.weight, self.bias, padding=1)
+        band = {} if row0 is None else {"row0": row0}
+        return deform_conv2d(x, offset, mask, self.weight, self.bias, padding=1, **band)
 
 
 class FlowGuidedAlign(nn.Module):
@@ -53,6 +57,9 @@ class FlowGuidedAlign(nn.Module):
         self.offset_conv2 = conv3x3(channels, channels)
         self.dcnpack = DeformConvPack(channels, groups)
 
+    # rows of context a band needs: offset_conv1, offset_conv2 and conv_offset are 3x3 convs
+    HALO = 3
+
     def forward(self, f_ref, f_lrc, flow_lrc, deform_conv2d) -> torch.Tensor:
         """f_ref, f_lrc: [B,C,2h,2w]; flow_lrc: [B,2,h,w] at LRC resolution."""
         flow = 2.0 * F.interpolate(flow_lrc, scale_factor=2, mode="bilinear", align_corners=True)
@@ -60,3 +67,25 @@ class FlowGuidedAlign(nn.Module):
         feat = F.leaky_relu(self.offset_conv1(feat), 0.1)
         feat = F.leaky_relu(self.offset_conv2(feat), 0.1)
         return F.leaky_relu(self.dcnpack(f_ref, feat, flow, deform_conv2d), 0.1)
+
+    def in_bands(self, f_ref, f_lrc, flow_lrc, deform_conv2d, band_rows: int, tick=None):
+        """`forward`'s result computed in bands of `band_rows` rows: the offsets, masks and the
+        offset convolutions' maps (2C + 2, C, C and 27 x groups channels per pixel) then exist
+        for one band at a time, not for the whole Ref. f_ref and f_lrc stay whole (the
+        deformable samples and the flow's warp reach anywhere)."""
+        h = f_ref.shape[-2]
+        flow = 2.0 * F.interpolate(flow_lrc, scale_factor=2, mode="bilinear", align_corners=True)
+        out = torch.empty_like(f_ref)
+        for y0 in range(0, h, band_rows):
+            y1 = min(y0 + band_rows, h)
+            a0, a1 = max(y0 - self.HALO, 0), min(y1 + self.HALO, h)
+            fl = flow[..., a0:a1, :]
+            feat = torch.cat([flow_warp(f_ref, fl, row0=a0), f_lrc[..., a0:a1, :], fl], dim=1)
+            feat = F.leaky_relu(self.offset_conv1(feat), 0.1)
+            feat = F.leaky_relu(self.offset_conv2(feat), 0.1)
+            rows = slice(y0 - a0, y1 - a0)
+            band = self.dcnpack(f_ref, feat, fl[..., rows, :], deform_conv2d, rows, y0)
+            out[..., y0:y1, :] = F.leaky_relu(band, 0.1)
+            if tick is not None:
+                tick()
+        return out

@@ -12,11 +12,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def flow_warp(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
-    """Sample x [B,C,H,W] at (pixel + flow); flow [B,2,H,W] holds (dx, dy). Bilinear, align_corners."""
-    b, _, h, w = x.shape
+def flow_warp(
+    x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros", row0: int = 0
+) -> torch.Tensor:
+    """Sample x [B,C,H,W] at (pixel + flow); flow [B,2,H,W] holds (dx, dy). Bilinear, align_corners.
+    `row0`: flow holds only rows row0.. of x's grid (a band), and so does the result."""
+    h, w = x.shape[-2:]
     ys, xs = torch.meshgrid(
-        torch.arange(h, device=x.device, dtype=flow.dtype),
+        torch.arange(row0, row0 + flow.shape[-2], device=x.device, dtype=flow.dtype),
         torch.arange(w, device=x.device, dtype=flow.dtype),
         indexing="ij",
     )

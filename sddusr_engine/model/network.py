@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig, get_config
 from ..kernels import KernelOps, get_ops
 from .align import FlowGuidedAlign
+from .bands import row_bands, tiled_apply
 from .blocks import FusionBlock, PixelShuffleUp, ResList, Trunk, conv3x3
 from .flow import SpyNet
 from .low_band import LinearUpsampler
@@ -57,6 +58,8 @@ class Tiling:
     trunk_tiles: bool  # False: the trunk's channel attention pools over the whole image
     trunk_halo_lr: int  # LR pixels of context each trunk tile needs
     match_halo_lr: int  # LR pixels of context of the matching features and SFM masks
+    ref_encoder_halo_hr: int  # Ref pixels of context of the Ref encoder
+    lrc_encoder_halo_lr: int  # LRC pixels of context of the LRC encoder (which outputs at 2x)
     decode_halo_hr: int  # output pixels of context of the 2x stage (multiple of 8)
     cell_hr: int  # output pixels per matching cell: 2x-stage tiles are aligned to it
     fusion_pools_globally: bool  # the fusion block's channel attention needs the whole image
@@ -151,11 +154,25 @@ class DualLensSR(nn.Module):
         return self.ref_encoder(self.ref_head(ref))
 
     def reference_context(
-        self, lrc: torch.Tensor, ref: torch.Tensor, keep_taps: bool = True
+        self,
+        lrc: torch.Tensor,
+        ref: torch.Tensor,
+        keep_taps: bool = True,
+        band_rows: int = 0,
+        tick=None,
     ) -> ReferenceContext:
         """lrc [B,3,hc,wc] (even sides), ref [B,3,2hc,2wc]. `keep_taps=False` lets the
-        intermediate features go (the engine's runs: F_Ref alone is C values per Ref pixel)."""
+        intermediate features go (the engine's runs: F_Ref alone is C values per Ref pixel).
+
+        `band_rows` (a multiple of 8; 0: whole), inference only: the same context computed in
+        full-width bands of that many Ref rows, each with the halo of its stage, so that the
+        encoders', the alignment's and the matching features' intermediate maps exist for one band
+        at a time; what is kept whole is F_LRC, F_Ref (until aligned) and F_Ref_align, C values
+        per Ref pixel each. `tick()` is called after each band of each stage
+        (`reference_bands` of them in all)."""
         _check_pair(lrc, ref)
+        if band_rows:
+            return self._reference_context_in_bands(lrc, ref, band_rows, tick)
         f_lrc = self.encode_lrc(lrc)
         f_ref = self.encode_ref(ref)
         flow = self.spynet(lrc, F.avg_pool2d(ref, 2))
@@ -170,6 +187,33 @@ class DualLensSR(nn.Module):
         )
         taps = {"f_lrc": f_lrc, "f_ref": f_ref, "flow": flow} if keep_taps else {}
         return ReferenceContext(f_ref_align, key_map, key_mask, dicts, taps)
+
+    def reference_bands(self, ref_hw: tuple[int, int], band_rows: int) -> int:
+        """How many times `reference_context(..., band_rows)` ticks for a Ref of `ref_hw`."""
+        n = -(-ref_hw[0] // band_rows)
+        return 4 * n  # the two encoders, the alignment, the matching features
+
+    def _reference_context_in_bands(self, lrc, ref, band_rows: int, tick) -> ReferenceContext:
+        if band_rows <= 0 or band_rows % 8:
+            raise ValueError(f"band_rows must be a positive multiple of 8, got {band_rows}")
+        if self.training:
+            raise ValueError("the banded reference context is for inference")
+        t = self.tiling
+        hr, wr = ref.shape[-2:]
+        lrc_bands = row_bands(hr // 2, wr // 2, band_rows // 2)
+        f_lrc = tiled_apply(self.encode_lrc, lrc, lrc_bands, t.lrc_encoder_halo_lr, 2, 1, tick)
+        f_ref = tiled_apply(self.encode_ref, ref, row_bands(hr, wr, band_rows),
+                            t.ref_encoder_halo_hr, 1, 1, tick)  # fmt: skip
+        flow = self.spynet(lrc, F.avg_pool2d(ref, 2))  # at LRC resolution: 2 values per LRC pixel
+        dcn = self.ops.deform_conv2d
+        f_ref_align = self.Ref_align.in_bands(f_ref, f_lrc, flow, dcn, band_rows, tick)
+        del f_ref
+        maps = tiled_apply(self.query_maps, lrc, lrc_bands, t.match_halo_lr, 1, 2, tick)
+        key_map, key_mask = self.split_query_maps(maps)
+        dicts = (
+            self.tdl.update(f_lrc, f_ref_align, self.ops.attention) if self.config.use_tdl else None
+        )
+        return ReferenceContext(f_ref_align, key_map, key_mask, dicts, {})
 
     def empty_context(self, lr: torch.Tensor) -> ReferenceContext:
         """A context with no reference: nothing matches (C = 0, no warp), TDL uses its learned
@@ -198,10 +242,15 @@ class DualLensSR(nn.Module):
         # two 3x3 convs and 7x7 spatial attention (5), the fusion tail (1), the decoder's blocks
         # and group conv (2 per block + 1), the decoder tail (2)
         radius = 16 + 5 + 1 + (2 * c.decoder_blocks + 1) + 2
+        # encoders: the head conv and a ResList (2 convs per block and its tail conv); the LRC's
+        # also has the x2 upsampler's conv at LRC resolution before its ResList at Ref resolution
+        encoder_hr = 2 * c.encoder_blocks + 1
         return Tiling(
             trunk_tiles=not c.trunk_channel_attention,
             trunk_halo_lr=trunk,
             match_halo_lr=match,
+            ref_encoder_halo_hr=1 + encoder_hr,
+            lrc_encoder_halo_lr=2 + -(-encoder_hr // 2),
             decode_halo_hr=-(-radius // 8) * 8,
             cell_hr=c.patch_stride,  # a matching cell (2 LR pixels) is one warp stride
             fusion_pools_globally=True,

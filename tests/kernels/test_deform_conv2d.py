@@ -195,3 +195,12 @@ def test_a_band_must_fit_inside_the_output():
         deform_conv2d_reference(x, off[:, :, 4:], mask[:, :, 4:], w, b, row0=5)
     with pytest.raises(ValueError, match="row0 must be"):
         deform_conv2d_sampled(x, off, mask, w, b, row0=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_band_of_rows_matches_the_whole(close, dtype):
+    x, off, mask, w, b = _inputs(1, 64, 70, 90, 64, 8, dtype, device="cuda", spread=8.0)
+    whole = deform_conv2d(x, off, mask, w, b)
+    band = deform_conv2d(x, off[:, :, 24:57], mask[:, :, 24:57], w, b, row0=24)
+    close(band, whole[:, :, 24:57], 1e-6 if dtype == torch.float32 else TOL[dtype], "gpu band")
