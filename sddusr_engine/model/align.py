@@ -62,30 +62,27 @@ class FlowGuidedAlign(nn.Module):
 
     def forward(self, f_ref, f_lrc, flow_lrc, deform_conv2d) -> torch.Tensor:
         """f_ref, f_lrc: [B,C,2h,2w]; flow_lrc: [B,2,h,w] at LRC resolution."""
-        flow = 2.0 * F.interpolate(flow_lrc, scale_factor=2, mode="bilinear", align_corners=True)
+        flow = self.upsampled_flow(flow_lrc)
         feat = torch.cat([flow_warp(f_ref, flow), f_lrc, flow], dim=1)
         feat = F.leaky_relu(self.offset_conv1(feat), 0.1)
         feat = F.leaky_relu(self.offset_conv2(feat), 0.1)
         return F.leaky_relu(self.dcnpack(f_ref, feat, flow, deform_conv2d), 0.1)
 
-    def in_bands(self, f_ref, f_lrc, flow_lrc, deform_conv2d, band_rows: int, tick=None):
-        """`forward`'s result computed in bands of `band_rows` rows: the offsets, masks and the
-        offset convolutions' maps (2C + 2, C, C and 27 x groups channels per pixel) then exist
-        for one band at a time, not for the whole Ref. f_ref and f_lrc stay whole (the
-        deformable samples and the flow's warp reach anywhere)."""
-        h = f_ref.shape[-2]
-        flow = 2.0 * F.interpolate(flow_lrc, scale_factor=2, mode="bilinear", align_corners=True)
-        out = torch.empty_like(f_ref)
-        for y0 in range(0, h, band_rows):
-            y1 = min(y0 + band_rows, h)
-            a0, a1 = max(y0 - self.HALO, 0), min(y1 + self.HALO, h)
-            fl = flow[..., a0:a1, :]
-            feat = torch.cat([flow_warp(f_ref, fl, row0=a0), f_lrc[..., a0:a1, :], fl], dim=1)
-            feat = F.leaky_relu(self.offset_conv1(feat), 0.1)
-            feat = F.leaky_relu(self.offset_conv2(feat), 0.1)
-            rows = slice(y0 - a0, y1 - a0)
-            band = self.dcnpack(f_ref, feat, fl[..., rows, :], deform_conv2d, rows, y0)
-            out[..., y0:y1, :] = F.leaky_relu(band, 0.1)
-            if tick is not None:
-                tick()
-        return out
+    def band(self, f_ref, f_lrc_rows, flow_rows, a0: int, rows: slice, deform_conv2d):
+        """`forward`'s output rows a0 + rows.start .. a0 + rows.stop, given F_LRC and the x2 flow
+        (`upsampled_flow`) for Ref rows a0 .. (the band and `HALO` rows around it, clipped to
+        the map) and F_Ref whole (the flow's warp and the deformable samples reach anywhere).
+        The offset convolutions' maps (2C + 2, C, C and 27 x groups channels per pixel) then
+        exist for one band at a time."""
+        feat = torch.cat([flow_warp(f_ref, flow_rows, row0=a0), f_lrc_rows, flow_rows], dim=1)
+        feat = F.leaky_relu(self.offset_conv1(feat), 0.1)
+        feat = F.leaky_relu(self.offset_conv2(feat), 0.1)
+        out = self.dcnpack(
+            f_ref, feat, flow_rows[..., rows, :], deform_conv2d, rows, a0 + rows.start
+        )
+        return F.leaky_relu(out, 0.1)
+
+    @staticmethod
+    def upsampled_flow(flow_lrc: torch.Tensor) -> torch.Tensor:
+        """The LRC-resolution flow on the Ref grid, in Ref pixels (as `forward` uses it)."""
+        return 2.0 * F.interpolate(flow_lrc, scale_factor=2, mode="bilinear", align_corners=True)

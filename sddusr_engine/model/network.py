@@ -190,29 +190,48 @@ class DualLensSR(nn.Module):
 
     def reference_bands(self, ref_hw: tuple[int, int], band_rows: int) -> int:
         """How many times `reference_context(..., band_rows)` ticks for a Ref of `ref_hw`."""
-        n = -(-ref_hw[0] // band_rows)
-        return 4 * n  # the two encoders, the alignment, the matching features
+        return 3 * -(-ref_hw[0] // band_rows)  # the Ref encoder, the alignment, the LRC keys
 
     def _reference_context_in_bands(self, lrc, ref, band_rows: int, tick) -> ReferenceContext:
+        """What stays whole: F_Ref (the alignment samples it anywhere) and F_Ref_align (the warp
+        picks its patches anywhere), C values per Ref pixel each, and the flow at LRC
+        resolution. F_LRC is made band by band (with the halo of its encoder) for the alignment
+        and the dictionary update, whose softmax over all positions is merged from the bands'."""
         if band_rows <= 0 or band_rows % 8:
             raise ValueError(f"band_rows must be a positive multiple of 8, got {band_rows}")
         if self.training:
             raise ValueError("the banded reference context is for inference")
         t = self.tiling
         hr, wr = ref.shape[-2:]
-        lrc_bands = row_bands(hr // 2, wr // 2, band_rows // 2)
-        f_lrc = tiled_apply(self.encode_lrc, lrc, lrc_bands, t.lrc_encoder_halo_lr, 2, 1, tick)
         f_ref = tiled_apply(self.encode_ref, ref, row_bands(hr, wr, band_rows),
                             t.ref_encoder_halo_hr, 1, 1, tick)  # fmt: skip
-        flow = self.spynet(lrc, F.avg_pool2d(ref, 2))  # at LRC resolution: 2 values per LRC pixel
-        dcn = self.ops.deform_conv2d
-        f_ref_align = self.Ref_align.in_bands(f_ref, f_lrc, flow, dcn, band_rows, tick)
+        flow = self.Ref_align.upsampled_flow(self.spynet(lrc, F.avg_pool2d(ref, 2)))
+        f_ref_align = torch.empty_like(f_ref)
+        tdl_bands = []
+        halo, lrc_halo = self.Ref_align.HALO, t.lrc_encoder_halo_lr
+        for y0 in range(0, hr, band_rows):
+            y1 = min(y0 + band_rows, hr)
+            # Ref rows a0..a1 of context (even, so that they are whole LRC rows), and the LRC rows
+            # with the encoder's halo that make them
+            a0, a1 = max(y0 - halo, 0) // 2 * 2, min(y1 + halo + 1, hr) // 2 * 2
+            c0, c1 = max(a0 // 2 - lrc_halo, 0), min(a1 // 2 + lrc_halo, hr // 2)
+            f_lrc = self.encode_lrc(lrc[..., c0:c1, :])[..., a0 - 2 * c0 : a1 - 2 * c0, :]
+            rows = slice(y0 - a0, y1 - a0)
+            out = self.Ref_align.band(
+                f_ref, f_lrc, flow[..., a0:a1, :], a0, rows, self.ops.deform_conv2d
+            )
+            f_ref_align[..., y0:y1, :] = out
+            if self.config.use_tdl:
+                tdl_bands.append(
+                    self.tdl.partial_update(f_lrc[..., rows, :], out, self.ops.attention)
+                )
+            if tick is not None:
+                tick()
         del f_ref
-        maps = tiled_apply(self.query_maps, lrc, lrc_bands, t.match_halo_lr, 1, 2, tick)
+        maps = tiled_apply(self.query_maps, lrc, row_bands(hr // 2, wr // 2, band_rows // 2),
+                           t.match_halo_lr, 1, 2, tick)  # fmt: skip
         key_map, key_mask = self.split_query_maps(maps)
-        dicts = (
-            self.tdl.update(f_lrc, f_ref_align, self.ops.attention) if self.config.use_tdl else None
-        )
+        dicts = self.tdl.finish_update(tdl_bands) if self.config.use_tdl else None
         return ReferenceContext(f_ref_align, key_map, key_mask, dicts, {})
 
     def empty_context(self, lr: torch.Tensor) -> ReferenceContext:

@@ -54,6 +54,37 @@ class TokenDictionary(nn.Module):
             values.append(self.v_learn(d_ref))
         return Dictionaries(torch.stack(keys), torch.stack(values))
 
+    def partial_update(self, f_lrc: torch.Tensor, f_ref: torch.Tensor, attention):
+        """`update`'s attention over some of the positions only (a band of rows): per batch item
+        (its result [N,2d], the log-sum-exp of its scores [N]), for `finish_update` to merge with
+        the other bands' so that no map of every position needs to exist at once."""
+        scale = 1.0 / math.sqrt(self.dim)
+        q = self.q_up(self.d_lrc)
+        parts = []
+        for i in range(f_lrc.shape[0]):
+            lrc_tokens = f_lrc[i].flatten(1).t()
+            k = self.k_up(lrc_tokens)
+            v = torch.cat([self.v_up_lrc(lrc_tokens), self.v_up_ref(f_ref[i].flatten(1).t())], 1)
+            lse = torch.logsumexp((q.float() @ k.float().t()) * scale, dim=1)
+            parts.append((attention(q, k, v, scale).float(), lse))
+        return parts
+
+    def finish_update(self, bands: list) -> Dictionaries:
+        """The dictionaries from every band's `partial_update`: each band's attention result
+        weighted by its share of the softmax's normaliser, which is `update` (to rounding)."""
+        s = torch.sigmoid(self.s_logit)
+        keys, values = [], []
+        for i in range(len(bands[0])):
+            outs = torch.stack([band[i][0] for band in bands])  # [bands, N, 2d]
+            lse = torch.stack([band[i][1] for band in bands])  # [bands, N]
+            weight = torch.softmax(lse, dim=0).unsqueeze(-1)
+            upd = (weight * outs).sum(0).to(self.d_lrc.dtype)
+            d_lrc = s * self.d_lrc + (1 - s) * upd[:, : self.dim]
+            d_ref = s * self.d_ref + (1 - s) * upd[:, self.dim :]
+            keys.append(self.k_learn(d_lrc))
+            values.append(self.v_learn(d_ref))
+        return Dictionaries(torch.stack(keys), torch.stack(values))
+
     def learned(self, batch: int = 1) -> Dictionaries:
         """The dictionaries as trained, without a per-pair update (the reference switched off)."""
         keys = self.k_learn(self.d_lrc).expand(batch, -1, -1)
