@@ -15,6 +15,12 @@ the `kedusr` network, each with the same random weights for both backends, and r
 `--shipped` adds the network the default weights configure (smaller than the full preset), with
 those weights; `--ensemble N` adds each network again with the geometric self-ensemble of N passes;
 `--adapt N` (with `--shipped`) adds the shipped weights with N steps of self-adaptation per pair.
+Each network runs in two modes: `fast` (the engine's default tile: the whole image where it fits)
+and `bounded` (`--bounded-tile`, default 256: LR tiles and the reference context in bands of Ref
+rows, the memory-bounded mode). Every row carries `network`, `mode`, `ms`, `peak_gib`, the work
+counted by torch's FLOP counter (`gflop`, the matching counted from its evaluated pairs), `tflops`,
+its `share_of_peak` of the matrix-product rate measured in the same run (`meta.peak_tflops`; on
+CUDA also `meta.peak_fp16_tflops`) and the per-stage ms.
 Weights do not change the work, so random weights are used for the presets. `--cpu` runs a small
 size on the CPU to show the harness works; those numbers are CPU numbers. The table is printed
 last; `--json PATH` writes the rows with the device, versions, date and commit.
@@ -32,7 +38,8 @@ import torch
 
 from sddusr_engine import build_model
 from sddusr_engine.engine import Engine
-from sddusr_engine.timing import sync, time_ms
+from sddusr_engine.profiling import count_work
+from sddusr_engine.timing import measured_peaks, sync, time_ms
 
 KEDUSR_OFFICIAL_H100 = {"ms": 2375.0, "peak_gib": 15.4}  # DESIGN.md section 5
 
@@ -88,6 +95,14 @@ def main(argv=None) -> int:
         default=None,
         help="LR tile side (default: the engine's, the whole image when it fits the free memory)",
     )
+    ap.add_argument(
+        "--bounded-tile",
+        type=int,
+        default=256,
+        metavar="TILE",
+        help="also time each network in the bounded-memory mode: LR tiles of TILE pixels and the "
+        "reference context in bands (0: skip)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="sddusr,kedusr")
     ap.add_argument(
@@ -138,7 +153,9 @@ def main(argv=None) -> int:
     ].contiguous()
     ref = torch.nn.functional.interpolate(lrc, scale_factor=2, mode="bicubic").clamp(0, 1)
 
-    def engine_row(variant: str, eng: Engine, what: str, profile: bool = False) -> dict:
+    def engine_row(
+        variant: str, eng: Engine, what: str, profile: bool = False, mode: str = "fast"
+    ) -> dict:
         infos = []
 
         def run(eng=eng, infos=infos):
@@ -150,19 +167,30 @@ def main(argv=None) -> int:
         info = infos[-1]
         if profile:
             _profile(run, device, Path(args.profile) / f"profile_{variant}.txt")
-        row = {"variant": variant, "what": f"engine {backend} {precision} tile {info.tile} {what}",
-               "ms": ms, "peak_gib": peak, "stages_ms": info.timings}  # fmt: skip
+        flop, _, _ = count_work(eng, lr, lrc, ref)
+        row = {"variant": variant, "network": variant, "mode": mode,
+               "what": f"engine {backend} {precision} tile {info.tile} {what}",
+               "ms": ms, "peak_gib": peak, "gflop": flop / 1e9,
+               "tflops": flop / ms / 1e9 if flop else float("nan"),
+               "stages_ms": info.timings}  # fmt: skip
         if variant == "kedusr" and device.type == "cuda" and "ensemble" not in what:
             # the recorded number is an H100's, for one pass
             row["speedup_vs_kedusr_official_h100"] = KEDUSR_OFFICIAL_H100["ms"] / ms
             row["memory_vs_kedusr_official_h100"] = peak / KEDUSR_OFFICIAL_H100["peak_gib"]
         return row
 
+    # the device's matrix-product rate in the run's precision, measured now: each row's share
+    peaks = measured_peaks(device, {"fp32": torch.float32, "fp16": torch.float16,
+                                    "bf16": torch.bfloat16}[precision])  # fmt: skip
     rows = []
     if args.shipped:  # the network the default weights configure, with those weights
         for n in sorted({1, args.ensemble}):
             eng = Engine.from_pretrained(None, device, precision, backend, args.tile, ensemble=n)
             rows.append(engine_row("shipped", eng, f"{_layout(eng)} ensemble {n}"))
+            del eng
+        if args.bounded_tile:
+            eng = Engine.from_pretrained(None, device, precision, backend, args.bounded_tile)
+            rows.append(engine_row("shipped", eng, f"{_layout(eng)} bounded", mode="bounded"))
             del eng
         if args.adapt:
             eng = Engine.from_pretrained(
@@ -178,6 +206,10 @@ def main(argv=None) -> int:
                 model, device, precision, backend, args.tile, channels_last=layout == "nhwc"
             )
             rows.append(engine_row(variant, eng, layout, profile=bool(args.profile) and li == 0))
+            del eng
+        if args.bounded_tile:
+            eng = Engine(model, device, precision, backend, args.bounded_tile)
+            rows.append(engine_row(variant, eng, f"{_layout(eng)} bounded", mode="bounded"))
             del eng
         if args.ensemble > 1:
             eng = Engine(model, device, precision, backend, args.tile, ensemble=args.ensemble)
@@ -215,7 +247,14 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    meta = {**harness.stamp(device), "size": f"LR {h}x{w}, LRC {hc}x{wc}, Ref {2 * hc}x{2 * wc}"}
+    meta = {**harness.stamp(device), "card": harness.stamp(device)["device"],
+            "size": f"LR {h}x{w}, LRC {hc}x{wc}, Ref {2 * hc}x{2 * wc}",
+            "peak_dtype": precision, "peak_tflops": peaks["matmul_tflops"]}  # fmt: skip
+    if device.type == "cuda":
+        meta["peak_fp16_tflops"] = measured_peaks(device, torch.float16)["matmul_tflops"]
+    for r in rows:
+        if r.get("tflops") == r.get("tflops"):  # not NaN
+            r["share_of_peak"] = r["tflops"] / meta["peak_tflops"]
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print_table(rows, meta)
@@ -232,12 +271,16 @@ def print_table(rows: list[dict], meta: dict) -> None:
                 f"{r['speedup_vs_kedusr_official_h100']:.2f}x faster, "
                 f"{r['memory_vs_kedusr_official_h100']:.2f}x the memory"
             )
-        body.append([r["variant"], r["what"], harness.fmt(r["ms"], ".1f"),
-                     harness.fmt(r["peak_gib"], ".2f"), ratio or "-"])  # fmt: skip
+        body.append([r["variant"], r.get("mode", "-"), r["what"], harness.fmt(r["ms"], ".1f"),
+                     harness.fmt(r["peak_gib"], ".2f"), harness.fmt(r.get("tflops"), ".2f"),
+                     harness.fmt(r.get("share_of_peak"), ".1%"), ratio or "-"])  # fmt: skip
     heading = harness.title(meta, f"pipeline, {meta['size']}")
     harness.print_table(
-        heading, ["variant", "what", "ms", "peak GiB", "vs KeDuSR official (H100)"], body
-    )
+        heading,
+        ["variant", "mode", "what", "ms", "peak GiB", "TFLOP/s", "of peak",
+         "vs KeDuSR official (H100)"],
+        body,
+    )  # fmt: skip
     for r in rows:
         if r.get("stages_ms"):
             stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_ms"].items())

@@ -9,7 +9,8 @@
 #
 # GPU_TESTS_LIMIT (s, default 240) bounds the tests; GPU_PIPELINE_ARGS replaces the pipeline
 # benchmark's extra arguments (default "--shipped --adapt 100": the shipped weights plain and with
-# 100 steps of self-adaptation). Each stage is time-boxed and a failing stage does not stop the
+# 100 steps of self-adaptation; every network also runs in the bounded-memory mode, tile 256). The
+# pipeline's rows are also copied to bench/results/pipeline.json. Each stage is time-boxed and a failing stage does not stop the
 # next; the log is $OUT/gpu_check.log, the benchmark rows $OUT/*.json. Exits non-zero if a stage
 # failed. SDDUSR_COMMIT names the commit where the tree has no .git; SDDUSR_GOLDEN_DIR (or
 # .gpu_carry/golden) points the tests at the published code's golden vectors.
@@ -47,7 +48,10 @@ stage tests "${GPU_TESTS_LIMIT:-240}" python -m pytest -q -m gpu tests -p no:cac
 
 for name in ${GPU_STAGES-pipeline kernels sweep}; do
     case $name in
-    pipeline) stage pipeline 180 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT" ${GPU_PIPELINE_ARGS---shipped --adapt 100} ;;
+    pipeline)
+        stage pipeline 240 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT" ${GPU_PIPELINE_ARGS---shipped --adapt 100}
+        # the latest GPU run's rows, where the repository keeps them
+        [[ -f $OUT/pipeline.json ]] && mkdir -p bench/results && cp "$OUT/pipeline.json" bench/results/pipeline.json ;;
     kernels) stage kernels 120 python bench/bench_kernels.py --json "$OUT/kernels.json" ;;
     sweep) stage sweep 90 python bench/sweep_configs.py --json "$OUT/sweep.json" ;;
     *) echo "gpu_check.sh: unknown stage $name" | tee -a "$LOG"; failed=1 ;;
@@ -66,8 +70,9 @@ def rows(name):
     return json.loads(p.read_text())["rows"] if p.is_file() else []
 for name, rc, secs in stages:
     if name == "pipeline":
-        res = "; ".join(f"{r['variant']} {r['what'].split('tile ')[-1]}: {r['ms']:.0f} ms, "
-                        f"{r['peak_gib']:.2f} GiB" for r in rows(name) if "engine" in r["what"])
+        res = "; ".join(f"{r['variant']} {r.get('mode', '')} {r['what'].split('tile ')[-1]}: "
+                        f"{r['ms']:.0f} ms, {r['peak_gib']:.2f} GiB, {r.get('tflops', 0):.0f} TFLOP/s"
+                        for r in rows(name) if "engine" in r["what"])
     elif name == "kernels":
         res = "; ".join(f"{r['op']} {r['dtype']}: {r['ms']:.2f} ms" for r in rows(name)
                         if r["impl"] == "triton")

@@ -119,11 +119,38 @@ def per_stage_counts(fc, device, flops: dict, memory: dict):
     return hook
 
 
+def count_work(eng, lr, lrc, ref) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(FLOPs of one `eng.run`, FLOPs per stage, peak MiB per stage on CUDA) from one run under
+    torch's FLOP counter; the matching's work is counted from the pairs it evaluated (the
+    counter does not see the Triton kernels and counts the reference densely). Best effort:
+    zero where the counter fails."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    # The FLOP counter's module tracker hooks parameters that require grad; none are needed here.
+    for p in eng.model.parameters():
+        p.requires_grad_(False)
+    info = None
+    try:
+        with FlopCounterMode(display=False) as fc:
+            _, info = eng.run(
+                lr, lrc, ref, stage_hook=per_stage_counts(fc, eng.device, flops, memory),
+                return_info=True,
+            )  # fmt: skip
+        total = float(fc.get_total_flops())
+    except Exception:  # noqa: BLE001 - the FLOP counter is best effort
+        flops, total = {}, 0.0
+    m = info.matching if info is not None else {}
+    if m.get("pairs_evaluated"):
+        total += 2.0 * 144 * m["pairs_evaluated"] - flops.get("matching", 0.0)
+        flops["matching"] = 2.0 * 144 * m["pairs_evaluated"]
+    return total, flops, memory
+
+
 def pipeline_rows(eng, lr_hw, repeats: int, peaks) -> tuple[list[dict], dict]:
     """One row per pipeline stage (and "total") of `eng.run` on a random LR image of lr_hw, plus
     the last run's matching statistics."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     h, w = lr_hw
     rng = np.random.default_rng(0)
     lr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -147,22 +174,8 @@ def pipeline_rows(eng, lr_hw, repeats: int, peaks) -> tuple[list[dict], dict]:
         timings.append({**info.timings, "total": 1e3 * (time.perf_counter() - t0)})
         if dev.type == "cuda":
             peak_mib = torch.cuda.max_memory_allocated(dev) / 2**20
-    flops: dict[str, float] = {}
-    memory: dict[str, float] = {}
-    # The FLOP counter's module tracker hooks parameters that require grad; none are needed here.
-    for p in eng.model.parameters():
-        p.requires_grad_(False)
-    try:
-        with FlopCounterMode(display=False) as fc:
-            eng.run(lr, lrc, ref, stage_hook=per_stage_counts(fc, dev, flops, memory))
-        total_flops = float(fc.get_total_flops())
-    except Exception:  # noqa: BLE001 - the FLOP counter is best effort
-        flops, total_flops = {}, 0.0
     m = infos[-1].matching
-    if m.get("pairs_evaluated"):
-        # the kernels are not counted by the FLOP counter (Triton) or counted densely (reference)
-        total_flops += 2.0 * 144 * m["pairs_evaluated"] - flops.get("matching", 0.0)
-        flops["matching"] = 2.0 * 144 * m["pairs_evaluated"]
+    total_flops, flops, memory = count_work(eng, lr, lrc, ref)
     stages = list(timings[0])
     rows = []
     med = lambda vals: float(np.median(vals))  # noqa: E731

@@ -348,7 +348,9 @@ def test_coverage_warp_norm_tiles_exactly(backend, low_band):
 
 def test_pipeline_benchmark_times_the_shipped_network_and_the_ensemble(tmp_path):
     """bench/bench_pipeline.py (CPU harness size): --shipped adds the default weights' network
-    with and without --ensemble, and each variant gets an ensemble row with N passes' stages."""
+    with and without --ensemble, each network a bounded-memory row (tiles, reference in bands),
+    each variant an ensemble row with N passes' stages; every row names its network and mode and
+    carries its counted work and its share of the peak measured in the same run."""
     import json
     import sys
     from pathlib import Path
@@ -358,17 +360,26 @@ def test_pipeline_benchmark_times_the_shipped_network_and_the_ensemble(tmp_path)
 
     out = tmp_path / "pipeline.json"
     args = ["--cpu", "--size", "48x64", "--variants", "kedusr", "--no-baseline", "--repeats", "1",
-            "--layouts", "nchw", "--shipped", "--ensemble", "2", "--json", str(out)]  # fmt: skip
+            "--layouts", "nchw", "--shipped", "--ensemble", "2", "--bounded-tile", "32",
+            "--json", str(out)]  # fmt: skip
     assert bench_pipeline.main(args) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["variant"], r["what"].split("tile ")[1]) for r in rows] == [
+    result = json.loads(out.read_text())
+    rows, meta = result["rows"], result["meta"]
+    assert [(r["network"], r["mode"], r["what"].split("tile ")[1]) for r in rows] == [
         # the engine's defaults on the CPU: the whole image (it fits), NHWC
-        ("shipped", "0 nhwc ensemble 1"),
-        ("shipped", "0 nhwc ensemble 2"),
-        ("kedusr", "0 nchw"),
-        ("kedusr", "0 nhwc ensemble 2"),
+        ("shipped", "fast", "0 nhwc ensemble 1"),
+        ("shipped", "fast", "0 nhwc ensemble 2"),
+        ("shipped", "bounded", "32 nhwc bounded"),
+        ("kedusr", "fast", "0 nchw"),
+        ("kedusr", "bounded", "32 nhwc bounded"),
+        ("kedusr", "fast", "0 nhwc ensemble 2"),
     ]
     assert all(r["ms"] > 0 and r["stages_ms"]["decode"] > 0 for r in rows)
+    assert all(r["gflop"] > 0 and 0 < r["share_of_peak"] for r in rows)
+    # tiles and bands repeat their halos' work (at this tiny size, most of it)
+    assert rows[3]["gflop"] < rows[4]["gflop"]
+    assert rows[1]["gflop"] == pytest.approx(2 * rows[0]["gflop"], rel=0.05)  # two passes
+    assert meta["card"] == "CPU" and meta["peak_tflops"] > 0 and meta["commit"] and meta["date"]
 
 
 def test_auto_tile_takes_the_whole_image_when_it_fits_the_free_memory(monkeypatch):
