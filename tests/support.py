@@ -1,10 +1,12 @@
 """Shared test helpers: tiny network sizes, the golden-vector folder, the CLI runner, a folder of
-pre-aligned triplets."""
+pre-aligned triplets, textured photos and a photo manifest for the data pipeline."""
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from typer.testing import CliRunner
 
 # A network small enough for the CPU: every part present, every width tiny.
@@ -57,3 +59,30 @@ def published_folder(root, n, size=(32, 48)):
             root / "test" / "HR" / f"{i:04d}.png", np.kron(lr, np.ones((2, 2, 1), np.uint8))
         )
     return root
+
+
+def textured_photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth random image with some texture: float32 [h,w,3] in [0,1]."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 1, size=(h // 16 + 2, w // 16 + 2, 3)).astype(np.float32)
+    img = np.asarray(Image.fromarray((base * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC))
+    img = img.astype(np.float32) / 255.0
+    return np.clip(img + 0.15 * rng.standard_normal((h, w, 3)).astype(np.float32), 0, 1)
+
+
+def fake_photo_manifest(tmp_path, n=5, split=True):
+    """Photos p0..p{n-1}; with `split` each carries the split photos.json records (p2 held out),
+    without it prepare_pairs computes `split_for` itself."""
+    photos = []
+    for i in range(n):
+        p = tmp_path / "photos" / f"p{i}.png"
+        p.parent.mkdir(exist_ok=True, parents=True)
+        Image.fromarray((textured_photo(200 + 8 * i, 264, seed=i) * 255).astype(np.uint8)).save(p)
+        photos.append(
+            {"id": f"pkg/p{i}.png", "package": "pkg", "path": str(p), "license": "CC0-1.0"}
+        )
+        if split:
+            photos[-1]["split"] = "test" if i == 2 else "train"
+    pm = tmp_path / "photos.json"
+    pm.write_text(json.dumps({"photos": photos, "packages": {"pkg": {"version": "1"}}}))
+    return pm

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import fake_photo_manifest as _fake_photo_manifest
+from support import textured_photo as _photo
 
 from sddusr_engine.data import (
     BOX_FILE,
@@ -41,15 +43,6 @@ Copyright: 2008, A Person <a@b.c>
 License: GPL-2+
  This program is free software.
 """
-
-
-def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A smooth random image with some texture: float32 [h,w,3] in [0,1]."""
-    rng = np.random.default_rng(seed)
-    base = rng.uniform(0, 1, size=(h // 16 + 2, w // 16 + 2, 3)).astype(np.float32)
-    img = np.asarray(Image.fromarray((base * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC))
-    img = img.astype(np.float32) / 255.0
-    return np.clip(img + 0.15 * rng.standard_normal((h, w, 3)).astype(np.float32), 0, 1)
 
 
 def test_dep5_licence_lookup():
@@ -332,7 +325,7 @@ def test_true_footprint_is_where_registration_finds_the_telephoto():
     textured photos the registered corners are within the parallax of the true ones."""
     from sddusr_engine.registration import footprint_from_homography, register
 
-    for seed in (1, 3):
+    for seed in (1, 2):  # a clean wide photo and a phone-like one
         p = make_pair(_photo(520, 680, seed=seed), np.random.default_rng(seed))
         assert p["alignment"] == "registration" and p["fallback_reason"] is None
         true = footprint_from_homography(p["tele_to_lr"], p["tele"].shape[:2])
@@ -379,24 +372,6 @@ def test_simulated_reference_is_colour_matched_like_the_registered_one():
             assert abs(g - 1.0) < 0.03 and abs(o) < 4.0, (exposure, g, o)
 
 
-def _fake_photo_manifest(tmp_path, n=5, split=True):
-    """Photos p0..p{n-1}; with `split` each carries the split photos.json records (p2 held out),
-    without it prepare_pairs computes `split_for` itself."""
-    photos = []
-    for i in range(n):
-        p = tmp_path / "photos" / f"p{i}.png"
-        p.parent.mkdir(exist_ok=True, parents=True)
-        Image.fromarray((_photo(200 + 8 * i, 264, seed=i) * 255).astype(np.uint8)).save(p)
-        photos.append(
-            {"id": f"pkg/p{i}.png", "package": "pkg", "path": str(p), "license": "CC0-1.0"}
-        )
-        if split:
-            photos[-1]["split"] = "test" if i == 2 else "train"
-    pm = tmp_path / "photos.json"
-    pm.write_text(json.dumps({"photos": photos, "packages": {"pkg": {"version": "1"}}}))
-    return pm
-
-
 def test_prepare_pairs_layout_split_and_reader(tmp_path):
     pm = _fake_photo_manifest(tmp_path)
     out = tmp_path / "pairs"
@@ -416,12 +391,40 @@ def test_prepare_pairs_layout_split_and_reader(tmp_path):
     y0, y1, x0, x1 = t.box_hr
     np.testing.assert_array_equal(t.lrc, t.lr[y0 // 2 : y1 // 2, x0 // 2 : x1 // 2])
     assert t.ref.shape[:2] == (y1 - y0, x1 - x0) and t.hr.shape[0] == 2 * t.lr.shape[0]
+    # the validation pair again with a phone's degradations, everything else its clean twin's
+    (phone,) = load_pairs(out, "test_phone")
+    assert phone.name == t.name and phone.box_hr == t.box_hr
+    np.testing.assert_array_equal(phone.hr, t.hr)
+    # the same telephoto, registered against (and colour-matched to) the phone-like wide photo
+    assert np.abs(phone.ref.astype(float) - t.ref.astype(float)).mean() < 8.0
+    noise = phone.lr.astype(float) - t.lr.astype(float)
+    assert 1.0 < noise.std() < 0.5 * t.lr.std()  # blur, noise, sharpening, JPEG: not a new photo
+    assert [p["params"]["degradation"] for p in man["pairs"] if p["split"] == "test"] == ["clean"]
+    assert {p["params"]["degradation"] for p in man["pairs"]} <= {"clean", "phone"}
     # same seed, same data
     out2 = tmp_path / "pairs2"
     prepare_pairs(pm, out2, seed=3, train_crops=1, crop_hr=(48, 64))
     a = np.asarray(Image.open(out / "test" / "Ref_SIFT" / "p2_0.png"))
     b = np.asarray(Image.open(out2 / "test" / "Ref_SIFT" / "p2_0.png"))
     np.testing.assert_array_equal(a, b)
+
+
+def test_training_mix_is_clean_and_phone_like_and_validation_is_fixed():
+    from sddusr_engine.data.camera import PHONE_VALIDATION, sample_params
+
+    rng = np.random.default_rng(0)
+    drawn = [sample_params(rng) for _ in range(400)]
+    phone = [p for p in drawn if p.degradation == "phone"]
+    assert 0.4 < len(phone) / len(drawn) < 0.6
+    clean = [p for p in drawn if p.degradation == "clean"]
+    assert all(p.lr_blur == p.lr_noise == p.lr_sharpen == p.lr_jpeg == 0 for p in clean)
+    for field in ("lr_blur", "lr_noise", "lr_sharpen", "lr_jpeg"):  # each drawn on its own
+        share = np.mean([getattr(p, field) > 0 for p in phone])
+        assert 0.3 < share < 0.85, field
+    fixed = sample_params(np.random.default_rng(1), "phone-validation")
+    assert {k: getattr(fixed, k) for k in PHONE_VALIDATION} == PHONE_VALIDATION
+    with pytest.raises(ValueError, match="unknown degradation"):
+        sample_params(rng, "film")
 
 
 def test_published_train_layout(tmp_path):

@@ -5,8 +5,10 @@ How a pair is made (all geometry in HR pixels, pixel centres at integer coordina
 
 - source S: the photo (or a crop of it) at twice the HR density; HR = S averaged 2x2
   (`INTER_AREA`), which hides JPEG blocks; HR sides are multiples of 8.
-- LR: HR with an optional mild Gaussian blur, bicubic x2 down with antialiasing (PIL), optional
-  Gaussian noise, optional JPEG re-compression.
+- LR: HR bicubic x2 down with antialiasing (PIL): clean, or for a share of the pairs
+  (`PHONE_SHARE`) a phone's: a mild Gaussian blur before, sensor noise, sharpening (unsharp mask)
+  and JPEG after, each drawn on its own; the validation split fixes the phone-like one
+  (`PHONE_VALIDATION`).
 - LRC: the LR centre crop of half the height and width (even sizes); box = its rectangle x2.
 - Telephoto: a separate camera rendered from S: its own density z in [1.9, 2.1] x the LR density,
   roll, offset, its own lens blur and antialiasing, a smooth parallax field of a few pixels,
@@ -43,8 +45,10 @@ from ..registration import (
 class PairParams:
     """Every random choice made for one pair (recorded in the manifest)."""
 
+    degradation: str = "clean"  # "clean" (bicubic only) or "phone" (the LR_* fields below)
     lr_blur: float = 0.0
     lr_noise: float = 0.0
+    lr_sharpen: float = 0.0  # unsharp-mask amount, as a phone's processing adds after the sensor
     lr_jpeg: int = 0
     tele_zoom: float = 2.0
     tele_roll_deg: float = 0.0
@@ -62,12 +66,36 @@ class PairParams:
     extras: dict = field(default_factory=dict)
 
 
-def sample_params(rng: np.random.Generator) -> PairParams:
+# The training mix: this share of the pairs gets a phone's degradations (each with its own
+# probability), the rest are clean bicubic, so the network learns both (validation reports each).
+PHONE_SHARE = 0.5
+
+# The validation split's phone-like wide photo: fixed, so every choice is judged on the same input.
+PHONE_VALIDATION = {"lr_blur": 0.5, "lr_noise": 2.0, "lr_sharpen": 0.3, "lr_jpeg": 90}
+
+
+def sample_params(rng: np.random.Generator, degradation: str | None = None) -> PairParams:
+    """Every random choice of one pair. `degradation`: None draws clean or phone-like
+    (`PHONE_SHARE`); "clean" or "phone-validation" (`PHONE_VALIDATION`) fixes the wide photo's
+    degradations, the telephoto's choices being drawn the same way in every case."""
+    if degradation not in (None, "clean", "phone-validation"):
+        raise ValueError(f"unknown degradation {degradation!r}")
     u = rng.uniform
+    phone = u() < PHONE_SHARE
+    lr = {
+        "degradation": "phone" if phone else "clean",
+        "lr_blur": float(u(0.3, 0.9)) if u() < 0.5 else 0.0,
+        "lr_noise": float(u(0.5, 3.0)) if u() < 0.6 else 0.0,
+        "lr_sharpen": float(u(0.1, 0.6)) if u() < 0.5 else 0.0,
+        "lr_jpeg": int(rng.integers(75, 96)) if u() < 0.7 else 0,
+    }
+    if degradation == "phone-validation":
+        lr = {"degradation": "phone", **PHONE_VALIDATION}
+    elif degradation == "clean" or not phone:
+        lr = {"degradation": "clean", "lr_blur": 0.0, "lr_noise": 0.0, "lr_sharpen": 0.0,
+              "lr_jpeg": 0}  # fmt: skip
     return PairParams(
-        lr_blur=float(u(0.3, 0.9)) if u() < 0.5 else 0.0,
-        lr_noise=float(u(0.5, 3.0)) if u() < 0.5 else 0.0,
-        lr_jpeg=int(rng.integers(75, 96)) if u() < 0.5 else 0,
+        **lr,
         tele_zoom=float(u(1.9, 2.1)),
         tele_roll_deg=float(u(-2.0, 2.0)),
         tele_offset=(float(u(-0.03, 0.03)), float(u(-0.03, 0.03))),
@@ -118,6 +146,8 @@ def _degrade_lr(hr: np.ndarray, p: PairParams, rng: np.random.Generator) -> np.n
     )
     if p.lr_noise > 0:
         x = x + rng.normal(0.0, p.lr_noise / 255.0, size=x.shape)
+    if p.lr_sharpen > 0:  # after the sensor's noise, which the phone's sharpening amplifies too
+        x = x + p.lr_sharpen * (x - _blur(x, 1.0))
     x = _to_u8(x)
     if p.lr_jpeg:
         x = _jpeg(x, p.lr_jpeg)
@@ -177,7 +207,10 @@ def make_pair(
     src = src[: 2 * H, : 2 * W]
     hr = cv2.resize(src, (W, H), interpolation=cv2.INTER_AREA)
     hr_u8 = _to_u8(hr)
-    lr = _degrade_lr(hr_u8.astype(np.float32) / 255.0, p, rng)
+    # the wide photo's noise from its own stream, drawn whatever the degradation: the clean and
+    # the phone-like versions of a pair then share every other choice (telephoto, box)
+    lr_rng = np.random.default_rng(int(rng.integers(2**63)))
+    lr = _degrade_lr(hr_u8.astype(np.float32) / 255.0, p, lr_rng)
     # Centre half of the field of view; LRC sides even, so box sides are multiples of 4. The
     # origin is even too (DESIGN section 1, as `registration.center_crop_box` makes it), so that
     # LRC's 2-pixel matching cells coincide with LR's: an odd origin would leave every matched

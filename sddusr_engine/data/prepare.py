@@ -2,6 +2,8 @@
 published KeDuSR layout, `{train,test}/{LR,HR,LR_center,Ref_SIFT}/<name>.png`, with
 `center_box.json` mapping `<name>.png` to the centre rectangle `[y0, y1, x0, x1]` in HR pixels and
 `manifest.json` recording every photo, its split, its licence and the sampled parameters. The
+validation pairs are written twice: clean bicubic in `test/` and with a phone's degradations
+(`camera.PHONE_VALIDATION`) in `test_phone/`, every other choice the same. The
 held-out (validation) split is by photo, fixed by a hash of the photo's id (`photos.split_for`),
 and recorded; photos of the packages reserved for independent evaluation are refused."""
 
@@ -16,10 +18,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from .camera import make_pair
+from .camera import make_pair, sample_params
 from .photos import VALIDATION_FRACTION, refuse_reserved, split_for
 
 SPLITS = ("train", "test")
+PHONE_SPLIT = "test_phone"  # the validation pairs again, the wide photo degraded as a phone's
 BOX_FILE = "center_box.json"
 
 
@@ -75,6 +78,7 @@ def prepare_pairs(
     refuse_reserved([ph.get("package", "") for ph in photos])
     stems = _stems([ph["id"] for ph in photos])
     boxes: dict[str, list[int]] = {}
+    phone_boxes: dict[str, list[int]] = {}
     pairs = []
     photo_rows = []
     for ph in photos:
@@ -110,10 +114,38 @@ def prepare_pairs(
                         [y, y + 2 * ch, x, x + 2 * cw],
                     )
                 )
+        jobs = []
         for tag, src, crop in sources:
+            if split == "train":
+                jobs.append(
+                    (
+                        tag,
+                        src,
+                        crop,
+                        split,
+                        make_pair(np.ascontiguousarray(src), rng, ref_alignment=ref_alignment),
+                    )
+                )
+                continue
+            # validation: the same pair clean (test/) and phone-like (test_phone/)
+            state = rng.bit_generator.state
+            for kind, folder in (("clean", "test"), ("phone-validation", PHONE_SPLIT)):
+                rng.bit_generator.state = state
+                params = sample_params(rng, kind)
+                jobs.append(
+                    (
+                        tag,
+                        src,
+                        crop,
+                        folder,
+                        make_pair(
+                            np.ascontiguousarray(src), rng, params, ref_alignment=ref_alignment
+                        ),
+                    )
+                )
+        for tag, _src, crop, folder, pair in jobs:  # fmt: skip
             name = f"{stems[ph['id']]}_{tag}.png"
-            pair = make_pair(np.ascontiguousarray(src), rng, ref_alignment=ref_alignment)
-            root = out / split
+            root = out / folder
             _write_png(root / "HR" / name, pair["hr"])
             _write_png(root / "LR" / name, pair["lr"])
             _write_png(root / "LR_center" / name, pair["lrc"])
@@ -122,6 +154,9 @@ def prepare_pairs(
             np.save(root / "Flow" / (Path(name).stem + ".npy"), pair["flow"])
             boxes[name] = pair["box"]
             pr = pair["params"]
+            if folder == PHONE_SPLIT:  # the same box and photo as its clean twin in test/
+                phone_boxes[name] = pair["box"]
+                continue
             pairs.append(
                 {
                     "name": name,
@@ -137,6 +172,8 @@ def prepare_pairs(
             if pair["fallback_reason"]:  # why registration gave up (the engine's own sentence)
                 pairs[-1]["fallback_reason"] = pair["fallback_reason"]
     (out / BOX_FILE).write_text(json.dumps(boxes, indent=0))
+    if phone_boxes:  # the folder evaluates on its own: `sddusr eval OUT/test_phone`
+        (out / PHONE_SPLIT / BOX_FILE).write_text(json.dumps(phone_boxes, indent=0))
     manifest = {
         "seed": seed,
         "hr_max": hr_max,

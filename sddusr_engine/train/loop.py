@@ -7,7 +7,8 @@ optional); validation, export, and the `python -m sddusr_engine.train` entry poi
   sample k is a pure function of (seed, k) (see `data.DualLensDataset`) and the torch RNG (Gumbel
   noise of the mask) is restored.
 - Logs every `log_every` steps to stdout and `out/log.jsonl`; validation PSNR (full image, vs the
-  bicubic x2 of the LR) on the held-out `test` split every `val_every` steps.
+  bicubic x2 of the LR) on the held-out `test` split every `val_every` steps, and as `phone_*` on
+  its phone-like twin `test_phone` where the data has one.
 - Runs on any torch device (`device="cuda"` on a GPU). `torch.use_deterministic_algorithms` is on
   (warn-only: ops without a deterministic kernel warn instead of failing). On the CPU a seeded run
   repeats bit for bit; on CUDA the backward passes of bicubic upsampling and grid_sample add in
@@ -39,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ModelConfig, get_config
 from ..data import DualLensDataset
+from ..data.prepare import PHONE_SPLIT
 from ..datasets import Triplet, load_triplets
 from ..io import to_tensor
 from ..metrics import psnr_tensor
@@ -320,9 +322,12 @@ def _train(cfg: TrainConfig, on_log) -> Path:
     ds = DualLensDataset(
         pairs, crop=cfg.crop, ctx=cfg.ctx, seed=cfg.seed, p_center=cfg.p_center,
     )  # fmt: skip
-    val_pairs = []
+    val_pairs, phone_pairs = [], []
     if cfg.val_every and (Path(cfg.data) / cfg.val_split / "LR").is_dir():
         val_pairs = load_triplets(cfg.data, cfg.val_split, limit=cfg.val_limit)
+        # the same validation photos with a phone's degradations (data.prepare's test_phone/)
+        if cfg.val_split == "test" and (Path(cfg.data) / PHONE_SPLIT / "LR").is_dir():
+            phone_pairs = load_triplets(cfg.data, PHONE_SPLIT, limit=cfg.val_limit)
     B = cfg.batch_size
     last_step = _last_step(cfg)
     loader = DataLoader(
@@ -437,6 +442,9 @@ def _train(cfg: TrainConfig, on_log) -> Path:
         if val_pairs and (step % cfg.val_every == 0 or step == last_step):
             t0 = time.perf_counter()
             rec = {"step": step, **validate(model, val_pairs, str(device))}
+            if phone_pairs:
+                phone = validate(model, phone_pairs, str(device))
+                rec.update({f"phone_{k}": v for k, v in phone.items()})
             rec["val_s"] = time.perf_counter() - t0
             log(rec)
             t_last += rec["val_s"]
