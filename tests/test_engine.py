@@ -415,6 +415,8 @@ def test_auto_tile_takes_the_whole_image_when_it_fits_the_free_memory(monkeypatc
 def test_progress_keeps_the_two_argument_callback_and_names_the_stages():
     """`progress(done, total)` as before; `on_stage(name)` is told each stage as it starts,
     before that stage's tiles are counted."""
+    from sddusr_engine.engine.tiling import reference_band_rows
+
     eng = Engine(tiny_model("sddusr"), "cpu", "fp32", "torch", tile=32)
     lr, lrc, ref = torch.rand(1, 3, 40, 44), torch.rand(1, 3, 16, 20), torch.rand(1, 3, 32, 40)
     events = []
@@ -431,6 +433,16 @@ def test_progress_keeps_the_two_argument_callback_and_names_the_stages():
     assert [e for e in both if e[0] == "tile"] == [("tile", d) for d, _ in events]
     first_decode = both.index(("stage", "decode"))
     assert both[first_decode + 1][0] == "tile"  # the 2x stage's tiles come after its name
+    # the reference stage counts its steps too (in a tiled run, its bands), so it shows progress
+    ref_ticks = both[1 : both.index(("stage", "trunk"))]
+    bands = eng.model.reference_bands((32, 40), reference_band_rows(32, 40))
+    assert ref_ticks == [("tile", d) for d in range(1, bands + 1)] and bands >= 3
+    whole = []
+    Engine(eng.model, "cpu", "fp32", "torch", tile=0).run(
+        lr, lrc, ref, progress=lambda d, t: whole.append(d),
+        on_stage=lambda name: whole.append(name),
+    )  # fmt: skip
+    assert whole[: whole.index("trunk")] == ["reference", 1, 2, 3, 4]
 
 
 def test_super_resolve_reads_the_zoom_prior_from_two_pil_images(pair):

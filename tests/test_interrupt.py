@@ -20,8 +20,12 @@ from support import published_folder
 # The driver patches one network stage, then runs the command line as the `sddusr` script does.
 DRIVER = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
+
+    # a shell starts background jobs with Ctrl-C ignored, and Python then leaves it ignored;
+    # a person's terminal delivers it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from sddusr_engine.model.network import DualLensSR
     from sddusr_engine.engine import Engine
 

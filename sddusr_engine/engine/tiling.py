@@ -59,7 +59,7 @@ def tiled_forward(
     total = (len(trunk_spans) if tiling.trunk_tiles else 1) + len(trunk_spans)
     total += len(out_spans) * (1 if whole else 2)
     band_rows = 0 if whole or lrc is None else reference_band_rows(lr_tile, ref.shape[-1])
-    total += m.reference_bands(ref.shape[-2:], band_rows) if band_rows else 1
+    total += m.reference_bands(ref.shape[-2:], band_rows) if lrc is not None else 1
     done = 0
 
     def tick():
@@ -71,10 +71,9 @@ def tiled_forward(
     with timer("reference"):
         if lrc is None:
             ctx = m.empty_context(lr)
+            tick()
         else:
             ctx = m.reference_context(lrc, ref, keep_taps=False, band_rows=band_rows, tick=tick)
-        if not band_rows:
-            tick()
 
     with timer("trunk"):
         if tiling.trunk_tiles:

@@ -167,16 +167,20 @@ class DualLensSR(nn.Module):
         `band_rows` (a multiple of 8; 0: whole), inference only: the same context computed in
         full-width bands of that many Ref rows, each with the halo of its stage, so that the
         encoders', the alignment's and the matching features' intermediate maps exist for one band
-        at a time; what is kept whole is F_LRC, F_Ref (until aligned) and F_Ref_align, C values
-        per Ref pixel each. `tick()` is called after each band of each stage
-        (`reference_bands` of them in all)."""
+        at a time (see `_reference_context_in_bands`). `tick()` is called after each step (each
+        band of each stage in bands; `reference_bands` of them in all), so that a long reference
+        stage shows its progress."""
         _check_pair(lrc, ref)
         if band_rows:
             return self._reference_context_in_bands(lrc, ref, band_rows, tick)
+        tick = tick or (lambda: None)
         f_lrc = self.encode_lrc(lrc)
         f_ref = self.encode_ref(ref)
+        tick()
         flow = self.spynet(lrc, F.avg_pool2d(ref, 2))
+        tick()
         f_ref_align = self.Ref_align(f_ref, f_lrc, flow, self.ops.deform_conv2d)
+        tick()
         f_m, key_map = self.feature_match(lrc)
         key_mask = None
         if self.config.use_sfm and not self.training:
@@ -185,12 +189,17 @@ class DualLensSR(nn.Module):
         dicts = (
             self.tdl.update(f_lrc, f_ref_align, self.ops.attention) if self.config.use_tdl else None
         )
+        tick()
         taps = {"f_lrc": f_lrc, "f_ref": f_ref, "flow": flow} if keep_taps else {}
         return ReferenceContext(f_ref_align, key_map, key_mask, dicts, taps)
 
     def reference_bands(self, ref_hw: tuple[int, int], band_rows: int) -> int:
-        """How many times `reference_context(..., band_rows)` ticks for a Ref of `ref_hw`."""
-        return 3 * -(-ref_hw[0] // band_rows)  # the Ref encoder, the alignment, the LRC keys
+        """How many times `reference_context(..., band_rows)` ticks for a Ref of `ref_hw`: per
+        band of the Ref encoder, the alignment and the LRC keys; whole (0), after the encoders,
+        the flow, the alignment and the keys with the dictionaries."""
+        if not band_rows:
+            return 4
+        return 3 * -(-ref_hw[0] // band_rows)
 
     def _reference_context_in_bands(self, lrc, ref, band_rows: int, tick) -> ReferenceContext:
         """What stays whole: F_Ref (the alignment samples it anywhere) and F_Ref_align (the warp
