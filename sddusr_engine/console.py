@@ -98,6 +98,7 @@ class StageProgress:
         self._t0 = self._run_t0 = time.perf_counter()
         self._tile_t0: tuple[float, int] | None = None  # (time, done) at the first tile report
         self._decile = self._last_done = 0
+        self._unit = "tiles"  # what the counts count: "steps" in the stages before the tiles
 
     def __enter__(self) -> StageProgress:
         self._run_t0 = time.perf_counter()  # the items' rate leaves out loading the network
@@ -117,6 +118,7 @@ class StageProgress:
 
     def stage(self, name: str) -> None:
         label = STAGE_LABELS.get(name, name.replace("_", " "))
+        self._unit = "tiles" if label.startswith("tiles") else "steps"
         if self.quiet:
             return
         if self._tile_t0 is None and label.startswith("tiles"):
@@ -149,7 +151,7 @@ class StageProgress:
         t, d0 = self._tile_t0
         rate = (now - t) / (done - d0) if done > d0 else None
         left = f", about {_clock(rate * (total - done))} left" if rate and done < total else ""
-        self._line(f"tiles {done}/{total} ({100 * done // total} %){left}")
+        self._line(f"{self._unit} {done}/{total} ({100 * done // total} %){left}")
 
     def items(self, done: int, total: int, name: str) -> None:
         """After each of `total` items (eval's images): a bar on a terminal, a line each else."""

@@ -24,6 +24,7 @@ from ..geometry import Box, locate_crop
 from ..model.network import DualLensSR
 from ..registration import align_reference, register
 from ..registration.prior import zoom_prior as exif_prior
+from ..registration.resample import RESAMPLE_STEPS
 from ..timing import StageHook, StageStart, StageTimer, announcing
 from ..weights import load_model
 from .adapt import adapt_single_image_path, crop_size
@@ -157,7 +158,8 @@ class Engine:
         `registration.prior.exif_zoom` reads from the two files) or, given two PIL images, by their EXIF
         focal lengths. `keep_maps` keeps the matching maps and the registered telephoto
         (`info.maps["ref"]`, on the 2x grid of `info.box_lr`) in the info.
-        `progress` and `on_stage` as in `run`; registration is announced as "registration".
+        `progress` and `on_stage` as in `run`; registration is announced as "registration" and
+        counts its own steps through `progress` (done, 4) before the network's start from 1.
         """
         if missing_reference not in ("error", "skip"):
             raise EngineError("missing_reference must be 'error' or 'skip'.")
@@ -167,9 +169,18 @@ class Engine:
             zoom_prior = exif_prior(wide, tele, wide.width, tele.width)  # None without EXIF
         if on_stage is not None:
             on_stage("registration")
+        # the registration's steps count as progress too: locating, then the resampling's
+        steps, done = 1 + RESAMPLE_STEPS, [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], steps)
+
         try:
             fp = register(wide_a, tele_a, zoom_prior=zoom_prior)  # the arrays, converted once
-            pair = align_reference(wide_a, tele_a, footprint=fp)
+            tick()
+            pair = align_reference(wide_a, tele_a, footprint=fp, tick=tick)
         except FootprintNotFoundError as e:
             if missing_reference == "error":
                 raise

@@ -192,17 +192,17 @@ def estimate_footprint(wide: np.ndarray, tele: np.ndarray) -> np.ndarray:
 
 
 def align_reference(
-    wide: np.ndarray, tele: np.ndarray, footprint: Footprint | None = None
+    wide: np.ndarray, tele: np.ndarray, footprint: Footprint | None = None, tick=None
 ) -> AlignedPair:
     """Register (unless `footprint` is given), cut LRC and resample the colour-matched Ref.
 
     lr and lrc keep the wide image's dtype; ref gets the wide's dtype too (its colours are the
-    wide's after the match).
+    wide's after the match). `tick` as in `resample_reference`.
     """
     lr = as_rgb_array(wide)
     fp = register(lr, tele) if footprint is None else footprint
     box = center_crop_box(fp, lr.shape)
-    ref, colour = resample_reference(lr, tele, fp, box)
+    ref, colour = resample_reference(lr, tele, fp, box, tick=tick)
     y0, y1, x0, x1 = box
     return AlignedPair(
         lr=lr, lrc=lr[y0:y1, x0:x1], ref=ref, box_lr=box, footprint=fp, colour=colour

@@ -101,6 +101,9 @@ def dense_refinement(lrc: np.ndarray, ref: np.ndarray) -> np.ndarray | None:
     return np.clip(flow, -REFINE_MAX_PX, REFINE_MAX_PX).astype(np.float32)
 
 
+RESAMPLE_STEPS = 3
+
+
 def resample_reference(
     wide: np.ndarray,
     tele: np.ndarray,
@@ -108,6 +111,7 @@ def resample_reference(
     box: tuple[int, int, int, int],
     refine: bool = True,
     return_refinement: bool = False,
+    tick=None,
 ):
     """The telephoto resampled onto the 2×LRC grid of `box` (wide pixels, (y0, y1, x0, x1)) and
     colour-matched to wide[box]: (ref in the wide's dtype, the 3×4 colour matrix), plus the
@@ -117,7 +121,10 @@ def resample_reference(
     (`data.make_pair`), so that both are aligned the same way. With `refine`, a smooth dense
     correction (`dense_refinement`) is measured on the homography's result and the telephoto is
     resampled once more through both, from the original pixels (one interpolation, not two).
+    `tick()`, when given, is called after each of its `RESAMPLE_STEPS` steps (the warp and colour
+    match, the refinement's measurement, the second resampling), so that a long one shows progress.
     """
+    tick = tick or (lambda: None)
     lr = as_rgb_array(wide)
     y0, y1, x0, x1 = box
     tele_rgb = float_rgb(tele)
@@ -133,7 +140,9 @@ def resample_reference(
     )  # fmt: skip
     lrc01 = float_rgb(lr[y0:y1, x0:x1])
     ref, colour = colour_match(ref, lrc01)
+    tick()
     field = dense_refinement(lrc01, ref) if refine else None
+    tick()
     if field is not None:
         # float32 is exact to ~1e-3 px at these coordinates and halves the memory of a
         # CameraFusion-sized Ref's maps
@@ -143,6 +152,7 @@ def resample_reference(
         q = q[..., :2] / q[..., 2:]
         ref = cv2.remap(src, q[..., 0], q[..., 1], cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
         ref = apply_colour(ref, colour)
+    tick()
     if lr.dtype == np.uint8:
         ref = np.rint(ref * 255.0).astype(np.uint8)
     elif lr.dtype == np.uint16:
