@@ -85,7 +85,24 @@ def run(kind: str, folder: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="runs of each, alternating (median kept)")
+    ap.add_argument(
+        "--make-pair",
+        metavar="DIR",
+        default=None,
+        help="only write the synthetic 12 MP pair as DIR/wide.png and DIR/tele.png (for "
+        "bench_pipeline.py --pair) and stop",
+    )
     args = ap.parse_args()
+    if args.make_pair:
+        folder = Path(args.make_pair)
+        folder.mkdir(parents=True, exist_ok=True)
+        make_pair(folder)
+        import numpy as np
+        from PIL import Image
+
+        for name in ("wide", "tele"):
+            Image.fromarray(np.load(folder / f"{name}.npy")).save(folder / f"{name}.png")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_pair(folder)

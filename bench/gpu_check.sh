@@ -7,7 +7,8 @@
 #   GPU_STAGES="kernels" bash bench/gpu_check.sh the tests and the kernel benchmark only
 #   GPU_STAGES= bash bench/gpu_check.sh          the tests only
 #
-# GPU_TESTS_LIMIT (s, default 240) bounds the tests; GPU_PIPELINE_ARGS replaces the pipeline
+# Stages: pipeline, pair12 (a 12 MP raw pair end to end, SDDUSR_PAIR="WIDE TELE" or a synthetic
+# one), kernels, sweep. GPU_TESTS_LIMIT (s, default 240) bounds the tests; GPU_PIPELINE_ARGS replaces the pipeline
 # benchmark's extra arguments (default "--shipped --adapt 100": the shipped weights plain and with
 # 100 steps of self-adaptation; every network also runs in the bounded-memory mode, tile 256). The
 # pipeline's rows are also copied to bench/results/pipeline.json. Each stage is time-boxed and a failing stage does not stop the
@@ -46,13 +47,20 @@ stage() { # stage NAME LIMIT_S CMD...: run, log, time-box, record
 
 stage tests "${GPU_TESTS_LIMIT:-240}" python -m pytest -q -m gpu tests -p no:cacheprovider -o addopts=""
 
-for name in ${GPU_STAGES-pipeline kernels sweep}; do
+for name in ${GPU_STAGES-pipeline pair12 kernels sweep}; do
     case $name in
     pipeline)
         stage pipeline 240 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT" ${GPU_PIPELINE_ARGS---shipped --adapt 100}
         # the latest GPU run's rows, where the repository keeps them
         [[ -f $OUT/pipeline.json ]] && mkdir -p bench/results && cp "$OUT/pipeline.json" bench/results/pipeline.json ;;
     kernels) stage kernels 120 python bench/bench_kernels.py --json "$OUT/kernels.json" ;;
+    pair12) # a 12 MP pair end to end (registration included): SDDUSR_PAIR="WIDE TELE" for a
+        # phone's, else the synthetic 4032x3024 pair of bench_registration.py
+        pair=${SDDUSR_PAIR:-}
+        if [[ -z $pair ]]; then
+            python bench/bench_registration.py --make-pair "$OUT/pair12" >/dev/null && pair="$OUT/pair12/wide.png $OUT/pair12/tele.png"
+        fi
+        stage pair12 180 python bench/bench_pipeline.py --precision fp16 --backend triton --pair $pair --json "$OUT/pair12.json" ;;
     sweep) stage sweep 90 python bench/sweep_configs.py --json "$OUT/sweep.json" ;;
     *) echo "gpu_check.sh: unknown stage $name" | tee -a "$LOG"; failed=1 ;;
     esac
@@ -73,6 +81,8 @@ for name, rc, secs in stages:
         res = "; ".join(f"{r['variant']} {r.get('mode', '')} {r['what'].split('tile ')[-1]}: "
                         f"{r['ms']:.0f} ms, {r['peak_gib']:.2f} GiB, {r.get('tflops', 0):.0f} TFLOP/s"
                         for r in rows(name) if "engine" in r["what"])
+    elif name == "pair12":
+        res = "; ".join(f"{r['mode']}: {r['ms']:.0f} ms, {r['peak_gib']:.2f} GiB" for r in rows(name))
     elif name == "kernels":
         res = "; ".join(f"{r['op']} {r['dtype']}: {r['ms']:.2f} ms" for r in rows(name)
                         if r["impl"] == "triton")

@@ -382,6 +382,29 @@ def test_pipeline_benchmark_times_the_shipped_network_and_the_ensemble(tmp_path)
     assert meta["card"] == "CPU" and meta["peak_tflops"] > 0 and meta["commit"] and meta["date"]
 
 
+def test_pipeline_benchmark_runs_a_raw_pair_in_both_modes(pair, tmp_path):
+    """`--pair WIDE TELE` (a phone's pair): the shipped weights, registration included, bounded
+    then fast, each row with its stages."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_pipeline
+
+    wide, tele, shape = pair
+    out = tmp_path / "pair.json"
+    args = ["--cpu", "--pair", str(wide), str(tele), "--bounded-tile", "64", "--json", str(out)]
+    assert bench_pipeline.main(args) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["mode"], r["what"].split("tile ")[1]) for r in rows] == [
+        ("bounded", "64 raw pair"), ("fast", "0 raw pair")
+    ]
+    assert all(r["ms"] > 0 and r["peak_gib"] > 0 and "registration" in r["stages_ms"] for r in rows)
+    assert f"wide {shape[1]}x{shape[0]}" in result["meta"]["size"]
+
+
 def test_auto_tile_takes_the_whole_image_when_it_fits_the_free_memory(monkeypatch):
     """tile=None: one whole-image pass when the estimate fits in half the free memory, else
     256-pixel tiles; the tiles give the whole pass's output (the fusion statistic pass aside)."""
