@@ -339,3 +339,27 @@ def test_reference_bands_are_checked():
     m = build_model("sddusr", **TINY).eval()
     with pytest.raises(ValueError, match="multiple of 8"):
         m.reference_context(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 16, 16), band_rows=12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matching_in_row_bands_equals_one_call(backend, masked):
+    """Bands of query rows (ragged: 13 rows in 4 bands), each with a row of masked-out context,
+    give one call's scores and indices, and on the reference its counted work; `tick` once per
+    band."""
+    torch.manual_seed(7)
+    q, k = torch.randn(1, 8, 13, 11), torch.randn(1, 8, 6, 9)
+    qm = (torch.rand(1, 1, 13, 11) > 0.3) if masked else None
+    km = (torch.rand(1, 1, 6, 9) > 0.3) if masked else None
+    op = get_ops(backend).patch_match
+    want = sparse_match(q, k, qm, km, op)
+    ticks = []
+    got = sparse_match(q, k, qm, km, op, row_bands=4, tick=lambda: ticks.append(1))
+    assert len(ticks) == 4
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+    if backend == "torch":
+        assert got[2] == want[2]
+    else:  # the kernel counts whole blocks of pairs: padded per band
+        assert got[2]["active_queries"] == want[2]["active_queries"]
+        assert got[2]["pairs_evaluated"] >= want[2]["pairs_evaluated"]

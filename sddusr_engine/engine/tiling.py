@@ -60,6 +60,8 @@ def tiled_forward(
     total += len(out_spans) * (1 if whole else 2)
     band_rows = 0 if whole or lrc is None else reference_band_rows(lr_tile, ref.shape[-1])
     total += m.reference_bands(ref.shape[-2:], band_rows) if lrc is not None else 1
+    match_bands = matching_bands(lr, lrc)
+    total += match_bands
     done = 0
 
     def tick():
@@ -87,7 +89,7 @@ def tiled_forward(
         q_map, q_mask = m.split_query_maps(maps)
 
     with timer("matching"):
-        conf, index, stats = m.sparse_match(q_map, q_mask, ctx)
+        conf, index, stats = m.sparse_match(q_map, q_mask, ctx, match_bands, tick)
         conf = conf.to(lr.dtype)
 
     halo = 0 if whole else tiling.decode_halo_hr
@@ -111,6 +113,21 @@ def tiled_forward(
 
     _record(info, stats, q_mask, ctx, conf, index, keep_maps)
     return sr[..., : 2 * h, : 2 * w]
+
+
+# On a CPU the matching runs in bands of query rows of about this many (query, key) pairs each
+# (a few seconds of the reference kernel), each band a step of the progress; on a GPU the whole
+# map is one launch (the fused kernel is fastest on it all).
+MATCH_BAND_PAIRS = 4_000_000_000
+
+
+def matching_bands(lr: torch.Tensor, lrc: torch.Tensor | None) -> int:
+    """How many bands of query rows the matching runs in: 1 on a GPU or without a reference."""
+    if lrc is None or lr.device.type != "cpu":
+        return 1
+    hq, wq = lr.shape[-2] // 2, lr.shape[-1] // 2
+    pairs = hq * wq * (lrc.shape[-2] // 2) * (lrc.shape[-1] // 2)
+    return max(1, min(-(-pairs // MATCH_BAND_PAIRS), hq // 8))
 
 
 def reference_band_rows(lr_tile: int, ref_width: int) -> int:

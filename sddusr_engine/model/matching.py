@@ -142,22 +142,31 @@ def dense_match_train(
     return warp_sum, confidence.reshape(b, 1, hq, wq)
 
 
-def sparse_match(q_map, k_map, q_mask, k_mask, patch_match):
+def sparse_match(q_map, k_map, q_mask, k_mask, patch_match, row_bands: int = 1, tick=None):
     """Inference form: per image, top-1 over active keys for active queries only.
 
     Returns (confidence [B,1,hq,wq] fp32, index [B,hq,wq] int64 with -1 where inactive, stats)
     where stats counts the active positions and the (query, key) pairs actually evaluated.
+
+    `row_bands` > 1 matches the queries in that many bands of rows, calling `tick()` after each
+    (a 12 MP photo's matching takes many minutes on a CPU: progress, and Ctrl-C between bands).
+    Each band is matched with one row of context above and below, whose queries are masked out
+    (a query's descriptor is its 3x3 neighbourhood, reflect-padded only at the map's own edges),
+    so the result and the work counted equal one call's.
     """
     scores, indices = [], []
     stats = {"queries": 0, "keys": 0, "active_queries": 0, "active_keys": 0, "pairs_evaluated": 0}
     for i in range(q_map.shape[0]):
-        s, idx, st = patch_match(
-            q_map[i],
-            k_map[i],
-            None if q_mask is None else q_mask[i, 0],
-            None if k_mask is None else k_mask[i, 0],
-            return_stats=True,
-        )
+        qm = None if q_mask is None else q_mask[i, 0]
+        km = None if k_mask is None else k_mask[i, 0]
+        hq = q_map.shape[-2]
+        bands = max(1, min(row_bands, hq // 2))
+        if bands == 1:
+            s, idx, st = patch_match(q_map[i], k_map[i], qm, km, return_stats=True)
+            if tick is not None:
+                tick()
+        else:
+            s, idx, st = _match_in_row_bands(q_map[i], k_map[i], qm, km, patch_match, bands, tick)
         scores.append(s)
         indices.append(idx)
         stats["queries"] += q_map[i, 0].numel()
@@ -165,6 +174,26 @@ def sparse_match(q_map, k_map, q_mask, k_mask, patch_match):
         for k in ("active_queries", "active_keys", "pairs_evaluated"):
             stats[k] += st[k]
     return torch.stack(scores)[:, None], torch.stack(indices), stats
+
+
+def _match_in_row_bands(q, k, q_mask, k_mask, patch_match, bands: int, tick):
+    hq = q.shape[-2]
+    edges = [round(j * hq / bands) for j in range(bands + 1)]
+    score = torch.zeros(q.shape[-2:], dtype=torch.float32, device=q.device)
+    index = torch.full(q.shape[-2:], -1, dtype=torch.int64, device=q.device)
+    st: dict[str, int] = {"active_queries": 0, "active_keys": 0, "pairs_evaluated": 0}
+    for r0, r1 in zip(edges[:-1], edges[1:], strict=True):
+        a0, a1 = max(r0 - 1, 0), min(r1 + 1, hq)
+        band_mask = torch.zeros(a1 - a0, q.shape[-1], dtype=torch.bool, device=q.device)
+        band_mask[r0 - a0 : r1 - a0] = True if q_mask is None else q_mask[r0:r1]
+        s, idx, bst = patch_match(q[:, a0:a1], k, band_mask, k_mask, return_stats=True)
+        score[r0:r1], index[r0:r1] = s[r0 - a0 : r1 - a0], idx[r0 - a0 : r1 - a0]
+        st["active_queries"] += bst["active_queries"]
+        st["pairs_evaluated"] += bst["pairs_evaluated"]
+        st["active_keys"] = bst["active_keys"]
+        if tick is not None:
+            tick()
+    return score, index, st
 
 
 def warp_by_index(ref_feat, index, patch_warp, ksize: int = 9, stride: int = 4):

@@ -303,9 +303,12 @@ class DualLensSR(nn.Module):
             return maps, None
         return maps[:, :m], MaskGenerator.hard_mask(maps[:, m:])
 
-    def sparse_match(self, q_map, q_mask, ctx: ReferenceContext):
-        """(confidence, index, work counts): top-1 of every active query among the active keys."""
-        return sparse_match(q_map, ctx.key_map, q_mask, ctx.key_mask, self.ops.patch_match)
+    def sparse_match(self, q_map, q_mask, ctx: ReferenceContext, row_bands: int = 1, tick=None):
+        """(confidence, index, work counts): top-1 of every active query among the active keys;
+        in `row_bands` bands of query rows, `tick()` after each (`matching.sparse_match`)."""
+        return sparse_match(
+            q_map, ctx.key_map, q_mask, ctx.key_mask, self.ops.patch_match, row_bands, tick
+        )
 
     def warp(self, ctx: ReferenceContext, index: torch.Tensor) -> torch.Tensor:
         """The summed fold of the aligned Ref patches that `index` [B,hq,wq] picks."""
