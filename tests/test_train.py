@@ -454,3 +454,20 @@ def test_training_on_pairs_from_the_photo_pipeline_learns_and_validates_both_kin
     assert math.isfinite(val["val_psnr"]) and math.isfinite(val["phone_val_psnr"])
     # the phone-like wide photo is further from the truth: its bicubic x2 scores lower
     assert val["phone_val_psnr_bicubic"] < val["val_psnr_bicubic"]
+
+
+def test_train_refuses_a_bad_model_option_and_a_crop_larger_than_the_pairs(tiny_data, tmp_path):
+    """Two mistakes a person makes on the command line: one sentence each, exit 1, no
+    `internal error`."""
+    from support import invoke
+
+    res = invoke("train", "--data", tiny_data, "--out", tmp_path / "a", "--steps", "2",
+                 "--model", "low_band_taps=7")  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "error: --model: low_band_taps and low_band_sigma must both be set" in res.stderr
+    assert "internal error" not in res.stderr and "Traceback" not in res.output
+    res = invoke("train", "--data", tiny_data, "--out", tmp_path / "b", "--steps", "2",
+                 "--crop", "64", "--ctx", "64")  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "training pairs are smaller than --crop 64 / --ctx 64" in res.stderr
+    assert "use --crop and --ctx of at most" in res.stderr and "internal error" not in res.stderr

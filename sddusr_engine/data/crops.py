@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..datasets import Triplet
+from ..errors import TrainingError
 from ..io import to_tensor
 
 
@@ -46,17 +47,20 @@ class DualLensDataset(Dataset):
     ) -> None:
         ctx = crop if ctx is None else ctx
         if ctx % 2 or crop % 2:
-            raise ValueError(
-                f"crop and ctx must be even (matching cells are 2 pixels), got {crop} and {ctx}"
+            raise TrainingError(
+                f"--crop and --ctx must be even (matching cells are 2 pixels), got {crop} and {ctx}."
             )
-        for t in pairs:
-            if min(t.lr.shape[:2]) < crop or min(t.lrc.shape[:2]) < ctx:
-                raise ValueError(
-                    f"{t.name}: LR {t.lr.shape[:2]} / LRC {t.lrc.shape[:2]} smaller than "
-                    f"crop {crop} / ctx {ctx}"
-                )
+        small = [t for t in pairs if min(t.lr.shape[:2]) < crop or min(t.lrc.shape[:2]) < ctx]
+        if small:
+            t = min(small, key=lambda t: min(t.lrc.shape[:2]))
+            fits = min(min(t.lr.shape[:2]), min(t.lrc.shape[:2])) // 2 * 2
+            raise TrainingError(
+                f"{len(small)} training pairs are smaller than --crop {crop} / --ctx {ctx}, the "
+                f"smallest {t.name} (LR {t.lr.shape[1]}x{t.lr.shape[0]}, LRC "
+                f"{t.lrc.shape[1]}x{t.lrc.shape[0]}); use --crop and --ctx of at most {fits}."
+            )
         if not pairs:
-            raise ValueError("no pairs")
+            raise TrainingError("the dataset holds no training pairs.")
         self.pairs, self.crop, self.ctx = list(pairs), crop, ctx
         self.seed, self.p_center, self.augment, self.length = seed, p_center, augment, length
         # the true flow only when every pair has one (a batch must have it for all or none)

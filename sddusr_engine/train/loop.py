@@ -42,6 +42,7 @@ from ..config import ModelConfig, get_config
 from ..data import DualLensDataset
 from ..data.prepare import PHONE_SPLIT
 from ..datasets import Triplet, load_triplets
+from ..errors import TrainingError
 from ..io import to_tensor
 from ..metrics import psnr_tensor
 from ..model.network import build_model, upsample_bicubic
@@ -207,7 +208,10 @@ def pretrain_flow(model: torch.nn.Module, ds: DualLensDataset, cfg: TrainConfig,
 
 
 def model_config_of(cfg: TrainConfig) -> ModelConfig:
-    return get_config(cfg.variant, **cfg.model)
+    try:
+        return get_config(cfg.variant, **cfg.model)
+    except (ValueError, TypeError) as e:  # a --model KEY=VALUE the configuration refuses
+        raise TrainingError(f"--model: {str(e).rstrip('.')}.") from None
 
 
 def train(cfg: TrainConfig, on_log=None) -> Path:
