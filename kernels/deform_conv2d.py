@@ -119,6 +119,27 @@ def _tap_positions(offset_rows, y0, padding, kh, kw):
     return yy - padding + ti + off[:, :, 0], xx - padding + tj + off[:, :, 1]
 
 
+def _columns_times_weight(x, offset, mask, weight, bias, padding, ho, wo, row0, prepare, columns):
+    """The loop the two PyTorch paths share: per image `src = prepare(x[b])`, per chunk of output
+    rows the tap positions (`_tap_positions`), the modulated columns [Cin*K, rows*Wo] that
+    `columns(src, py, px, mask_rows)` samples, times the weight; then the bias. fp32 throughout,
+    x's dtype out."""
+    cout, cin, kh, kw = weight.shape
+    w2 = weight.float().reshape(cout, cin * kh * kw)
+    out = torch.empty(x.shape[0], cout, ho, wo, dtype=torch.float32, device=x.device)
+    rows = max(1, _REF_CHUNK_ELEMS // max(1, cin * kh * kw * wo))
+    for bi in range(x.shape[0]):
+        src = prepare(x[bi])
+        for y0 in range(0, ho, rows):
+            y1 = min(ho, y0 + rows)
+            py, px = _tap_positions(offset[bi, :, y0:y1], (row0 or 0) + y0, padding, kh, kw)
+            m = None if mask is None else mask[bi, :, y0:y1].float()
+            out[bi, :, y0:y1] = (w2 @ columns(src, py, px, m)).view(cout, y1 - y0, wo)
+    if bias is not None:
+        out += bias.float().view(1, cout, 1, 1)
+    return out.to(x.dtype)
+
+
 def deform_conv2d_reference(
     x: torch.Tensor,
     offset: torch.Tensor,
@@ -131,43 +152,38 @@ def deform_conv2d_reference(
 ) -> torch.Tensor:
     """Plain PyTorch spec: bilinear gathers into columns (row chunks), then a matmul, in fp32."""
     g, ho, wo = _check(x, offset, mask, weight, bias, padding, offset_groups, row0)
-    b, cin, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    ntap, cg = kh * kw, cin // g
-    dev = x.device
-    w2 = weight.float().reshape(cout, cin * ntap)
-    out = torch.empty(b, cout, ho, wo, dtype=torch.float32, device=dev)
-    rows = max(1, _REF_CHUNK_ELEMS // max(1, cin * ntap * wo))
-    for bi in range(b):
-        xt = x[bi].float().reshape(g, cg, h * w).transpose(1, 2)  # [G, HW, Cg]
-        xt = torch.cat([xt, xt.new_zeros(g, 1, cg)], 1)  # row HW is the zero "outside" sample
-        for y0 in range(0, ho, rows):
-            y1 = min(ho, y0 + rows)
-            py, px = _tap_positions(offset[bi, :, y0:y1], (row0 or 0) + y0, padding, kh, kw)
-            inside = (py > -1) & (py < h) & (px > -1) & (px < w)
-            y_lo, x_lo = torch.floor(py), torch.floor(px)
-            ly, lx = py - y_lo, px - x_lo
-            val = 0
-            for cy, cx, wt in (
-                (y_lo, x_lo, (1 - ly) * (1 - lx)),
-                (y_lo, x_lo + 1, (1 - ly) * lx),
-                (y_lo + 1, x_lo, ly * (1 - lx)),
-                (y_lo + 1, x_lo + 1, ly * lx),
-            ):
-                ok = inside & (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
-                flat = torch.where(ok, cy * w + cx, torch.full_like(cy, h * w)).long()
-                # gather, not xt[gi, flat]: same values, but its backward is a scatter-add
-                # rather than an indexed put, which on CUDA sorts every index first
-                idx = flat.reshape(g, -1, 1).expand(-1, -1, cg)
-                v = torch.gather(xt, 1, idx)  # [G, K*r*Wo, Cg]
-                val = val + v * wt.reshape(g, -1, 1)
-            if mask is not None:
-                val = val * mask[bi, :, y0:y1].float().reshape(g, -1, 1)
-            cols = val.view(g, ntap, -1, cg).permute(0, 3, 1, 2).reshape(cin * ntap, -1)
-            out[bi, :, y0:y1] = (w2 @ cols).view(cout, y1 - y0, wo)
-    if bias is not None:
-        out += bias.float().view(1, cout, 1, 1)
-    return out.to(x.dtype)
+    _, cin, h, w = x.shape
+    ntap, cg = weight.shape[2] * weight.shape[3], cin // g
+
+    def prepare(xb):
+        xt = xb.float().reshape(g, cg, h * w).transpose(1, 2)  # [G, HW, Cg]
+        return torch.cat([xt, xt.new_zeros(g, 1, cg)], 1)  # row HW is the zero "outside" sample
+
+    def columns(xt, py, px, m):
+        inside = (py > -1) & (py < h) & (px > -1) & (px < w)
+        y_lo, x_lo = torch.floor(py), torch.floor(px)
+        ly, lx = py - y_lo, px - x_lo
+        val = 0
+        for cy, cx, wt in (
+            (y_lo, x_lo, (1 - ly) * (1 - lx)),
+            (y_lo, x_lo + 1, (1 - ly) * lx),
+            (y_lo + 1, x_lo, ly * (1 - lx)),
+            (y_lo + 1, x_lo + 1, ly * lx),
+        ):
+            ok = inside & (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
+            flat = torch.where(ok, cy * w + cx, torch.full_like(cy, h * w)).long()
+            # gather, not xt[gi, flat]: same values, but its backward is a scatter-add
+            # rather than an indexed put, which on CUDA sorts every index first
+            idx = flat.reshape(g, -1, 1).expand(-1, -1, cg)
+            v = torch.gather(xt, 1, idx)  # [G, K*r*Wo, Cg]
+            val = val + v * wt.reshape(g, -1, 1)
+        if m is not None:
+            val = val * m.reshape(g, -1, 1)
+        return val.view(g, ntap, -1, cg).permute(0, 3, 1, 2).reshape(cin * ntap, -1)
+
+    return _columns_times_weight(
+        x, offset, mask, weight, bias, padding, ho, wo, row0, prepare, columns
+    )
 
 
 def deform_conv2d_sampled(
@@ -183,32 +199,26 @@ def deform_conv2d_sampled(
     """The same op through `grid_sample` (bilinear, zeros outside) and a matmul, in fp32, in
     chunks of output rows; maps narrower than 2 pixels fall back to the reference."""
     g, ho, wo = _check(x, offset, mask, weight, bias, padding, offset_groups, row0)
-    b, cin, h, w = x.shape
+    _, cin, h, w = x.shape
     if h < 2 or w < 2:  # grid_sample's normalisation divides by H - 1 and W - 1
         return deform_conv2d_reference(x, offset, mask, weight, bias, padding, offset_groups, row0)
-    cout, _, kh, kw = weight.shape
-    ntap, cg = kh * kw, cin // g
-    dev = x.device
-    w2 = weight.float().reshape(cout, cin * ntap)
-    out = torch.empty(b, cout, ho, wo, dtype=torch.float32, device=dev)
-    rows = max(1, _REF_CHUNK_ELEMS // max(1, cin * ntap * wo))
-    for bi in range(b):
-        xg = x[bi].float().reshape(g, cg, h, w)
-        for y0 in range(0, ho, rows):
-            y1 = min(ho, y0 + rows)
-            r = y1 - y0
-            py, px = _tap_positions(offset[bi, :, y0:y1], (row0 or 0) + y0, padding, kh, kw)
-            # align_corners=True puts -1 and 1 on the first and last pixel centres
-            grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), dim=-1)
-            cols = torch.nn.functional.grid_sample(
-                xg, grid.view(g, ntap * r, wo, 2), "bilinear", "zeros", align_corners=True
-            ).view(g, cg, ntap, r, wo)
-            if mask is not None:
-                cols = cols * mask[bi, :, y0:y1].float().view(g, 1, ntap, r, wo)
-            out[bi, :, y0:y1] = (w2 @ cols.reshape(cin * ntap, r * wo)).view(cout, r, wo)
-    if bias is not None:
-        out += bias.float().view(1, cout, 1, 1)
-    return out.to(x.dtype)
+    ntap, cg = weight.shape[2] * weight.shape[3], cin // g
+
+    def columns(xg, py, px, m):
+        r = py.shape[2]
+        # align_corners=True puts -1 and 1 on the first and last pixel centres
+        grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), dim=-1)
+        cols = torch.nn.functional.grid_sample(
+            xg, grid.view(g, ntap * r, wo, 2), "bilinear", "zeros", align_corners=True
+        ).view(g, cg, ntap, r, wo)
+        if m is not None:
+            cols = cols * m.view(g, 1, ntap, r, wo)
+        return cols.reshape(cin * ntap, r * wo)
+
+    return _columns_times_weight(
+        x, offset, mask, weight, bias, padding, ho, wo, row0,
+        lambda xb: xb.float().reshape(g, cg, h, w), columns,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -56,14 +56,16 @@ def test_integer_offsets_shift_the_sample(close):
     close(deform_conv2d_reference(x, off, None, w), want, 1e-5, "reference")
 
 
-def test_reference_row_chunks(monkeypatch, close):
+@pytest.mark.parametrize("impl", [deform_conv2d_reference, deform_conv2d_sampled])
+def test_row_chunks(monkeypatch, close, impl):
+    """The torch paths' chunks of output rows (here one row each) change nothing."""
     import importlib
 
     mod = importlib.import_module("sddusr_engine.kernels.deform_conv2d")
     x, off, mask, w, b = _inputs(2, 4, 9, 6, 5, 2, torch.float32)
-    whole = deform_conv2d_reference(x, off, mask, w, b)
+    whole = impl(x, off, mask, w, b)
     monkeypatch.setattr(mod, "_REF_CHUNK_ELEMS", 1)
-    close(deform_conv2d_reference(x, off, mask, w, b), whole, 1e-6, "row chunks")
+    close(impl(x, off, mask, w, b), whole, 1e-6, "row chunks")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -149,16 +151,6 @@ def test_sampled_path_matches_reference(close, b, cin, h, w, cout, g, kh, kw, pa
     assert half.dtype == torch.float16
     close(half, deform_conv2d_reference(x.half(), off.half(), mask.half(), wt.half(),
                                         bias.half(), pad), TOL[torch.float16], "sampled fp16")  # fmt: skip
-
-
-def test_sampled_row_chunks(monkeypatch, close):
-    import importlib
-
-    mod = importlib.import_module("sddusr_engine.kernels.deform_conv2d")
-    x, off, mask, w, b = _inputs(2, 4, 9, 6, 5, 2, torch.float32)
-    whole = deform_conv2d_sampled(x, off, mask, w, b)
-    monkeypatch.setattr(mod, "_REF_CHUNK_ELEMS", 1)
-    close(deform_conv2d_sampled(x, off, mask, w, b), whole, 1e-6, "row chunks")
 
 
 def test_torch_backend_samples_for_cpu_inference_and_gathers_for_training():
