@@ -62,21 +62,19 @@ class FlowGuidedAlign(nn.Module):
 
     def forward(self, f_ref, f_lrc, flow_lrc, deform_conv2d) -> torch.Tensor:
         """f_ref, f_lrc: [B,C,2h,2w]; flow_lrc: [B,2,h,w] at LRC resolution."""
-        flow = self.upsampled_flow(flow_lrc)
-        feat = torch.cat([flow_warp(f_ref, flow), f_lrc, flow], dim=1)
-        feat = F.leaky_relu(self.offset_conv1(feat), 0.1)
-        feat = F.leaky_relu(self.offset_conv2(feat), 0.1)
-        return F.leaky_relu(self.dcnpack(f_ref, feat, flow, deform_conv2d), 0.1)
+        return self.band(f_ref, f_lrc, self.upsampled_flow(flow_lrc), 0, None, deform_conv2d)
 
-    def band(self, f_ref, f_lrc_rows, flow_rows, a0: int, rows: slice, deform_conv2d):
+    def band(self, f_ref, f_lrc_rows, flow_rows, a0: int, rows: slice | None, deform_conv2d):
         """`forward`'s output rows a0 + rows.start .. a0 + rows.stop, given F_LRC and the x2 flow
         (`upsampled_flow`) for Ref rows a0 .. (the band and `HALO` rows around it, clipped to
         the map) and F_Ref whole (the flow's warp and the deformable samples reach anywhere).
         The offset convolutions' maps (2C + 2, C, C and 27 x groups channels per pixel) then
-        exist for one band at a time."""
+        exist for one band at a time. `rows` None: all of them (`forward`)."""
         feat = torch.cat([flow_warp(f_ref, flow_rows, row0=a0), f_lrc_rows, flow_rows], dim=1)
         feat = F.leaky_relu(self.offset_conv1(feat), 0.1)
         feat = F.leaky_relu(self.offset_conv2(feat), 0.1)
+        if rows is None:
+            return F.leaky_relu(self.dcnpack(f_ref, feat, flow_rows, deform_conv2d), 0.1)
         out = self.dcnpack(
             f_ref, feat, flow_rows[..., rows, :], deform_conv2d, rows, a0 + rows.start
         )

@@ -39,20 +39,11 @@ class TokenDictionary(nn.Module):
         """f_lrc, f_ref [B,C,H,W] on the Ref grid -> updated, projected dictionaries."""
         scale = 1.0 / math.sqrt(self.dim)
         q = self.q_up(self.d_lrc)  # [N,d]
-        s = torch.sigmoid(self.s_logit)
-        keys, values = [], []
+        learned = []
         for i in range(f_lrc.shape[0]):
-            lrc_tokens = f_lrc[i].flatten(1).t()  # [P,C]
-            ref_tokens = f_ref[i].flatten(1).t()
-            k = self.k_up(lrc_tokens)  # [P,d]
-            # One attention pass over the positions gives both updates: V = [V_LRC | V_Ref].
-            v = torch.cat([self.v_up_lrc(lrc_tokens), self.v_up_ref(ref_tokens)], dim=1)
-            upd = attention(q, k, v, scale)  # [N,2d]
-            d_lrc = s * self.d_lrc + (1 - s) * upd[:, : self.dim]
-            d_ref = s * self.d_ref + (1 - s) * upd[:, self.dim :]
-            keys.append(self.k_learn(d_lrc))
-            values.append(self.v_learn(d_ref))
-        return Dictionaries(torch.stack(keys), torch.stack(values))
+            k, v = self._update_keys_values(f_lrc[i], f_ref[i])
+            learned.append(self._learned_from(attention(q, k, v, scale)))  # [N,2d]
+        return Dictionaries(*(torch.stack(t) for t in zip(*learned, strict=True)))
 
     def partial_update(self, f_lrc: torch.Tensor, f_ref: torch.Tensor, attention):
         """`update`'s attention over some of the positions only (a band of rows): per batch item
@@ -62,9 +53,7 @@ class TokenDictionary(nn.Module):
         q = self.q_up(self.d_lrc)
         parts = []
         for i in range(f_lrc.shape[0]):
-            lrc_tokens = f_lrc[i].flatten(1).t()
-            k = self.k_up(lrc_tokens)
-            v = torch.cat([self.v_up_lrc(lrc_tokens), self.v_up_ref(f_ref[i].flatten(1).t())], 1)
+            k, v = self._update_keys_values(f_lrc[i], f_ref[i])
             lse = torch.logsumexp((q.float() @ k.float().t()) * scale, dim=1)
             parts.append((attention(q, k, v, scale).float(), lse))
         return parts
@@ -72,18 +61,27 @@ class TokenDictionary(nn.Module):
     def finish_update(self, bands: list) -> Dictionaries:
         """The dictionaries from every band's `partial_update`: each band's attention result
         weighted by its share of the softmax's normaliser, which is `update` (to rounding)."""
-        s = torch.sigmoid(self.s_logit)
-        keys, values = [], []
+        learned = []
         for i in range(len(bands[0])):
             outs = torch.stack([band[i][0] for band in bands])  # [bands, N, 2d]
             lse = torch.stack([band[i][1] for band in bands])  # [bands, N]
             weight = torch.softmax(lse, dim=0).unsqueeze(-1)
-            upd = (weight * outs).sum(0).to(self.d_lrc.dtype)
-            d_lrc = s * self.d_lrc + (1 - s) * upd[:, : self.dim]
-            d_ref = s * self.d_ref + (1 - s) * upd[:, self.dim :]
-            keys.append(self.k_learn(d_lrc))
-            values.append(self.v_learn(d_ref))
-        return Dictionaries(torch.stack(keys), torch.stack(values))
+            learned.append(self._learned_from((weight * outs).sum(0).to(self.d_lrc.dtype)))
+        return Dictionaries(*(torch.stack(t) for t in zip(*learned, strict=True)))
+
+    def _update_keys_values(self, f_lrc: torch.Tensor, f_ref: torch.Tensor):
+        """The update phase's keys [P,d] and values [P,2d] of one image's positions."""
+        lrc_tokens = f_lrc.flatten(1).t()  # [P,C]
+        # One attention pass over the positions gives both updates: V = [V_LRC | V_Ref].
+        v = torch.cat([self.v_up_lrc(lrc_tokens), self.v_up_ref(f_ref.flatten(1).t())], dim=1)
+        return self.k_up(lrc_tokens), v
+
+    def _learned_from(self, upd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learning phase's keys and values from the update's attention result [N,2d]."""
+        s = torch.sigmoid(self.s_logit)
+        d_lrc = s * self.d_lrc + (1 - s) * upd[:, : self.dim]
+        d_ref = s * self.d_ref + (1 - s) * upd[:, self.dim :]
+        return self.k_learn(d_lrc), self.v_learn(d_ref)
 
     def learned(self, batch: int = 1) -> Dictionaries:
         """The dictionaries as trained, without a per-pair update (the reference switched off)."""
