@@ -106,18 +106,25 @@ def run_folder(
             # for --html, an engine that keeps what the page shows
             pages = html_report.BatchPages(eng, html if lead else None)
 
+            def rank_report(results, interrupted: bool) -> None:
+                """Under torchrun, each rank's own results beside the gathered report."""
+                write_report(
+                    report.with_name(f"{report.stem}.rank{ctx.rank}{report.suffix or '.json'}"),
+                    {"rank": ctx.rank, "world": ctx.world, "interrupted": interrupted,
+                     "results": [r.to_dict() for r in results]},
+                )  # fmt: skip
+
             def abandoned() -> None:
-                """Ctrl-C while one pair's long operation would not yield: what finished."""
+                """Ctrl-C while one pair's long operation would not yield: what finished, written
+                as an interrupted run writes it."""
                 done = list(finished)
                 prog.stop()
                 batch_summary(done, time.perf_counter() - t0)
-                if report is not None:
-                    write_report(
-                        report if ctx.world == 1 else
-                        report.with_name(f"{report.stem}.rank{ctx.rank}{report.suffix or '.json'}"),
-                        report_payload(indir, outdir, layout, ctx.world, ensemble, adapt, done,
-                                       jobs=mine),
-                    )  # fmt: skip
+                if report is not None and ctx.world > 1:
+                    rank_report(done, True)
+                elif report is not None:
+                    write_report(report, report_payload(indir, outdir, layout, ctx.world,
+                                                        ensemble, adapt, done, jobs=mine))  # fmt: skip
 
             try:
                 with on_abandon(abandoned):
@@ -135,11 +142,7 @@ def run_folder(
                 results, interrupted = stop.results, True
         wall = time.perf_counter() - t0
         if report is not None and ctx.world > 1:
-            write_report(
-                report.with_name(f"{report.stem}.rank{ctx.rank}{report.suffix or '.json'}"),
-                {"rank": ctx.rank, "world": ctx.world, "interrupted": interrupted,
-                 "results": [r.to_dict() for r in results]},
-            )  # fmt: skip
+            rank_report(results, interrupted)
         everything = results if interrupted else gather_results(results, ctx)
         gathered = not interrupted
     finally:

@@ -50,8 +50,8 @@ def _user_message(e: BaseException, tile: int | None = None) -> tuple[str, int] 
     return None
 
 
-def _say_interrupted(text: str) -> None:
-    err.print(Text(text, style="red"))
+def _say_interrupted() -> None:
+    err.print(Text("interrupted.", style="red"))
 
 
 STATE = {"debug": False}  # set by the root callback for the command that follows
@@ -75,7 +75,7 @@ def guarded(fn):
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except KeyboardInterrupt:
-            err.print(Text("interrupted.", style="red"))
+            _say_interrupted()
             raise typer.Exit(130) from None
         except Exception as e:
             if debug:

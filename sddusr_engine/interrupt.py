@@ -57,13 +57,13 @@ def _raise_in(thread: threading.Thread, exc_type: type[BaseException]) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(exc_type))
 
 
-def _hard_exit(say: Callable[[str], None]) -> None:
+def _hard_exit(say: Callable[[], None]) -> None:
     with OUTPUT_LOCK:  # an output being written is finished (and renamed) or not begun
         for callback in list(_abandon_callbacks):
             with contextlib.suppress(Exception):
                 callback()
         with contextlib.suppress(Exception):
-            say("interrupted.")
+            say()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -73,16 +73,14 @@ def _hard_exit(say: Callable[[str], None]) -> None:
 def run_interruptible(
     fn: Callable[..., T],
     *args: Any,
-    say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-    grace_s: float | None = None,
+    say: Callable[[], None] = lambda: print("interrupted.", file=sys.stderr),
     **kwargs: Any,
 ) -> T:
     """`fn(*args, **kwargs)` in a worker thread, returning its result or raising its exception;
-    Ctrl-C as the module docstring says. Called outside the main thread (where no signal
-    arrives) it simply runs `fn`."""
+    Ctrl-C as the module docstring says (`say()` tells the person before a hard exit). Called
+    outside the main thread (where no signal arrives) it simply runs `fn`."""
     if threading.current_thread() is not threading.main_thread():
         return fn(*args, **kwargs)
-    grace = GRACE_S if grace_s is None else grace_s
     box: dict[str, Any] = {}
     # an Event, not Thread.join: a join interrupted by Ctrl-C can mark a running thread as
     # stopped (Python 3.11's _wait_for_tstate_lock releases the lock the running thread holds)
@@ -111,7 +109,7 @@ def run_interruptible(
         except KeyboardInterrupt:
             if deadline is not None:  # a second Ctrl-C: now
                 _hard_exit(say)
-            deadline = time.monotonic() + grace
+            deadline = time.monotonic() + GRACE_S
             _raise_in(worker, KeyboardInterrupt)
     if "error" in box:
         raise box["error"]
