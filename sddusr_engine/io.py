@@ -387,22 +387,18 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         except OSError as e:
             raise _cannot_write(p, folder, e) from None
         os.close(fd)
-        yield from _filled_then_renamed(p, folder, tmp)
-
-
-def _filled_then_renamed(p: Path, folder: Path, tmp: str) -> Iterator[Path]:
-    try:
-        yield Path(tmp)
-        # mkstemp creates 0600; give the file the mode a plain open() would (or the old file's).
-        os.chmod(tmp, p.stat().st_mode & 0o7777 if p.exists() else 0o666 & ~_umask())
         try:
-            os.replace(tmp, p)
-        except OSError as e:
-            raise _cannot_write(p, folder, e) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            yield Path(tmp)
+            # mkstemp creates 0600; give the file the mode a plain open() would (or the old file's).
+            os.chmod(tmp, p.stat().st_mode & 0o7777 if p.exists() else 0o666 & ~_umask())
+            try:
+                os.replace(tmp, p)
+            except OSError as e:
+                raise _cannot_write(p, folder, e) from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def _cannot_write(target: Path, folder: Path, e: OSError) -> OutputError:

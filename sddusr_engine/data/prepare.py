@@ -114,63 +114,48 @@ def prepare_pairs(
                         [y, y + 2 * ch, x, x + 2 * cw],
                     )
                 )
-        jobs = []
+        # validation: each pair twice, clean (test/) and phone-like (test_phone/), from the same
+        # random state so that everything but the wide photo's degradation is the same
+        kinds = (
+            ((None, split),)
+            if split == "train"
+            else (("clean", "test"), ("phone-validation", PHONE_SPLIT))
+        )
         for tag, src, crop in sources:
-            if split == "train":
-                jobs.append(
-                    (
-                        tag,
-                        src,
-                        crop,
-                        split,
-                        make_pair(np.ascontiguousarray(src), rng, ref_alignment=ref_alignment),
-                    )
-                )
-                continue
-            # validation: the same pair clean (test/) and phone-like (test_phone/)
             state = rng.bit_generator.state
-            for kind, folder in (("clean", "test"), ("phone-validation", PHONE_SPLIT)):
+            for kind, folder in kinds:
                 rng.bit_generator.state = state
                 params = sample_params(rng, kind)
-                jobs.append(
-                    (
-                        tag,
-                        src,
-                        crop,
-                        folder,
-                        make_pair(
-                            np.ascontiguousarray(src), rng, params, ref_alignment=ref_alignment
-                        ),
-                    )
+                pair = make_pair(
+                    np.ascontiguousarray(src), rng, params, ref_alignment=ref_alignment
                 )
-        for tag, _src, crop, folder, pair in jobs:  # fmt: skip
-            name = f"{stems[ph['id']]}_{tag}.png"
-            root = out / folder
-            _write_png(root / "HR" / name, pair["hr"])
-            _write_png(root / "LR" / name, pair["lr"])
-            _write_png(root / "LR_center" / name, pair["lrc"])
-            _write_png(root / "Ref_SIFT" / name, pair["ref"])
-            (root / "Flow").mkdir(parents=True, exist_ok=True)
-            np.save(root / "Flow" / (Path(name).stem + ".npy"), pair["flow"])
-            boxes[name] = pair["box"]
-            pr = pair["params"]
-            if folder == PHONE_SPLIT:  # the same box and photo as its clean twin in test/
-                phone_boxes[name] = pair["box"]
-                continue
-            pairs.append(
-                {
-                    "name": name,
-                    "split": split,
-                    "photo": ph["id"],
-                    "source_crop": crop,
-                    "hr_size": list(pair["hr"].shape[:2]),
-                    "box": pair["box"],
-                    "alignment": pair["alignment"],
-                    "params": {k: v for k, v in pr.__dict__.items() if k != "extras"},
-                }
-            )
-            if pair["fallback_reason"]:  # why registration gave up (the engine's own sentence)
-                pairs[-1]["fallback_reason"] = pair["fallback_reason"]
+                name = f"{stems[ph['id']]}_{tag}.png"
+                root = out / folder
+                _write_png(root / "HR" / name, pair["hr"])
+                _write_png(root / "LR" / name, pair["lr"])
+                _write_png(root / "LR_center" / name, pair["lrc"])
+                _write_png(root / "Ref_SIFT" / name, pair["ref"])
+                (root / "Flow").mkdir(parents=True, exist_ok=True)
+                np.save(root / "Flow" / (Path(name).stem + ".npy"), pair["flow"])
+                boxes[name] = pair["box"]
+                pr = pair["params"]
+                if folder == PHONE_SPLIT:  # the same box and photo as its clean twin in test/
+                    phone_boxes[name] = pair["box"]
+                    continue
+                pairs.append(
+                    {
+                        "name": name,
+                        "split": split,
+                        "photo": ph["id"],
+                        "source_crop": crop,
+                        "hr_size": list(pair["hr"].shape[:2]),
+                        "box": pair["box"],
+                        "alignment": pair["alignment"],
+                        "params": {k: v for k, v in pr.__dict__.items() if k != "extras"},
+                    }
+                )
+                if pair["fallback_reason"]:  # why registration gave up (the engine's own sentence)
+                    pairs[-1]["fallback_reason"] = pair["fallback_reason"]
     (out / BOX_FILE).write_text(json.dumps(boxes, indent=0))
     if phone_boxes:  # the folder evaluates on its own: `sddusr eval OUT/test_phone`
         (out / PHONE_SPLIT / BOX_FILE).write_text(json.dumps(phone_boxes, indent=0))
