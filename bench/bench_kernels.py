@@ -30,6 +30,7 @@ from sddusr_engine.kernels import (  # noqa: E402
     attention,
     deform_conv2d,
     deform_conv2d_reference,
+    fused_detail,
     patch_descriptors,
     patch_grid,
     patch_match,
@@ -37,9 +38,10 @@ from sddusr_engine.kernels import (  # noqa: E402
     patch_warp,
     patch_warp_reference,
 )
+from sddusr_engine.model.matching import high_pass, high_pass_covered, warp_coverage  # noqa: E402
 from sddusr_engine.timing import measured_peaks, time_ms  # noqa: E402
 
-OPS = ("patch_match", "patch_warp", "attention", "deform_conv2d")
+OPS = ("patch_match", "patch_warp", "attention", "deform_conv2d", "fused_detail")
 
 
 def eager_attention(q, k, v, scale):
@@ -55,6 +57,14 @@ def bmm_max(qd, kd, chunk=4096):
         m = (qd[q0 : q0 + chunk] @ kd.t()).max(dim=1)
         score[q0 : q0 + chunk], index[q0 : q0 + chunk] = m.values.float(), m.indices
     return score, index
+
+
+def detail_chain(warp_sum, gate, alpha, norm, index):
+    """What the network runs for the gated detail map: the model's high-pass, then the gate."""
+    if norm == "constant":
+        return high_pass(warp_sum[None], alpha) * gate[None]
+    coverage = warp_coverage((index >= 0)[None, None].to(warp_sum.dtype))
+    return high_pass_covered(warp_sum[None], coverage, alpha) * gate[None]
 
 
 def run(cpu: bool, repeats: int, only: set[str] | None) -> tuple[list[dict], dict]:
@@ -144,6 +154,24 @@ def run(cpu: bool, repeats: int, only: set[str] | None) -> tuple[list[dict], dic
             add("deform_conv2d 3x3 G=8", "reference(gather+mm)", dt, deform_conv2d_reference,
                 args, flops, slow=True)  # fmt: skip
             del x, off, mk, wt, b
+    # -- fused_detail -----------------------------------------------------------------------------
+    if want("fused_detail"):
+        cw, (hq, wq) = sz["cw"], sz["q"]
+        dt = torch.float32 if cpu else torch.float16
+        ws = torch.randn(cw, 4 * hq, 4 * wq, device=dev).to(dt)
+        gate = torch.rand(cw, 4 * hq, 4 * wq, device=dev).to(dt)
+        alpha = torch.ones(1, device=dev, dtype=dt)
+        idx = torch.randint(-1, hq * wq, (hq, wq), device=dev)
+        # read warp_sum and gate, write out, once each; the fp32 cell means written and read
+        floor = 3 * ws.numel() * ws.element_size() + 2 * cw * hq * wq * 4
+        for norm in ("constant", "coverage"):
+            nbytes = floor + (idx.numel() * 8 if norm == "coverage" else 0)
+            label = f"fused_detail {norm}"
+            add(label, "triton", dt, lambda n=norm: fused_detail(ws, gate, alpha, norm=n, index=idx),
+                (), nbytes=nbytes)  # fmt: skip
+            add(label, "torch chain (model)", dt, detail_chain, (ws, gate, alpha, norm, idx),
+                nbytes=nbytes)  # fmt: skip
+        del ws, gate, idx
     return rows, peaks
 
 

@@ -17,6 +17,7 @@ import torch
 from ._launch import HAS_TRITON
 from .attention import attention, attention_reference
 from .deform_conv2d import deform_conv2d, deform_conv2d_reference, deform_conv2d_sampled
+from .fused_detail import fused_detail, fused_detail_reference
 from .patch_match import match_descriptors, patch_descriptors, patch_match, patch_match_reference
 from .patch_warp import patch_grid, patch_warp, patch_warp_blocked, patch_warp_reference
 
@@ -28,6 +29,8 @@ __all__ = [
     "deform_conv2d",
     "deform_conv2d_reference",
     "deform_conv2d_sampled",
+    "fused_detail",
+    "fused_detail_reference",
     "get_ops",
     "match_descriptors",
     "patch_descriptors",

@@ -98,6 +98,13 @@ _GPU = {
     "attention": Config({"BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
     "deform_conv2d": Config({"BLOCK_P": 128, "BLOCK_N": 64, "BLOCK_C": 16}, num_warps=4),
     "deform_conv2d_fp32": Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_C": 16}, num_warps=4),
+    # first guesses, not yet swept: rows of pixels for NCHW, wide channel tiles for channels_last
+    "fused_detail": Config(
+        {"BLOCK_C": 8, "BLOCK_H": 1, "BLOCK_W": 64, "BLOCK_Y": 1, "BLOCK_X": 256}, num_warps=4
+    ),
+    "fused_detail_cl": Config(
+        {"BLOCK_C": 64, "BLOCK_H": 1, "BLOCK_W": 8, "BLOCK_Y": 1, "BLOCK_X": 32}, num_warps=4
+    ),
 }
 _INTERP = {
     "patch_match": Config({"BLOCK_Q": 64, "BLOCK_K": 64}),
@@ -105,6 +112,12 @@ _INTERP = {
     "patch_warp": Config({"BLOCK_C": 16, "BLOCK_P": 256}),
     "attention": Config({"BLOCK_Q": 32, "BLOCK_K": 32}),
     "deform_conv2d": Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_C": 32}),
+    "fused_detail": Config(
+        {"BLOCK_C": 64, "BLOCK_H": 8, "BLOCK_W": 32, "BLOCK_Y": 16, "BLOCK_X": 64}
+    ),
+    "fused_detail_cl": Config(
+        {"BLOCK_C": 64, "BLOCK_H": 8, "BLOCK_W": 32, "BLOCK_Y": 16, "BLOCK_X": 64}
+    ),
 }
 
 
