@@ -15,9 +15,11 @@ the `kedusr` network, each with the same random weights for both backends, and r
 `--shipped` adds the network the default weights configure (smaller than the full preset), with
 those weights; `--ensemble N` adds each network again with the geometric self-ensemble of N passes;
 `--adapt N` (with `--shipped`) adds the shipped weights with N steps of self-adaptation per pair.
-Each network runs in two modes: `fast` (the engine's default tile: the whole image where it fits)
-and `bounded` (`--bounded-tile`, default 256: LR tiles and the reference context in bands of Ref
-rows, the memory-bounded mode). Every row carries `network`, `mode`, `ms`, `peak_gib`, the work
+Each network runs in three modes: `fast` (the engine's default plan: on a GPU the whole image
+where it fits; on the CPU small tiles that keep the fusion maps), `bounded` (`--bounded-tile`,
+default 256: LR tiles and the reference context in bands of Ref rows, the 2x stage twice for the
+fusion statistic: the memory-bounded mode) and `kept` (the same tiles keeping the fusion input and
+gated map for the whole output, so that the 2x stage runs once: `keep_fusion_maps`). Every row carries `network`, `mode`, `ms`, `peak_gib`, the work
 counted by torch's FLOP counter (`gflop`, the matching counted from its evaluated pairs), `tflops`,
 its `share_of_peak` of the matrix-product rate measured in the same run (`meta.peak_tflops`; on
 CUDA also `meta.peak_fp16_tflops`) and the per-stage ms.
@@ -182,7 +184,9 @@ def main(argv=None) -> int:
             _profile(run, device, Path(args.profile) / f"profile_{variant}.txt")
         flop, _, _ = count_work(eng, lr, lrc, ref)
         row = {"variant": variant, "network": variant, "mode": mode,
-               "what": f"engine {backend} {precision} tile {info.tile} {what}",
+               "what": f"engine {backend} {precision} tile {info.tile}"
+                       f"{' kept maps' if info.fusion_maps else ''} {what}",
+               "fusion_maps": info.fusion_maps,
                "ms": ms, "peak_gib": peak, "gflop": flop / 1e9,
                "tflops": flop / ms / 1e9 if flop else float("nan"),
                "stages_ms": info.timings}  # fmt: skip
@@ -201,9 +205,11 @@ def main(argv=None) -> int:
             eng = Engine.from_pretrained(None, device, precision, backend, args.tile, ensemble=n)
             rows.append(engine_row("shipped", eng, f"{_layout(eng)} ensemble {n}"))
             del eng
-        if args.bounded_tile:
-            eng = Engine.from_pretrained(None, device, precision, backend, args.bounded_tile)
-            rows.append(engine_row("shipped", eng, f"{_layout(eng)} bounded", mode="bounded"))
+        for mode, keep in (("bounded", False), ("kept", True)) if args.bounded_tile else ():
+            eng = Engine.from_pretrained(
+                None, device, precision, backend, args.bounded_tile, keep_fusion_maps=keep
+            )
+            rows.append(engine_row("shipped", eng, f"{_layout(eng)} {mode}", mode=mode))
             del eng
         if args.adapt:
             eng = Engine.from_pretrained(
@@ -220,9 +226,11 @@ def main(argv=None) -> int:
             )
             rows.append(engine_row(variant, eng, layout, profile=bool(args.profile) and li == 0))
             del eng
-        if args.bounded_tile:
-            eng = Engine(model, device, precision, backend, args.bounded_tile)
-            rows.append(engine_row(variant, eng, f"{_layout(eng)} bounded", mode="bounded"))
+        for mode, keep in (("bounded", False), ("kept", True)) if args.bounded_tile else ():
+            eng = Engine(
+                model, device, precision, backend, args.bounded_tile, keep_fusion_maps=keep
+            )
+            rows.append(engine_row(variant, eng, f"{_layout(eng)} {mode}", mode=mode))
             del eng
         if args.ensemble > 1:
             eng = Engine(model, device, precision, backend, args.tile, ensemble=args.ensemble)

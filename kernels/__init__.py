@@ -19,11 +19,19 @@ from .attention import attention, attention_reference
 from .deform_conv2d import deform_conv2d, deform_conv2d_reference, deform_conv2d_sampled
 from .fused_detail import fused_detail, fused_detail_reference
 from .patch_match import match_descriptors, patch_descriptors, patch_match, patch_match_reference
-from .patch_warp import patch_grid, patch_warp, patch_warp_blocked, patch_warp_reference
+from .patch_warp import (
+    PatchTable,
+    patch_grid,
+    patch_table,
+    patch_warp,
+    patch_warp_blocked,
+    patch_warp_reference,
+)
 
 __all__ = [
     "HAS_TRITON",
     "KernelOps",
+    "PatchTable",
     "attention",
     "attention_reference",
     "deform_conv2d",
@@ -35,6 +43,7 @@ __all__ = [
     "match_descriptors",
     "patch_descriptors",
     "patch_grid",
+    "patch_table",
     "patch_match",
     "patch_match_reference",
     "patch_warp",
@@ -44,12 +53,15 @@ __all__ = [
 
 
 class KernelOps(NamedTuple):
-    """The four ops of one backend (a NamedTuple: immutable, unpackable)."""
+    """The ops of one backend (a NamedTuple: immutable, unpackable). `warp_source(value)` is
+    what `patch_warp` should be given for many calls against the same value map: the map itself,
+    or on the CPU its block table, cut once."""
 
     patch_match: Callable
     patch_warp: Callable
     attention: Callable
     deform_conv2d: Callable
+    warp_source: Callable = lambda value, ksize=9, stride=4: value
 
 
 def _deform_conv2d_torch(x, *args, **kwargs):
@@ -61,14 +73,32 @@ def _deform_conv2d_torch(x, *args, **kwargs):
 
 
 def _patch_warp_torch(value, *args, **kwargs):
-    """The torch backend's patch warp: by blocks for inference on the CPU, else the reference."""
-    if value.device.type == "cpu" and not torch.is_grad_enabled():
+    """The torch backend's patch warp: by blocks for inference on the CPU (or from a block table
+    that `_warp_source_torch` cut), else the reference."""
+    if isinstance(value, PatchTable) or (
+        value.device.type == "cpu" and not torch.is_grad_enabled()
+    ):
         return patch_warp_blocked(value, *args, **kwargs)
     return patch_warp_reference(value, *args, **kwargs)
 
 
+def _warp_source_torch(value, ksize: int = 9, stride: int = 4):
+    """For inference on the CPU, `value`'s block table (cut once for every tile's warp)."""
+    if (
+        value.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and (ksize - 1) // 2 % stride == 0
+    ):
+        return patch_table(value, ksize, stride)
+    return value
+
+
 _TORCH = KernelOps(
-    patch_match_reference, _patch_warp_torch, attention_reference, _deform_conv2d_torch
+    patch_match_reference,
+    _patch_warp_torch,
+    attention_reference,
+    _deform_conv2d_torch,
+    _warp_source_torch,
 )
 _TRITON = KernelOps(patch_match, patch_warp, attention, deform_conv2d)
 

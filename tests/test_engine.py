@@ -328,7 +328,9 @@ def test_channels_last_gives_the_same_output(variant, backend, tile):
 
 
 # the low band is torch arithmetic on the stitched warp: the interpreted kernels once suffice
-@pytest.mark.parametrize("backend, low_band", [("torch", False), ("torch", True), ("triton", False)])
+@pytest.mark.parametrize(
+    "backend, low_band", [("torch", False), ("torch", True), ("triton", False)]
+)
 def test_coverage_warp_norm_tiles_exactly(backend, low_band):
     """warp_norm="coverage" (true overlap counts, holes ignored) is local too: tiles equal the
     whole image, on both backends; so is its low band (`warp_low_band`, a non-zero gain)."""
@@ -372,18 +374,22 @@ def test_pipeline_benchmark_times_the_shipped_network_and_the_ensemble(tmp_path)
     result = json.loads(out.read_text())
     rows, meta = result["rows"], result["meta"]
     assert [(r["network"], r["mode"], r["what"].split("tile ")[1]) for r in rows] == [
-        # the engine's defaults on the CPU: the whole image (it fits), NHWC
+        # the engine's defaults on the CPU: the 48x64 image is one tile, NHWC
         ("shipped", "fast", "0 nhwc ensemble 1"),
         ("shipped", "fast", "0 nhwc ensemble 2"),
         ("shipped", "bounded", "32 nhwc bounded"),
+        ("shipped", "kept", "32 kept maps nhwc kept"),
         ("kedusr", "fast", "0 nchw"),
         ("kedusr", "bounded", "32 nhwc bounded"),
+        ("kedusr", "kept", "32 kept maps nhwc kept"),
         ("kedusr", "fast", "0 nhwc ensemble 2"),
     ]
     assert all(r["ms"] > 0 and r["stages_ms"]["decode"] > 0 for r in rows)
     assert all(r["gflop"] > 0 and 0 < r["share_of_peak"] for r in rows)
-    # tiles and bands repeat their halos' work (at this tiny size, most of it)
-    assert rows[3]["gflop"] < rows[4]["gflop"]
+    # tiles and bands repeat their halos' work (at this tiny size, most of it); kept maps run
+    # the 2x stage once, so less than the bounded mode
+    assert rows[4]["gflop"] < rows[6]["gflop"] < rows[5]["gflop"]
+    assert "fusion_input" in rows[6]["stages_ms"] and "fusion_statistics" in rows[5]["stages_ms"]
     assert rows[1]["gflop"] == pytest.approx(2 * rows[0]["gflop"], rel=0.05)  # two passes
     assert meta["card"] == "CPU" and meta["peak_tflops"] > 0 and meta["commit"] and meta["date"]
 
@@ -405,40 +411,85 @@ def test_pipeline_benchmark_runs_a_raw_pair_in_both_modes(pair, tmp_path):
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(r["mode"], r["what"].split("tile ")[1]) for r in rows] == [
-        ("bounded", "64 raw pair"), ("fast", "0 raw pair")
+        ("bounded", "64 raw pair"),
+        ("fast", "0 raw pair"),
     ]
     assert all(r["ms"] > 0 and r["peak_gib"] > 0 and "registration" in r["stages_ms"] for r in rows)
     assert f"wide {shape[1]}x{shape[0]}" in result["meta"]["size"]
 
 
-def test_auto_tile_takes_the_whole_image_when_it_fits_the_free_memory(monkeypatch):
-    """tile=None: one whole-image pass when the estimate fits in half the free memory, else
-    256-pixel tiles; the tiles give the whole pass's output (the fusion statistic pass aside)."""
+def test_auto_plan_picks_by_free_memory_and_every_plan_gives_the_whole_pass(monkeypatch):
+    """tile=None: on a GPU one whole-image pass when the estimate fits in half the free memory,
+    else tiles keeping the fusion maps when those fit, else bounded tiles; on the CPU kept maps
+    in small tiles, else bounded tiles. Each plan gives the whole pass's output."""
     from sddusr_engine.engine import memory
+    from sddusr_engine.engine.memory import TilePlan, auto_plan
 
     free = memory.free_bytes(torch.device("cpu"))
     assert free is None or free > 0
     need = memory.whole_pass_bytes((480, 640), 32, torch.float32)
     assert need == pytest.approx(63 * 32 * 4 * 480 * 640)
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 2 * need)
-    assert memory.auto_tile((480, 640), 32, torch.float32, "cpu") == 0
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 2 * need - 1)
-    assert memory.auto_tile((480, 640), 32, torch.float32, "cpu") == memory.TILED_TILE
-    monkeypatch.setattr(memory, "free_bytes", lambda device: None)  # unknown: tiles
-    assert memory.auto_tile((480, 640), 32, torch.float32, "cpu") == memory.TILED_TILE
+    kept = memory.KEPT_MAPS_SHARE * need
+    plan = lambda dev: auto_plan((480, 640), 32, torch.float32, dev)  # noqa: E731
+    for free, gpu, cpu in [
+        (2 * need, TilePlan(0), TilePlan(memory.CPU_KEPT_TILE, True)),
+        (2 * need - 1, TilePlan(memory.TILED_TILE, True), TilePlan(memory.CPU_KEPT_TILE, True)),
+        (2 * kept - 1, TilePlan(memory.TILED_TILE), TilePlan(memory.TILED_TILE)),
+        (None, TilePlan(memory.TILED_TILE), TilePlan(memory.TILED_TILE)),  # unknown: bounded
+    ]:
+        monkeypatch.setattr(memory, "free_bytes", lambda device, free=free: free)
+        assert (plan("cuda"), plan("cpu")) == (gpu, cpu), free
 
     model = tiny_model("sddusr")
     lr, lrc, ref = torch.rand(1, 3, 40, 44), torch.rand(1, 3, 16, 20), torch.rand(1, 3, 32, 40)
+    want = whole_image(model, lr, lrc, ref)
     eng = Engine(model, "cpu", "fp32", "torch")  # tile=None
     assert eng.tile is None
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 10**15)
-    whole, info = eng.run(lr, lrc, ref, return_info=True)
-    assert info.tile == 0 and "fusion_statistics" not in info.timings
+    monkeypatch.setattr(memory, "CPU_KEPT_TILE", 32)
     monkeypatch.setattr(memory, "TILED_TILE", 32)
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 1)
-    tiled, info = eng.run(lr, lrc, ref, return_info=True)
-    assert info.tile == 32 and "fusion_statistics" in info.timings
-    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+    for free, stage, kept_maps in [(10**15, "fusion_input", True), (1, "fusion_statistics", False)]:
+        monkeypatch.setattr(memory, "free_bytes", lambda device, free=free: free)
+        got, info = eng.run(lr, lrc, ref, return_info=True)
+        assert info.tile == 32 and info.fusion_maps is kept_maps and stage in info.timings
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
+def test_kept_fusion_maps_are_the_whole_pass_maps(variant):
+    """Tiles keeping the fusion maps: the fusion input and its gated map over the whole output
+    equal the whole pass's (so their halo covers both), and the output equals the whole pass."""
+    from sddusr_engine.engine import tiling
+    from sddusr_engine.geometry import spans
+    from sddusr_engine.model.network import MatchResult
+
+    model = tiny_model(variant)
+    lr, lrc, ref = torch.rand(1, 3, 90, 134), torch.rand(1, 3, 40, 60), torch.rand(1, 3, 80, 120)
+    with torch.inference_mode():
+        ctx = model.reference_context(lrc, ref)
+        feat = model.lr_trunk(lr)
+        q_map, q_mask = model.split_query_maps(model.query_maps(lr))
+        conf, index, _ = model.sparse_match(q_map, q_mask, ctx)
+        conf = conf.to(lr.dtype)
+        match = MatchResult(model.warp(ctx, index), conf, index, None, None)
+        fused_whole = model.fusion_input(model.upsample(feat), match, ctx)
+        gated_whole = model.fusion_pool_input(fused_whole)
+        out_spans = [(y, x) for y in spans(180, 64) for x in spans(268, 64)]
+        maps = (model, lr, feat, model.with_warp_sources(ctx), conf, index)
+        fused, gated, pooled = tiling._fusion_maps(
+            maps, out_spans, model.tiling.fusion_halo_hr, lambda: None
+        )
+    assert (fused - fused_whole).abs().max() <= 1e-5
+    assert (gated - gated_whole).abs().max() <= 1e-5
+    torch.testing.assert_close(pooled, gated_whole.mean(dim=(2, 3), keepdim=True))
+    want = whole_image(model, lr, lrc, ref)
+    got = Engine(model, "cpu", "fp32", "torch", tile=None)
+    with pytest.MonkeyPatch.context() as mp:
+        from sddusr_engine.engine import memory
+
+        mp.setattr(memory, "CPU_KEPT_TILE", 32)
+        mp.setattr(memory, "free_bytes", lambda device: 10**15)
+        out, info = got.run(lr, lrc, ref, return_info=True)
+    assert info.fusion_maps and (out - want).abs().max() <= 1e-5
 
 
 def test_progress_keeps_the_two_argument_callback_and_names_the_stages():

@@ -30,7 +30,7 @@ from ..weights import load_model
 from .adapt import adapt_single_image_path, crop_size
 from .ensemble import ensemble_mean
 from .info import RunInfo
-from .memory import auto_tile
+from .memory import TilePlan, auto_plan
 from .postprocess import blend_outside, project_low_band
 from .settings import MIN_TILE, RunSettings, device_flags
 from .tiling import tiled_forward
@@ -53,8 +53,11 @@ class Engine:
         channels_last: bool | None = None,
         ensemble: int = 1,
         adapt: int = 0,
+        keep_fusion_maps: bool | None = None,
     ):
-        s = RunSettings.resolve(device, dtype, backend, tile, channels_last, ensemble, adapt)
+        s = RunSettings.resolve(
+            device, dtype, backend, tile, channels_last, ensemble, adapt, keep_fusion_maps
+        )
         self.settings = s
         # channels_last (NHWC) spares cuDNN the two layout transposes it adds around each fp16
         # convolution of an NCHW tensor, but the element-wise work between the convolutions then
@@ -87,18 +90,25 @@ class Engine:
         ensemble: int = 1,
         adapt: int = 0,
         channels_last: bool | None = None,
+        keep_fusion_maps: bool | None = None,
     ) -> Engine:
         """Load weights (`path=None`: the shipped default) onto `device` in `dtype`.
 
-        `tile` is the LR tile side in pixels (0 = the whole image at once; None = the whole
-        image when it fits in the free memory, else 256-pixel tiles); `ensemble` (1, 2, 4 or 8)
-        averages that many flipped/transposed passes (N times the time); `adapt` > 0 runs that
-        many steps of self-adaptation per pair with a reference (`engine.adapt`);
-        `channels_last` (None: on the CPU only) runs the network in NHWC.
+        `tile` is the LR tile side in pixels (0 = the whole image at once; None = picked from
+        the free memory, `engine.memory.auto_plan`: the fastest plan that fits); `ensemble` (1,
+        2, 4 or 8) averages that many flipped/transposed passes (N times the time); `adapt` > 0
+        runs that many steps of self-adaptation per pair with a reference (`engine.adapt`);
+        `channels_last` (None: on the CPU only) runs the network in NHWC; `keep_fusion_maps`
+        (tiled runs; None: as the plan says, off with a given tile) keeps the fusion block's
+        input and gated map for the whole output so that the 2x stage runs once, not twice.
         """
-        RunSettings.resolve(device, dtype, backend, tile, channels_last, ensemble, adapt)
+        RunSettings.resolve(
+            device, dtype, backend, tile, channels_last, ensemble, adapt, keep_fusion_maps
+        )
         model = load_model(path, variant=variant, device="cpu", dtype=torch.float32)
-        return cls(model, device, dtype, backend, tile, channels_last, ensemble, adapt)
+        return cls(
+            model, device, dtype, backend, tile, channels_last, ensemble, adapt, keep_fusion_maps
+        )
 
     # -- public API -----------------------------------------------------------------------------
     def run(
@@ -234,47 +244,64 @@ class Engine:
             box_lr = locate_crop(lr_d, lrc_d)  # None when LRC is not an exact crop of LR
             info.box_lr = box_lr
         if s.adapt.steps and lrc is not None:
-            sr = self._adapted(sr, lr_d, box_lr, info.tile, progress, stage_hook, info)
+            plan = TilePlan(info.tile, info.fusion_maps)
+            sr = self._adapted(sr, lr_d, box_lr, plan, progress, stage_hook, info)
         if self.config.low_band_taps:
             sr = self._project_low_band(sr, lr_d, lrc_d, box_lr, info, stage_hook)
         sr = (sr.flip(1) if flip else sr).clamp(0, 1)
         return self._host.copy(sr, s.device), info
 
     def _forward_with_retry(self, lr, lrc, ref, progress, keep_maps, stage_hook):
-        """The network pass at the engine's tile; on a GPU out of memory, again at half the
-        tile, down to MIN_TILE, then OutOfMemoryError."""
-        tile = self.tile
-        if tile is None:
-            tile = auto_tile(lr.shape[-2:], self.config.channels, self.dtype, self.device)
-        first = tile
+        """The network pass at the engine's tile (None: `memory.auto_plan`); on a GPU out of
+        memory, again without kept fusion maps, then at half the tile, down to MIN_TILE, then
+        OutOfMemoryError."""
+        keep = self.settings.keep_fusion_maps
+        if self.tile is None:
+            plan = auto_plan(lr.shape[-2:], self.config.channels, self.dtype, self.device)
+            if keep is not None and plan.tile:
+                plan = TilePlan(plan.tile, keep)
+        else:  # a tile given bounds the memory: no whole-output maps unless asked for
+            plan = TilePlan(self.tile, bool(keep) and self.tile > 0)
+        first = plan
         while True:
-            info = RunInfo(tile=tile, ensemble=self.ensemble)
+            info = RunInfo(
+                tile=plan.tile, ensemble=self.ensemble, fusion_maps=plan.keep_fusion_maps
+            )
             try:
                 sr = self._passes(
-                    self.model, lr, lrc, ref, tile, progress, keep_maps, stage_hook, info
+                    self.model, lr, lrc, ref, plan, progress, keep_maps, stage_hook, info
                 )
                 break
             except torch.cuda.OutOfMemoryError:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+                tile = plan.tile
+                if plan.keep_fusion_maps:
+                    plan = TilePlan(tile)
+                    continue
                 smaller = (tile or max(lr.shape[-2:])) // 2 // 4 * 4
                 if smaller < MIN_TILE:
                     raise OutOfMemoryError(
                         f"the GPU ran out of memory even with {tile}-pixel tiles; free GPU memory, "
                         "use --precision fp16, or run on the CPU."
                     ) from None
-                tile = smaller
-        if tile != first:
-            info.warnings.append(f"GPU out of memory: retried with {tile}-pixel tiles.")
+                plan = TilePlan(smaller)
+        if plan.tile != first.tile:
+            info.warnings.append(f"GPU out of memory: retried with {plan.tile}-pixel tiles.")
+        elif plan != first:
+            info.warnings.append("GPU out of memory: retried without keeping the fusion maps.")
         return sr, info
 
-    def _passes(self, model, lr, lrc, ref, tile, progress, keep_maps, stage_hook, info: RunInfo):
+    def _passes(
+        self, model, lr, lrc, ref, plan: TilePlan, progress, keep_maps, stage_hook, info: RunInfo
+    ):
         """`model`'s pass once, or averaged over the first `ensemble` symmetries. The info
         (statistics, maps) is the identity pass's; the timings sum all passes."""
         n = self.ensemble
         timer = StageTimer(self.device, info.timings, stage_hook)
+        tile, kept = plan.tile, plan.keep_fusion_maps
         if n == 1:
-            return tiled_forward(model, lr, lrc, ref, tile, timer, info, progress, keep_maps)
+            return tiled_forward(model, lr, lrc, ref, tile, timer, info, progress, keep_maps, kept)
 
         def one_pass(k, lr, lrc, ref):
             part = info if k == 0 else RunInfo(tile=tile, timings=info.timings)
@@ -283,14 +310,16 @@ class Engine:
                 if progress is not None:
                     progress(k * total + done, n * total)
 
-            out = tiled_forward(model, lr, lrc, ref, tile, timer, part, step, keep_maps and k == 0)
+            out = tiled_forward(
+                model, lr, lrc, ref, tile, timer, part, step, keep_maps and k == 0, kept
+            )
             info.warnings.extend(w for w in part.warnings if w not in info.warnings)
             return out
 
         with torch.inference_mode():
             return ensemble_mean(one_pass, lr, lrc, ref, n, self.dtype)
 
-    def _adapted(self, sr, lr, box_lr, tile, progress, stage_hook, info: RunInfo) -> torch.Tensor:
+    def _adapted(self, sr, lr, box_lr, plan, progress, stage_hook, info: RunInfo) -> torch.Tensor:
         """Self-adaptation: a copy of the network fine-tuned on this pair, with `sr`'s footprint
         as its target, then run without the reference; its output outside the box, `sr` inside.
         `sr` unchanged (and a warning) when there is no box to learn from."""
@@ -315,8 +344,8 @@ class Engine:
                 info.warnings.append("GPU out of memory: self-adaptation was skipped.")
                 return sr
         student = _placed(student, s)
-        part = RunInfo(tile=tile, timings={})
-        outside = self._passes(student, lr, None, None, tile, progress, False, stage_hook, part)
+        part = RunInfo(tile=plan.tile, timings={})
+        outside = self._passes(student, lr, None, None, plan, progress, False, stage_hook, part)
         info.timings["adapted_pass"] = sum(part.timings.values())
         info.adapt_steps = s.adapt.steps
         return blend_outside(sr, outside, box_lr)

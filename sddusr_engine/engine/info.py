@@ -16,6 +16,7 @@ class RunInfo:
 
     timings: dict[str, float] = field(default_factory=dict)
     tile: int = 0
+    fusion_maps: bool = False  # tiles kept the fusion maps: the 2x stage ran once (engine.memory)
     footprint: Any = None  # registration.Footprint for raw pairs
     box_lr: Box | None = None  # where LRC lies in LR, in LR pixels (y0, y1, x0, x1)
     mask_fraction_lr: float | None = None

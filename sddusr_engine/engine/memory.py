@@ -1,23 +1,44 @@
-"""How much memory a pass needs, how much the device has free, and the tile that fits.
+"""How much memory a pass needs, how much the device has free, and the plan that fits.
 
-`auto_tile` picks the whole image (tile 0) when its estimated peak fits in the memory the device
-has free, and tiles otherwise: a whole-image pass does the 2x stage once, where tiles pay a second
-pass over every tile for the fusion block's whole-image statistic.
+Three ways to run the network over an image (`engine.tiling`): the whole image in one pass;
+tiles that keep the fusion block's input and gated map for the whole output, so that the 2x stage
+runs once ("kept maps"); tiles that run the 2x stage twice, the first time for the fusion block's
+whole-image statistic, with a peak that follows the tile, not the image ("bounded").
 
-The estimate is the peak measured on the CPU for the shipped 32-channel network, fp32, in one
-whole-image pass over the bundled 640x480 pair (RSS growth 2.35 GB, 2-core CPU, 2026-12-04):
-about 63 values per LR pixel per feature channel. It is scaled by the network's width and the
-dtype's size, and only half of the free memory is counted on, for what the estimate misses
-(allocator slack, other programs, the ensemble's accumulator).
+`auto_plan` picks, from the memory the device has free:
+- on a GPU, the whole image when it fits, else kept maps when they fit, else bounded tiles;
+- on the CPU, kept maps in small tiles when they fit, else bounded tiles: there the tiles' maps
+  stay in the caches, and kept maps in 128-pixel tiles ran the bundled pair's network faster
+  than one whole pass and with a lower peak (bench/RESULTS.md).
+
+The whole-pass estimate is the peak measured on the CPU for the shipped 32-channel network, fp32,
+in one whole-image pass over the bundled 640x480 pair (RSS growth 2.35 GB, 2-core CPU,
+2026-12-04): about 63 values per LR pixel per feature channel, scaled by the network's width and
+the dtype's size. Kept maps peaked at about 0.7 of that on the same pair (2026-12-06). Only half
+of the free memory is counted on, for what the estimates miss (allocator slack, other programs,
+the ensemble's accumulator).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 VALUES_PER_LR_PIXEL_PER_CHANNEL = 63.0
+KEPT_MAPS_SHARE = 0.7  # of the whole pass's peak
 USABLE_SHARE = 0.5  # of the free memory
 TILED_TILE = 256  # the LR tile side when the whole image does not fit
+CPU_KEPT_TILE = 128  # the LR tile side of kept maps on the CPU
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one pass runs: `tile` LR pixels (0: whole image) and whether the 2x stage keeps the
+    fusion maps (`engine.tiling.tiled_forward`'s `keep_fusion_maps`)."""
+
+    tile: int
+    keep_fusion_maps: bool = False
 
 
 def whole_pass_bytes(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype) -> int:
@@ -43,10 +64,23 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def auto_tile(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype, device) -> int:
-    """0 (the whole image) when its pass fits in the usable free memory, else TILED_TILE."""
-    free = free_bytes(torch.device(device))
+def auto_plan(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype, device) -> TilePlan:
+    """The fastest plan whose estimated peak fits in the usable free memory (module docstring);
+    bounded tiles when the free memory cannot be read."""
+    device = torch.device(device)
+    free = free_bytes(device)
     if free is None:
-        return TILED_TILE
-    fits = whole_pass_bytes(lr_hw, channels, dtype) <= USABLE_SHARE * free
-    return 0 if fits else TILED_TILE
+        return TilePlan(TILED_TILE)
+    usable = USABLE_SHARE * free
+    whole = whole_pass_bytes(lr_hw, channels, dtype)
+    kept = KEPT_MAPS_SHARE * whole <= usable
+    if device.type == "cpu":
+        return TilePlan(CPU_KEPT_TILE, True) if kept else TilePlan(TILED_TILE)
+    if whole <= usable:
+        return TilePlan(0)
+    return TilePlan(TILED_TILE, kept)
+
+
+def auto_tile(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype, device) -> int:
+    """`auto_plan`'s tile side."""
+    return auto_plan(lr_hw, channels, dtype, device).tile

@@ -36,6 +36,9 @@ class RunSettings:
     channels_last: bool = False
     ensemble: int = 1  # passes averaged (geometric self-ensemble)
     adapt: AdaptSettings = AdaptSettings(steps=0)  # steps == 0: no self-adaptation
+    # tiled runs: keep the fusion maps (the 2x stage once) or not; None: only where the tile is
+    # picked from the free memory, and then as `memory.auto_plan` says
+    keep_fusion_maps: bool | None = None
 
     @classmethod
     def resolve(
@@ -47,8 +50,9 @@ class RunSettings:
         channels_last: bool | None = None,
         ensemble: int = 1,
         adapt: int = 0,
+        keep_fusion_maps: bool | None = None,
     ) -> RunSettings:
-        """`tile=None` picks per image from the free memory (`engine.memory.auto_tile`);
+        """`tile=None` picks per image from the free memory (`engine.memory.auto_plan`);
         `channels_last=None` is NHWC on the CPU and NCHW on a GPU (see `Engine`)."""
         if ensemble not in ENSEMBLE_SIZES:
             sizes = ", ".join(map(str, ENSEMBLE_SIZES))
@@ -70,6 +74,7 @@ class RunSettings:
             channels_last=bool(channels_last),
             ensemble=int(ensemble),
             adapt=AdaptSettings(steps=int(adapt)),
+            keep_fusion_maps=None if keep_fusion_maps is None else bool(keep_fusion_maps),
         )
 
     @property

@@ -2,16 +2,22 @@
 
 Per pair, once: the reference context (LRC and Ref encoders, flow, alignment, LRC matching map and
 mask, dictionary update); in a tiled run it is computed in bands of Ref rows
-(`reference_band_rows`) so that its intermediate maps follow the tile size too. Then the LR image goes through in stages:
+(`reference_band_rows`) so that its intermediate maps follow the tile size too. Then the LR
+image goes through in stages:
 
 1. trunk at LR resolution: in tiles with a halo of its receptive field, or whole when the trunk
    has channel attention (each block then pools over the whole image);
 2. matching features and SFM masks at 1/2 LR, in tiles with a halo; then one sparse top-1 match
    of every active LR position against the active LRC positions (memory O(queries + keys));
 3. the 2x stage (upsampler, warp, high-pass, gate, dictionary attention, fusion, decoder) in
-   output tiles with a halo. The fusion block's channel attention pools over the whole image, so
-   a first pass over the tiles sums the pooled map (only up to the fusion block's first conv) and
-   the second pass uses that whole-image mean.
+   output tiles with a halo; every tile warps from one prepared source (`with_warp_sources`).
+   The fusion block's channel attention pools over the whole image, so a tile cannot finish
+   before every tile's gated map (the fusion block up to its spatial gate) is known. Either a
+   first pass sums that map tile by tile (with the smaller halo it needs) and a second pass
+   runs the whole 2x stage again with the whole-image mean (bounded memory), or, with
+   `keep_fusion_maps`, the first pass keeps the fusion input and the gated map for the whole
+   output and the second runs only what follows them, with the small halo of the rest
+   (`Tiling.tail_halo_hr`): the 2x stage once, at the cost of two maps of `fusion_channels`.
 
 The halos come from the network (`DualLensSR.tiling`); this module only cuts and stitches.
 """
@@ -43,15 +49,21 @@ def tiled_forward(
     info: RunInfo,
     progress: Progress | None = None,
     keep_maps: bool = False,
+    keep_fusion_maps: bool = False,
 ) -> torch.Tensor:
     """`model(lr, lrc, ref)` [1,3,2H,2W] in the model's dtype, computed in LR tiles of `tile`
-    pixels (0: whole). Matching statistics (and with `keep_maps` the maps) go into `info`."""
+    pixels (0: whole). Matching statistics (and with `keep_maps` the maps) go into `info`.
+    `keep_fusion_maps` (tiled runs): hold the fusion block's input and gated map over the whole
+    output (`fusion_maps_bytes`) so that the 2x stage runs once, not twice (module docstring)."""
     m, tiling = model, model.tiling
     h, w = lr.shape[-2:]
     lr = pad_to_even(lr)
     hp, wp = lr.shape[-2:]
     whole = tile == 0 or (hp <= tile and wp <= tile)
     lr_tile = max(hp, wp) if whole else tile
+    if whole:  # what ran: one tile is the whole image, whatever the plan said
+        info.tile, keep_fusion_maps = 0, False
+    info.fusion_maps = keep_fusion_maps
 
     trunk_spans = [(y, x) for y in spans(hp, lr_tile) for x in spans(wp, lr_tile)]
     out_tile = 2 * lr_tile
@@ -92,24 +104,22 @@ def tiled_forward(
         conf, index, stats = m.sparse_match(q_map, q_mask, ctx, match_bands, tick)
         conf = conf.to(lr.dtype)
 
-    halo = 0 if whole else tiling.decode_halo_hr
-    pooled = None
-    if not whole and tiling.fusion_pools_globally:
+    ctx = m.with_warp_sources(ctx)  # every tile warps against it: prepared once
+    sr = torch.empty(1, 3, 2 * hp, 2 * wp, dtype=lr.dtype, device=lr.device)
+    maps = (m, lr, feat, ctx, conf, index)
+    if whole:
+        with timer("decode"):
+            _decode_tiles(sr, maps, out_spans, 0, None, tick)
+    elif keep_fusion_maps:
+        with timer("fusion_input"):
+            fused, gated, pooled = _fusion_maps(maps, out_spans, tiling.fusion_halo_hr, tick)
+        with timer("decode"):
+            _decode_from_maps(sr, m, lr, fused, gated, pooled, out_spans, tiling.tail_halo_hr, tick)
+    else:
         with timer("fusion_statistics"):
-            acc = torch.zeros(m.config.fusion_channels, device=lr.device, dtype=torch.float32)
-            for ys, xs in out_spans:
-                fused, _, _, inner = _fusion_input(m, lr, feat, ctx, conf, index, ys, xs, halo)
-                acc += m.fusion_pool_input(fused)[inner].float().sum(dim=(0, 2, 3))
-                tick()
-            pooled = (acc / (4 * hp * wp)).to(lr.dtype).view(1, -1, 1, 1)
-
-    with timer("decode"):
-        sr = torch.empty(1, 3, 2 * hp, 2 * wp, dtype=lr.dtype, device=lr.device)
-        for ys, xs in out_spans:
-            fused, f_lr, lr_up, inner = _fusion_input(m, lr, feat, ctx, conf, index, ys, xs, halo)
-            out = m.decode(m.fuse(fused, pooled), f_lr, lr_up)
-            sr[..., ys[0] : ys[1], xs[0] : xs[1]] = out[inner]
-            tick()
+            pooled = _fusion_statistics(maps, out_spans, tiling.fusion_halo_hr, tick)
+        with timer("decode"):
+            _decode_tiles(sr, maps, out_spans, tiling.decode_halo_hr, pooled, tick)
 
     _record(info, stats, q_mask, ctx, conf, index, keep_maps)
     return sr[..., : 2 * h, : 2 * w]
@@ -136,6 +146,99 @@ def reference_band_rows(lr_tile: int, ref_width: int) -> int:
     return max(8, (2 * lr_tile) ** 2 // max(ref_width, 1) // 8 * 8)
 
 
+def fusion_maps_bytes(model: DualLensSR, lr_hw: tuple[int, int], dtype: torch.dtype) -> int:
+    """What `keep_fusion_maps` holds for an LR image of `lr_hw`: the fusion block's input and
+    its gated map over the whole output, `fusion_channels` values per output pixel each."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    h, w = lr_hw[0] + lr_hw[0] % 2, lr_hw[1] + lr_hw[1] % 2
+    return 2 * model.config.fusion_channels * 4 * h * w * elem
+
+
+def _region(ys, xs, halo: int, hp: int, wp: int):
+    """Output rows/cols ys, xs grown by `halo` and clipped to the 2x image; and the slices
+    that take the requested span back out of that region."""
+    y0, y1 = max(ys[0] - halo, 0), min(ys[1] + halo, 2 * hp)
+    x0, x1 = max(xs[0] - halo, 0), min(xs[1] + halo, 2 * wp)
+    inner = (..., slice(ys[0] - y0, ys[1] - y0), slice(xs[0] - x0, xs[1] - x0))
+    return (y0, y1, x0, x1), inner
+
+
+def _lr_context(y0, y1, x0, x1, hp, wp):
+    """The LR rows/cols whose x2 maps cover output region y0:y1, x0:x1 exactly (the upsampler's
+    3x3 conv needs one LR pixel of context, bicubic x2 two), and the crop of the x2 maps."""
+    a0, a1 = max(y0 // 2 - 2, 0), min(y1 // 2 + 2, hp)
+    b0, b1 = max(x0 // 2 - 2, 0), min(x1 // 2 + 2, wp)
+    crop = (..., slice(y0 - 2 * a0, y1 - 2 * a0), slice(x0 - 2 * b0, x1 - 2 * b0))
+    return (slice(a0, a1), slice(b0, b1)), crop
+
+
+def _lr_up(m: DualLensSR, lr, box, hp, wp):
+    """The bicubic x2 of LR over output region `box` (`global_skip`), else None."""
+    if not m.config.global_skip:
+        return None
+    (rows, cols), crop = _lr_context(*box, hp, wp)
+    return upsample_bicubic(lr[..., rows, cols])[crop]
+
+
+def _decode_tiles(sr, maps, out_spans, halo, pooled, tick) -> None:
+    """The 2x stage tile by tile, each from its own fusion input (`halo`: the stage's whole
+    radius); `pooled`: the fusion statistic (None: each tile pools itself, the whole image)."""
+    m = maps[0]
+    for ys, xs in out_spans:
+        fused, f_lr, lr_up, inner = _fusion_input(*maps, ys, xs, halo)
+        out = m.decode(m.fuse(fused, pooled), f_lr, lr_up)
+        sr[..., ys[0] : ys[1], xs[0] : xs[1]] = out[inner]
+        tick()
+
+
+def _fusion_statistics(maps, out_spans, halo, tick) -> torch.Tensor:
+    """The whole image's mean of the fusion block's gated map, summed tile by tile."""
+    m, lr = maps[0], maps[1]
+    acc = torch.zeros(m.config.fusion_channels, device=lr.device, dtype=torch.float32)
+    for ys, xs in out_spans:
+        fused, _, _, inner = _fusion_input(*maps, ys, xs, halo)
+        acc += m.fusion_pool_input(fused)[inner].float().sum(dim=(0, 2, 3))
+        tick()
+    hp, wp = lr.shape[-2:]
+    return (acc / (4 * hp * wp)).to(lr.dtype).view(1, -1, 1, 1)
+
+
+def _fusion_maps(maps, out_spans, halo, tick):
+    """(fusion input, its gated map, the gated map's whole-image mean): the two maps over the
+    whole output, made tile by tile, so that the rest of the 2x stage runs once per tile."""
+    m, lr = maps[0], maps[1]
+    hp, wp = lr.shape[-2:]
+    shape = (1, m.config.fusion_channels, 2 * hp, 2 * wp)
+    fmt = torch.channels_last if lr.is_contiguous(memory_format=torch.channels_last) else None
+    like = {"dtype": lr.dtype, "device": lr.device}
+    fused_all = torch.empty(shape, **like, memory_format=fmt or torch.contiguous_format)
+    gated_all = torch.empty_like(fused_all)
+    acc = torch.zeros(shape[1], device=lr.device, dtype=torch.float32)
+    for ys, xs in out_spans:
+        fused, _, _, inner = _fusion_input(*maps, ys, xs, halo)
+        gated = m.fusion_pool_input(fused)[inner]
+        acc += gated.float().sum(dim=(0, 2, 3))
+        fused_all[..., ys[0] : ys[1], xs[0] : xs[1]] = fused[inner]
+        gated_all[..., ys[0] : ys[1], xs[0] : xs[1]] = gated
+        tick()
+    pooled = (acc / (4 * hp * wp)).to(lr.dtype).view(1, -1, 1, 1)
+    return fused_all, gated_all, pooled
+
+
+def _decode_from_maps(sr, m: DualLensSR, lr, fused_all, gated_all, pooled, spans_, halo, tick):
+    """The 2x stage after the fusion block's gated map, tile by tile, from the whole maps."""
+    hp, wp = lr.shape[-2:]
+    for ys, xs in spans_:
+        box, inner = _region(ys, xs, halo, hp, wp)
+        y0, y1, x0, x1 = box
+        fused = fused_all[..., y0:y1, x0:x1]
+        gated = gated_all[..., y0:y1, x0:x1]
+        f_lr = fused[:, m.f_lr_channels]
+        out = m.decode(m.fuse_gated(fused, gated, pooled), f_lr, _lr_up(m, lr, box, hp, wp))
+        sr[..., ys[0] : ys[1], xs[0] : xs[1]] = out[inner]
+        tick()
+
+
 def _fusion_input(m: DualLensSR, lr, feat, ctx: ReferenceContext, conf, index, ys, xs, halo):
     """The fusion block's input for output rows ys, cols xs (+ halo, clipped to the image).
 
@@ -144,21 +247,15 @@ def _fusion_input(m: DualLensSR, lr, feat, ctx: ReferenceContext, conf, index, y
     """
     hp, wp = feat.shape[-2:]
     cell = m.tiling.cell_hr
-    # region in output pixels, aligned to the matching cells
-    y0, y1 = max(ys[0] - halo, 0), min(ys[1] + halo, 2 * hp)
-    x0, x1 = max(xs[0] - halo, 0), min(xs[1] + halo, 2 * wp)
-    # the upsampler's 3x3 conv needs one LR pixel of context, bicubic x2 two
-    a0, a1 = max(y0 // 2 - 2, 0), min(y1 // 2 + 2, hp)
-    b0, b1 = max(x0 // 2 - 2, 0), min(x1 // 2 + 2, wp)
-    crop = (..., slice(y0 - 2 * a0, y1 - 2 * a0), slice(x0 - 2 * b0, x1 - 2 * b0))
-    f_lr = m.upsample(feat[..., a0:a1, b0:b1])[crop]
-    lr_up = upsample_bicubic(lr[..., a0:a1, b0:b1])[crop] if m.config.global_skip else None
+    box, inner = _region(ys, xs, halo, hp, wp)
+    y0, y1, x0, x1 = box
+    (rows, cols), crop = _lr_context(*box, hp, wp)
+    f_lr = m.upsample(feat[..., rows, cols])[crop]
     cells = (slice(y0 // cell, y1 // cell), slice(x0 // cell, x1 // cell))
     idx = index[:, cells[0], cells[1]]
     match = MatchResult(m.warp(ctx, idx), conf[:, :, cells[0], cells[1]], idx, None, None)
     fused = m.fusion_input(f_lr, match, ctx)
-    inner = (..., slice(ys[0] - y0, ys[1] - y0), slice(xs[0] - x0, xs[1] - x0))
-    return fused, f_lr, lr_up, inner
+    return fused, f_lr, _lr_up(m, lr, box, hp, wp), inner
 
 
 def _record(info: RunInfo, stats, q_mask, ctx, conf, index, keep_maps) -> None:

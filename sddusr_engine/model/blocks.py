@@ -152,8 +152,13 @@ class FusionBlock(nn.Module):
         return self.spatial_attention(lrelu(self.conv1(x)))
 
     def forward(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.channel_attention(self.gated(x), pooled)
-        return x + lrelu(self.conv2(out))
+        return self.finish(x, self.gated(x), pooled)
+
+    def finish(
+        self, x: torch.Tensor, gated: torch.Tensor, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block's output from its input `x` and `gated(x)`, computed before."""
+        return x + lrelu(self.conv2(self.channel_attention(gated, pooled)))
 
 
 class MeanShift(nn.Conv2d):

@@ -197,9 +197,10 @@ def _match_in_row_bands(q, k, q_mask, k_mask, patch_match, bands: int, tick):
 
 
 def warp_by_index(ref_feat, index, patch_warp, ksize: int = 9, stride: int = 4):
-    """Summed fold of the matched Ref patches: [B,C,Hr,Wr], [B,hq,wq] -> [B,C,4hq,4wq]."""
+    """Summed fold of the matched Ref patches: [B,C,Hr,Wr], [B,hq,wq] -> [B,C,4hq,4wq].
+    `ref_feat` may also be a list of each item's `KernelOps.warp_source`."""
     return torch.stack(
-        [patch_warp(ref_feat[i], index[i], ksize, stride) for i in range(ref_feat.shape[0])]
+        [patch_warp(ref_feat[i], index[i], ksize, stride) for i in range(index.shape[0])]
     )
 
 

@@ -45,6 +45,8 @@ class ReferenceContext:
     dicts: Dictionaries | None  # TDL, sddusr only
     taps: dict[str, torch.Tensor] = field(default_factory=dict)
     empty: bool = False  # no reference (`empty_context`): nothing can match
+    # per batch item, what the warp reads for many tiles (`DualLensSR.with_warp_sources`)
+    warp_sources: list | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Tiling:
     ref_encoder_halo_hr: int  # Ref pixels of context of the Ref encoder
     lrc_encoder_halo_lr: int  # LRC pixels of context of the LRC encoder (which outputs at 2x)
     decode_halo_hr: int  # output pixels of context of the 2x stage (multiple of 8)
+    fusion_halo_hr: int  # ... of the fusion block's gated map (`fusion_pool_input`)
+    tail_halo_hr: int  # ... of the 2x stage after that map (`fuse_gated` and `decode`)
     cell_hr: int  # output pixels per matching cell: 2x-stage tiles are aligned to it
     fusion_pools_globally: bool  # the fusion block's channel attention needs the whole image
 
@@ -269,7 +273,9 @@ class DualLensSR(nn.Module):
         # stride 4 and the 7x7 + 3x3 confidence convs after a x4 bicubic: 16), the fusion block's
         # two 3x3 convs and 7x7 spatial attention (5), the fusion tail (1), the decoder's blocks
         # and group conv (2 per block + 1), the decoder tail (2)
-        radius = 16 + 5 + 1 + (2 * c.decoder_blocks + 1) + 2
+        fringe, gated = 16, 1 + 3  # the fusion block's first conv and its 7x7 spatial gate
+        tail = 1 + 1 + (2 * c.decoder_blocks + 1) + 2  # its second conv, the fusion tail, ...
+        radius = fringe + gated + tail
         # encoders: the head conv and a ResList (2 convs per block and its tail conv); the LRC's
         # also has the x2 upsampler's conv at LRC resolution before its ResList at Ref resolution
         encoder_hr = 2 * c.encoder_blocks + 1
@@ -280,6 +286,8 @@ class DualLensSR(nn.Module):
             ref_encoder_halo_hr=1 + encoder_hr,
             lrc_encoder_halo_lr=2 + -(-encoder_hr // 2),
             decode_halo_hr=-(-radius // 8) * 8,
+            fusion_halo_hr=-(-(fringe + gated) // 8) * 8,
+            tail_halo_hr=-(-tail // 8) * 8,
             cell_hr=c.patch_stride,  # a matching cell (2 LR pixels) is one warp stride
             fusion_pools_globally=True,
         )
@@ -312,7 +320,19 @@ class DualLensSR(nn.Module):
 
     def warp(self, ctx: ReferenceContext, index: torch.Tensor) -> torch.Tensor:
         """The summed fold of the aligned Ref patches that `index` [B,hq,wq] picks."""
-        return warp_by_index(ctx.f_ref_align, index, self.ops.patch_warp)
+        source = ctx.f_ref_align if ctx.warp_sources is None else ctx.warp_sources
+        c = self.config
+        return warp_by_index(source, index, self.ops.patch_warp, c.patch_size, c.patch_stride)
+
+    def with_warp_sources(self, ctx: ReferenceContext) -> ReferenceContext:
+        """`ctx` prepared for warping many tiles: each item's `KernelOps.warp_source` of
+        F_Ref_align (on the CPU its block table, cut once instead of per tile). Where a table
+        replaces the map, the map itself is let go (the table holds the same values)."""
+        c = self.config
+        maps = list(ctx.f_ref_align)
+        sources = [self.ops.warp_source(f, c.patch_size, c.patch_stride) for f in maps]
+        kept = all(s is f for s, f in zip(sources, maps, strict=True))
+        return replace(ctx, warp_sources=sources, f_ref_align=ctx.f_ref_align if kept else None)
 
     def fusion_pool_input(self, fused: torch.Tensor) -> torch.Tensor:
         """The map whose whole-image channel mean the fusion block's channel attention pools."""
@@ -321,6 +341,16 @@ class DualLensSR(nn.Module):
     def fuse(self, fused: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """The fusion block; `pooled` [1,C,1,1] is the whole image's mean when run in tiles."""
         return self.AdaFuison(fused, pooled)
+
+    def fuse_gated(self, fused, gated, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The fusion block from its input and its `fusion_pool_input`, computed before."""
+        return self.AdaFuison.finish(fused, gated, pooled)
+
+    @property
+    def f_lr_channels(self) -> slice:
+        """Where F_LR sits among the fusion input's channels (see `fusion_input`)."""
+        n = self.config.channels
+        return slice(n, 2 * n) if self.config.variant == "kedusr" else slice(0, n)
 
     def match(self, lr: torch.Tensor, ctx: ReferenceContext) -> MatchResult:
         """Match the LR tile's patches against the whole LRC and warp the aligned Ref patches."""

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from sddusr_engine.kernels import (
+    PatchTable,
     get_ops,
     patch_grid,
+    patch_table,
     patch_warp,
     patch_warp_blocked,
     patch_warp_reference,
@@ -130,3 +132,33 @@ def test_torch_backend_warps_by_blocks_for_cpu_inference_only():
         assert torch.equal(op(v, idx), patch_warp_blocked(v, idx))
     v.requires_grad_(True)
     assert torch.equal(op(v, idx).detach(), patch_warp_reference(v, idx).detach())
+
+
+def test_a_block_table_cut_once_warps_like_the_map_itself(close):
+    """`patch_table` (what the engine cuts once per pair for every tile's warp) gives the same
+    warp as the map, in its dtype; a table cut for other patches, or for blocks that do not tile
+    the patch, is refused; the torch backend cuts one for CPU inference only."""
+    v = torch.randn(5, 29, 23)
+    n = patch_grid(29)[0] * patch_grid(23)[0]
+    table = patch_table(v)
+    for shape in [(7, 6), (3, 11), (1, 1)]:
+        idx = torch.randint(-1, n, shape)
+        assert torch.equal(patch_warp_blocked(table, idx), patch_warp_blocked(v, idx))
+    idx = torch.randint(-1, n, (7, 6))
+    half = patch_warp_blocked(patch_table(v.half()), idx)
+    assert half.dtype == torch.float16
+    close(half, patch_warp_reference(v.half(), idx), TOL[torch.float16], "fp16 table")
+    with pytest.raises(ValueError, match="table cut for ksize 9 stride 4"):
+        patch_warp_blocked(table, idx, 5, 2)
+    with pytest.raises(ValueError, match="not whole blocks"):
+        patch_table(v, 5, 4)
+    with pytest.raises(ValueError, match="index range"):
+        patch_warp_blocked(table, torch.full((2, 2), n), 9, 4)
+    ops = get_ops("torch")
+    with torch.no_grad():
+        source = ops.warp_source(v, 9, 4)
+        assert isinstance(source, PatchTable) and torch.equal(
+            ops.patch_warp(source, idx), ops.patch_warp(v, idx)
+        )
+    assert ops.warp_source(v.requires_grad_(True), 9, 4) is v  # training: the map itself
+    assert get_ops("triton").warp_source(v, 9, 4) is v
