@@ -4,10 +4,17 @@
   published dataset layout `IN/{LR, LR_center, Ref_SIFT}` (also under `IN/test/`), with or without
   `HR/` (pre-aligned triplets, run as they are). Without `LR_center/`, LRC is cut from LR with the
   centre boxes of the dataset's JSON file.
-- Overlap: a reader thread prefetches the next pairs and a writer thread encodes and writes the
-  finished ones while the engine computes. Outputs are written atomically (`io.write_image`:
-  temporary file, fsync, rename), so an interrupted batch leaves no half-written image and a rerun
-  resumes: existing outputs are skipped unless `overwrite=True`.
+- Overlap: a reader thread decodes the next pairs and registers the raw ones
+  (`Engine.register_pair`: the telephoto's footprint and its resampling, numpy and OpenCV on the
+  CPU), a writer thread encodes and writes the finished ones, and the calling thread only runs the
+  network (`Engine.run_registered`, or `Engine.run` for triplets), so the device does not wait
+  for a pair's seconds of registration. `BatchStats` measures how well that works: pairs per
+  second, and the share of the compute loop's time spent waiting for its next input. On a GPU
+  those waits are the device's idle time to a good approximation, since each pair's kernels are
+  finished by the copy of its result to the host before the loop asks for the next pair.
+- Outputs are written atomically (`io.write_image`: temporary file, fsync, rename), so an
+  interrupted batch leaves no half-written image and a rerun resumes: existing outputs are
+  skipped unless `overwrite=True`.
 - Errors are per pair: a missing partner, an unreadable, truncated or too small image, a footprint
   that is not found, even an out-of-memory, is recorded as that pair's failure and the rest go on.
   A transparency flattened onto white is noted in the pair's message.
@@ -27,7 +34,6 @@ import os
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,12 +50,14 @@ from .registration.prior import exif_zoom
 
 __all__ = [
     "BatchInterrupted",
+    "BatchStats",
     "BatchUsageError",
     "PairJob",
     "PairResult",
     "discover_pairs",
     "find_boxes",
     "gather_results",
+    "gather_stats",
     "run_batch",
     "shard",
 ]
@@ -77,14 +85,60 @@ class PairResult:
     status: str
     output: str | None = None
     message: str | None = None
-    seconds: float = 0.0  # engine time
+    seconds: float = 0.0  # engine time (the network; a raw pair's registration is register_s)
     read_s: float = 0.0
+    register_s: float = 0.0
     write_s: float = 0.0
     rank: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class BatchStats:
+    """How well one run overlapped its stages (or, `combined`, every rank's run).
+
+    `computed`: pairs the network finished; `wall_s`: the run, start to last write; `loop_s`: the
+    compute loop, from its first request for an input to its last finished pair; `wait_s`: the
+    part of `loop_s` spent blocked on the read queue (the device idle, see the module docstring).
+    """
+
+    computed: int = 0
+    wall_s: float = 0.0
+    loop_s: float = 0.0
+    wait_s: float = 0.0
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.computed / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def compute_idle_share(self) -> float | None:
+        """wait_s / loop_s, or None when the loop handled no pair."""
+        return min(1.0, self.wait_s / self.loop_s) if self.loop_s > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pairs_computed": self.computed,
+            "wall_s": round(self.wall_s, 3),
+            "pairs_per_s": round(self.pairs_per_s, 4),
+            "compute_idle_share": (
+                None if self.compute_idle_share is None else round(self.compute_idle_share, 4)
+            ),
+        }
+
+    @classmethod
+    def combined(cls, parts: Sequence[BatchStats]) -> BatchStats:
+        """Ranks that ran side by side: their pairs over the longest wall time, and their waits
+        over their loops' time together."""
+        return cls(
+            sum(p.computed for p in parts),
+            max((p.wall_s for p in parts), default=0.0),
+            sum(p.loop_s for p in parts),
+            sum(p.wait_s for p in parts),
+        )
 
 
 class BatchInterrupted(KeyboardInterrupt):
@@ -179,9 +233,31 @@ def gather_results(results: list[PairResult], ctx: DistContext) -> list[PairResu
     return sorted((PairResult(**d) for part in parts for d in (part or [])), key=lambda r: r.name)
 
 
+def gather_stats(stats: BatchStats, ctx: DistContext) -> BatchStats:
+    """Every rank's `BatchStats`, combined (on every rank); the rank's own when not distributed."""
+    return BatchStats.combined([BatchStats(**d) for d in all_gather(ctx, asdict(stats))])
+
+
 # ----------------------------------------------------------------------------- running
 
 _DONE = object()
+
+
+class _Stopped(Exception):
+    """The batch stopped while the reader was registering: the registration is abandoned."""
+
+
+@dataclass
+class _Input:
+    """One job as the reader hands it to the compute loop: its images (a raw pair registered,
+    an `Engine.register_pair` result), or the one-sentence reason it cannot be computed."""
+
+    job: PairJob
+    data: Any = None
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    read_s: float = 0.0
+    register_s: float = 0.0
 
 
 def output_path(out_dir: Path, job: PairJob, ext: str) -> Path:
@@ -218,6 +294,53 @@ def _message(e: BaseException, tile: int | None = None) -> str:
     return f"{type(e).__name__}: {text}"
 
 
+def _prepare(
+    engine: Any,
+    job: PairJob,
+    missing_reference: str,
+    tile: int | None,
+    stop: threading.Event,
+) -> _Input:
+    """Decode `job`'s images and register a raw pair; a failure is the item's `error`. Raises
+    `_Stopped` when `stop` is set before or during the registration."""
+    item = _Input(job)
+    t0 = time.perf_counter()
+    try:
+        arrays = _read(job, item.notes)
+    except Exception as e:  # noqa: BLE001 - recorded as this pair's failure
+        item.error = _message(e)
+        return item
+    finally:
+        item.read_s = time.perf_counter() - t0
+    if job.kind != "raw":
+        item.data = arrays
+        return item
+    if stop.is_set():
+        raise _Stopped
+
+    def step(done: int, total: int) -> None:  # between the registration's steps
+        if stop.is_set():
+            raise _Stopped
+
+    t0 = time.perf_counter()
+    try:
+        wide, tele = arrays["wide"], arrays["tele"]
+        item.data = engine.register_pair(
+            wide,
+            tele,
+            missing_reference=missing_reference,
+            zoom_prior=exif_zoom(job.inputs["wide"], job.inputs["tele"], wide, tele),
+            progress=step,
+        )
+    except _Stopped:
+        raise
+    except Exception as e:  # noqa: BLE001 - a footprint not found is this pair's failure
+        item.error = _message(e, tile)
+    finally:
+        item.register_s = time.perf_counter() - t0
+    return item
+
+
 def run_batch(
     engine: Any,
     jobs: Sequence[PairJob],
@@ -229,14 +352,19 @@ def run_batch(
     prefetch: int = 2,
     rank: int = 0,
     on_result: Callable[[PairResult], None] | None = None,
+    stats: BatchStats | None = None,
 ) -> list[PairResult]:
     """Process `jobs` with `engine`, writing `<out_dir>/<name>.<ext>`; returns one result per job.
 
-    Reading (thread), computing (this thread) and writing (thread) overlap. `on_result` is called
-    once per job as soon as its outcome is known (from the writer thread for written pairs).
-    Ctrl-C (KeyboardInterrupt) stops it: the pairs already computed are written, and
+    Reading and registering (thread), computing (this thread) and writing (thread) overlap; at
+    most `prefetch` prepared pairs wait for the engine. `on_result` is called once per job as soon
+    as its outcome is known (from the writer thread for written pairs). `stats`, when given, is
+    filled in as the run goes (pairs per second, the compute loop's idle share), interrupted or
+    not. Ctrl-C (KeyboardInterrupt) stops it: the pairs already computed are written, and
     `BatchInterrupted` carries the results so far.
     """
+    t_start = time.perf_counter()
+    stats = BatchStats() if stats is None else stats
     if ext.lstrip(".").lower() not in OUTPUT_SUFFIXES:
         raise BatchUsageError(
             f"unknown output format {ext!r}; use one of {', '.join(OUTPUT_SUFFIXES)}"
@@ -266,6 +394,7 @@ def run_batch(
     stop = threading.Event()
     read_q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     write_q: queue.Queue = queue.Queue(maxsize=2)
+    tile = getattr(engine, "tile", None)
 
     def put(q: queue.Queue, item: Any) -> bool:
         while not stop.is_set():
@@ -276,17 +405,29 @@ def run_batch(
                 continue
         return False
 
+    # One reader thread, not a pool: the registration's heavy steps (features, warps, resizes)
+    # already run on OpenCV's own worker threads, and on a few cores a second registering thread
+    # would only take cores from the network. `prefetch` bounds how far it runs ahead.
     def reader() -> None:
-        for job in todo:
-            t0 = time.perf_counter()
-            notes: list[str] = []
-            try:
-                item: Any = (_read(job, notes), notes)
-            except Exception as e:  # noqa: BLE001 - recorded as this pair's failure
-                item = e
-            if not put(read_q, (job, item, time.perf_counter() - t0)):
-                return
+        try:
+            for job in todo:
+                if stop.is_set():
+                    return
+                if not put(read_q, _prepare(engine, job, missing_reference, tile, stop)):
+                    return
+        except _Stopped:
+            return
         put(read_q, _DONE)
+
+    def next_input() -> Any:
+        # short timed waits: Ctrl-C arrives in this thread as an exception raised between two
+        # Python steps (see `interrupt`), which a wait without a timeout would never reach
+        while True:
+            try:
+                return read_q.get(timeout=0.1)
+            except queue.Empty:
+                if not read_thread.is_alive() and read_q.empty():
+                    return _DONE  # the reader died without saying so: nothing more will come
 
     def writer() -> None:
         while True:
@@ -306,47 +447,55 @@ def run_batch(
             res.write_s = time.perf_counter() - t0
             finish(res)
 
-    threads = [
-        threading.Thread(target=reader, name="sddusr-reader", daemon=True),
-        threading.Thread(target=writer, name="sddusr-writer", daemon=True),
-    ]
-    for t in threads:
-        t.start()
-    tile = getattr(engine, "tile", None)
+    read_thread = threading.Thread(target=reader, name="sddusr-reader", daemon=True)
+    write_thread = threading.Thread(target=writer, name="sddusr-writer", daemon=True)
+    read_thread.start()
+    write_thread.start()
     interrupted = False
+    loop_t0: float | None = None
     try:
         while True:
-            item = read_q.get()
+            t_wait = time.perf_counter()
+            item = next_input()
             if item is _DONE:
                 break
-            job, data, read_s = item
-            res = PairResult(job.name, "failed", read_s=read_s)
-            if isinstance(data, BaseException):
-                res.message = _message(data)
+            stats.wait_s += time.perf_counter() - t_wait
+            loop_t0 = t_wait if loop_t0 is None else loop_t0
+            res = PairResult(
+                item.job.name, "failed", read_s=item.read_s, register_s=item.register_s
+            )
+            if item.error is not None:
+                res.message = item.error
                 finish(res)
-                continue
-            data, read_notes = data
-            t0 = time.perf_counter()
-            try:
-                sr, timings, notes = _compute(engine, job, data, missing_reference)
-            except Exception as e:  # noqa: BLE001 - per-pair error capture
-                if memory_advice(e) is not None:
-                    _empty_cache()
-                res.seconds = time.perf_counter() - t0
-                res.message = _message(e, tile)
-                finish(res)
-                continue
-            res.seconds = time.perf_counter() - t0
-            res.timings = timings
-            res.message = "; ".join([*read_notes, *notes]) or None
-            write_q.put((job, sr, res))
+            else:
+                t0 = time.perf_counter()
+                try:
+                    sr, timings, notes = _compute(engine, item)
+                except Exception as e:  # noqa: BLE001 - per-pair error capture
+                    if memory_advice(e) is not None:
+                        _empty_cache()
+                    res.seconds = time.perf_counter() - t0
+                    res.message = _message(e, tile)
+                    finish(res)
+                else:
+                    res.seconds = time.perf_counter() - t0
+                    res.timings = timings
+                    res.message = "; ".join([*item.notes, *notes]) or None
+                    stats.computed += 1
+                    write_q.put((item.job, sr, res))
+            now = time.perf_counter()
+            stats.loop_s, stats.wall_s = now - loop_t0, now - t_start
     except KeyboardInterrupt:
         interrupted = True
     finally:
         stop.set()
         write_q.put(_DONE)  # the writer finishes what was computed, then stops
-        for t in threads:
-            t.join()
+        write_thread.join()
+        # After Ctrl-C the reader is not waited for: it writes nothing, and it may be inside one
+        # registration step of seconds that cannot be interrupted; it ends at its next step.
+        if not interrupted:
+            read_thread.join()
+        stats.wall_s = time.perf_counter() - t_start
     order = {j.name: i for i, j in enumerate(jobs)}
     done = sorted(results, key=lambda r: order.get(r.name, len(order)))
     if interrupted:
@@ -354,24 +503,13 @@ def run_batch(
     return done
 
 
-def _compute(
-    engine: Any, job: PairJob, data: dict[str, np.ndarray], missing_reference: str
-) -> tuple[np.ndarray, dict[str, float], list[str]]:
+def _compute(engine: Any, item: _Input) -> tuple[np.ndarray, dict[str, float], list[str]]:
     """(SR image, stage timings in ms, warnings such as a reference-free fallback)."""
-    if job.kind == "raw":
-        with warnings.catch_warnings():  # the engine's warnings come back in info.warnings
-            warnings.simplefilter("ignore")
-            sr, info = engine.super_resolve(
-                data["wide"],
-                data["tele"],
-                missing_reference=missing_reference,
-                return_info=True,
-                zoom_prior=exif_zoom(
-                    job.inputs["wide"], job.inputs["tele"], data["wide"], data["tele"]
-                ),
-            )
+    if item.job.kind == "raw":
+        sr, info = engine.run_registered(item.data, return_info=True)
     else:  # a triplet: its info too (a skipped low-band projection is a warning)
-        sr, info = engine.run(data["lr"], data["lrc"], data["ref"], return_info=True)
+        d = item.data
+        sr, info = engine.run(d["lr"], d["lrc"], d["ref"], return_info=True)
     timings = dict(getattr(info, "timings", {}) or {})
     notes = [str(w) for w in getattr(info, "warnings", []) or []]
     return sr, {k: float(v) for k, v in timings.items()}, notes
@@ -396,9 +534,11 @@ def report_payload(
     adapt: int,
     results: list[PairResult],
     jobs: Sequence[PairJob] | None = None,
+    stats: BatchStats | None = None,
 ) -> dict[str, Any]:
     """`sddusr batch --report`'s JSON. `jobs`, given when the run was interrupted: the pairs it was
-    to do, those without a result listed as `not_run`."""
+    to do, those without a result listed as `not_run`. `stats`: the run's `BatchStats` (pairs
+    computed, wall seconds, pairs per second, the compute loop's idle share)."""
     finished = {r.name for r in results}
     return {
         "input": str(indir),
@@ -409,6 +549,7 @@ def report_payload(
         "adapt": adapt,
         "interrupted": jobs is not None,
         "not_run": [j.name for j in jobs or () if j.name not in finished],
+        **(stats or BatchStats()).to_dict(),
         "results": [r.to_dict() for r in results],
     }
 

@@ -42,8 +42,10 @@ def run_folder(
     from sddusr_engine.batch import (
         OUTPUT_SUFFIXES,
         BatchInterrupted,
+        BatchStats,
         discover_pairs,
         gather_results,
+        gather_stats,
         report_payload,
         run_batch,
         shard,
@@ -88,7 +90,7 @@ def run_folder(
         bar = Console(stderr=True, quiet=True) if plain else console
         with progress(bar, transient=False, remaining=True) as prog:
             task = prog.add_task("batch", total=len(mine), note="")
-            count, finished = [0], []
+            count, finished, stats = [0], [], BatchStats()
 
             def on_result(r):
                 finished.append(r)
@@ -111,7 +113,7 @@ def run_folder(
                 write_report(
                     report.with_name(f"{report.stem}.rank{ctx.rank}{report.suffix or '.json'}"),
                     {"rank": ctx.rank, "world": ctx.world, "interrupted": interrupted,
-                     "results": [r.to_dict() for r in results]},
+                     **stats.to_dict(), "results": [r.to_dict() for r in results]},
                 )  # fmt: skip
 
             def abandoned() -> None:
@@ -119,12 +121,13 @@ def run_folder(
                 as an interrupted run writes it."""
                 done = list(finished)
                 prog.stop()
-                batch_summary(done, time.perf_counter() - t0)
+                batch_summary(done, time.perf_counter() - t0, stats)
                 if report is not None and ctx.world > 1:
                     rank_report(done, True)
                 elif report is not None:
                     write_report(report, report_payload(indir, outdir, layout, ctx.world,
-                                                        ensemble, adapt, done, jobs=mine))  # fmt: skip
+                                                        ensemble, adapt, done, jobs=mine,
+                                                        stats=stats))  # fmt: skip
 
             try:
                 with on_abandon(abandoned):
@@ -137,6 +140,7 @@ def run_folder(
                         missing_reference="skip" if no_reference_ok else "error",
                         rank=ctx.rank,
                         on_result=on_result,
+                        stats=stats,
                     )
             except BatchInterrupted as stop:  # Ctrl-C: report what finished, then exit 130
                 results, interrupted = stop.results, True
@@ -144,19 +148,20 @@ def run_folder(
         if report is not None and ctx.world > 1:
             rank_report(results, interrupted)
         everything = results if interrupted else gather_results(results, ctx)
+        overall = stats if interrupted else gather_stats(stats, ctx)
         gathered = not interrupted
     finally:
         close_dist(ctx, finished=gathered)
     failed = [r for r in everything if r.status == "failed"]
     if lead or interrupted:
         if interrupted or not quiet:
-            batch_summary(everything, wall)
+            batch_summary(everything, wall, overall)
         if report is not None and (ctx.world == 1 or not interrupted):
             write_report(
                 report,
                 report_payload(
                     indir, outdir, layout, ctx.world, ensemble, adapt, everything,
-                    jobs=mine if interrupted else None,
+                    jobs=mine if interrupted else None, stats=overall,
                 ),
             )  # fmt: skip
         pages.write(everything, jobs)  # after the JSON: a page that fails leaves it written

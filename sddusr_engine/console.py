@@ -191,7 +191,9 @@ def json_default(o):
     return str(o)
 
 
-def batch_summary(results, wall: float) -> None:
+def batch_summary(results, wall: float, stats=None) -> None:
+    """The failed pairs' table and the summary; `stats` (batch.BatchStats) adds the pairs per
+    second and the share of the compute loop spent waiting for its next input."""
     counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
     done = [r for r in results if r.status == "written"]
     if any(r.status != "skipped" for r in results):
@@ -207,15 +209,21 @@ def batch_summary(results, wall: float) -> None:
             wide().print(t)
     mean = sum(r.seconds for r in done) / len(done) if done else 0.0
     s = Table(title="summary")
-    for c in ("written", "skipped", "failed", "mean s/pair", "wall s"):
-        s.add_column(c, justify="right")
-    s.add_row(
+    columns = ["written", "skipped", "failed", "mean s/pair", "wall s"]
+    row = [
         str(counts["written"]),
         str(counts["skipped"]),
         f"[red]{counts['failed']}[/red]" if counts["failed"] else "0",
         f"{mean:.2f}",
         f"{wall:.1f}",
-    )
+    ]
+    if stats is not None:
+        idle = stats.compute_idle_share
+        columns += ["pairs/s", "compute idle"]
+        row += [f"{stats.pairs_per_s:.3f}", "-" if idle is None else f"{idle:.1%}"]
+    for c in columns:
+        s.add_column(c, justify="right")
+    s.add_row(*row)
     wide().print(s)
 
 

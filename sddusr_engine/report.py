@@ -534,6 +534,11 @@ class _Recording:
         result = self._engine.run(lr, lrc, ref, **kw)
         return self._keep(lr, result) if kw.get("return_info") else result
 
+    def run_registered(self, pair, **kw):  # what a batch calls: its reader registers raw pairs
+        kw["keep_maps"] = True
+        result = self._engine.run_registered(pair, **kw)
+        return self._keep(pair.lr, result) if kw.get("return_info") else result
+
 
 class BatchPages:
     """The HTML report of a batch: pass `engine` (the recording one) to `run_batch`, then

@@ -1,16 +1,20 @@
-"""`sddusr batch`: good pairs written, bad ones listed, reruns skip, --overwrite redoes, and two
-torchrun ranks (gloo, CPU) split the pairs so that each is done exactly once."""
+"""`sddusr batch`: good pairs written, bad ones listed, reruns skip, --overwrite redoes, two
+torchrun ranks (gloo, CPU) split the pairs so that each is done exactly once, and raw pairs are
+registered in the reader thread while the network runs, as measured by the run's statistics."""
 
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 from support import invoke, published_folder
 
-from sddusr_engine.batch import PairJob, discover_pairs, shard
+from sddusr_engine.batch import BatchStats, PairJob, discover_pairs, run_batch, shard
+from sddusr_engine.engine import RunInfo
 from sddusr_engine.io import read_image, write_image
 from sddusr_engine.synthetic import make_synthetic_pair, procedural_image
 
@@ -61,6 +65,10 @@ def test_batch_writes_good_pairs_lists_bad_ones_and_resumes(raw_folder, tiny_wei
     status = {r["name"]: r["status"] for r in report["results"]}
     assert status == {"good0": "written", "good1": "written", "lonely": "failed",
                       "text": "failed", "truncated": "failed"}  # fmt: skip
+    assert report["pairs_computed"] == 2 and report["pairs_per_s"] > 0
+    assert 0 <= report["compute_idle_share"] <= 1
+    assert "pairs/s" in res.stdout and "compute idle" in res.stdout
+    assert all(r["register_s"] > 0 for r in report["results"] if r["status"] == "written")
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     res = invoke(*args, "--report", tmp_path / "r2.json")
@@ -191,3 +199,154 @@ def test_batch_checks_its_outputs_before_any_pair(tmp_path, tiny_weights, monkey
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.stderr.strip().splitlines()[-1].startswith("error: cannot write")
     assert "is a file, not a folder" in res.stderr
+
+
+# ----------------------------------------------------------------------------- overlap
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_weights):
+    from sddusr_engine.engine import Engine
+
+    return Engine.from_pretrained(tiny_weights, device="cpu", tile=0)
+
+
+def _raw_jobs(root, pairs):
+    """`pairs` ({name: (wide array, tele array)}) as IN/wide + IN/tele, discovered."""
+    for sub in ("wide", "tele"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for name, (wide, tele) in pairs.items():
+        write_image(root / "wide" / f"{name}.png", wide)
+        write_image(root / "tele" / f"{name}.png", tele)
+    return discover_pairs(root)[1]
+
+
+class _Spy:
+    """The engine, with the thread that made each registration and network call recorded."""
+
+    def __init__(self, engine):
+        self._engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def register_pair(self, *a, **k):
+        self.calls.append(("register_pair", threading.current_thread().name))
+        return self._engine.register_pair(*a, **k)
+
+    def run_registered(self, *a, **k):
+        self.calls.append(("run_registered", threading.current_thread().name))
+        return self._engine.run_registered(*a, **k)
+
+    def super_resolve(self, *a, **k):
+        self.calls.append(("super_resolve", threading.current_thread().name))
+        return self._engine.super_resolve(*a, **k)
+
+
+def test_raw_pairs_register_in_the_reader_and_match_super_resolve(pair, engine, tmp_path):
+    """Each raw pair is registered in the reader thread and only run on the caller's thread, and
+    the image written is super_resolve's, pixel for pixel (threads change no arithmetic)."""
+    wide, tele = read_image(pair[0]), read_image(pair[1])
+    jobs = _raw_jobs(tmp_path / "in", {"a": (wide, tele), "b": (wide[:, ::-1], tele[:, ::-1])})
+    spy, stats = _Spy(engine), BatchStats()
+    results = run_batch(spy, jobs, tmp_path / "out", stats=stats)
+    assert [(r.name, r.status) for r in results] == [("a", "written"), ("b", "written")]
+    me = threading.current_thread().name
+    calls = [("register_pair", "sddusr-reader")] * 2 + [("run_registered", me)] * 2
+    assert sorted(spy.calls) == calls  # and super_resolve never
+    for r in results:
+        assert r.register_s > 0 and r.read_s > 0 and r.seconds > 0
+        assert "registration" in r.timings
+    expected = engine.super_resolve(wide, tele)
+    assert np.array_equal(read_image(tmp_path / "out" / "a.png"), expected)
+    assert stats.computed == 2 and stats.pairs_per_s > 0
+    assert 0 <= stats.compute_idle_share <= 1
+
+
+def test_a_telephoto_not_found_fails_as_before_or_is_written_with_the_warning(engine, tmp_path):
+    """missing_reference="error": the pair fails with FootprintNotFoundError's own sentence;
+    "skip": it is written reference-free, its message the engine's warning."""
+    from sddusr_engine.errors import FootprintNotFoundError
+
+    rng = np.random.default_rng(3)
+    wide = procedural_image((96, 128), rng)
+    noise = rng.integers(0, 256, wide.shape, dtype=np.uint8)
+    jobs = _raw_jobs(tmp_path / "in", {"lost": (wide, noise)})
+    with pytest.raises(FootprintNotFoundError) as e:
+        engine.super_resolve(wide, noise)
+    (failed,) = run_batch(engine, jobs, tmp_path / "out")
+    assert (failed.status, failed.message) == ("failed", str(e.value))
+    assert not (tmp_path / "out" / "lost.png").exists()
+
+    with pytest.warns(UserWarning, match="without the reference"):
+        expected, info = engine.super_resolve(
+            wide, noise, missing_reference="skip", return_info=True
+        )
+    (written,) = run_batch(engine, jobs, tmp_path / "out", missing_reference="skip")
+    assert written.status == "written"
+    assert written.message == "; ".join(info.warnings)
+    assert written.message.endswith("Continuing without the reference.")
+    assert np.array_equal(read_image(tmp_path / "out" / "lost.png"), expected)
+
+
+class _Timed:
+    """An engine whose registration and network pass only sleep (seconds each), for timing the
+    overlap itself."""
+
+    tile = 0
+
+    def __init__(self, register_s, compute_s):
+        self.register_s, self.compute_s = register_s, compute_s
+
+    def register_pair(self, wide, tele, **_):
+        time.sleep(self.register_s)
+        return wide
+
+    def run_registered(self, wide, return_info=False, **_):
+        time.sleep(self.compute_s)
+        return np.zeros((2 * wide.shape[0], 2 * wide.shape[1], 3), np.uint8), RunInfo()
+
+
+def test_registration_overlaps_compute_and_the_idle_share_finds_the_bottleneck(tmp_path):
+    """Registration and network 0.25 s each over 4 pairs: about 1.25 s, not the 2 s of one after
+    the other, and the compute loop waits only for the first pair. A slow registration under a
+    fast network: the loop waits most of the time, which the idle share says."""
+    small = np.full((8, 12, 3), 128, np.uint8)
+    jobs = _raw_jobs(tmp_path / "in", {f"p{i}": (small, small) for i in range(4)})
+    balanced = BatchStats()
+    run_batch(_Timed(0.25, 0.25), jobs, tmp_path / "o1", stats=balanced)
+    assert balanced.computed == 4 and balanced.wall_s < 1.7, balanced
+    assert balanced.pairs_per_s == pytest.approx(4 / balanced.wall_s)
+    assert balanced.compute_idle_share < 0.4, balanced  # about 0.25 of 1.25 s
+    starved = BatchStats()
+    run_batch(_Timed(0.25, 0.0), jobs, tmp_path / "o2", stats=starved)
+    assert starved.compute_idle_share > 0.8, starved
+
+
+def test_ctrl_c_during_a_registration_stops_the_reader_at_its_next_step(tmp_path):
+    """Ctrl-C while the reader registers the next pair (5 s of steps): `BatchInterrupted` at once,
+    and the reader abandons that registration at its next step instead of finishing it."""
+    from sddusr_engine.batch import BatchInterrupted
+
+    class Interrupted(_Timed):
+        def register_pair(self, wide, tele, progress=None, **_):
+            self.calls = getattr(self, "calls", 0) + 1
+            for i in range(100 if self.calls > 1 else 0):
+                time.sleep(0.05)
+                progress(i + 1, 100)
+            return wide
+
+        def run_registered(self, *a, **k):
+            time.sleep(0.1)  # the reader is inside the second registration by now
+            raise KeyboardInterrupt
+
+    small = np.full((8, 12, 3), 128, np.uint8)
+    jobs = _raw_jobs(tmp_path / "in", {f"p{i}": (small, small) for i in range(3)})
+    t0 = time.perf_counter()
+    with pytest.raises(BatchInterrupted) as stopped:
+        run_batch(Interrupted(0, 0), jobs, tmp_path / "out")
+    assert stopped.value.results == [] and time.perf_counter() - t0 < 1.5
+    readers = [t for t in threading.enumerate() if t.name == "sddusr-reader"]
+    for t in readers:
+        t.join(timeout=0.5)
+    assert not any(t.is_alive() for t in readers)

@@ -3,9 +3,11 @@
 One call, in order: coerce and check the inputs, move them to the device once, run the network
 (tiled, `tiling.py`; averaged over flips with `ensemble`, `ensemble.py`) with out-of-memory retries
 at smaller tiles, optionally self-adapt (`adapt.py`), post-process in fp32 (`postprocess.py`),
-copy the result to the host. The engine is stateless per call: `run` and `super_resolve` are pure
-functions of their inputs and the engine's fixed settings (`settings.py`); the network is passed
-explicitly to every stage and never swapped.
+copy the result to the host. A raw pair is first registered on the CPU (`register_pair`, which
+touches neither the device nor the network, so a batch registers the next pair while this one
+computes), then run (`run_registered`); `super_resolve` is the two. The engine is stateless per
+call: `run` and `super_resolve` are pure functions of their inputs and the engine's fixed settings
+(`settings.py`); the network is passed explicitly to every stage and never swapped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from .. import io as imageio
 from ..errors import EngineError, FootprintNotFoundError, OutOfMemoryError
 from ..geometry import Box, locate_crop
 from ..model.network import DualLensSR
-from ..registration import align_reference, register
+from ..registration import Footprint, align_reference, register
 from ..registration.prior import zoom_prior as exif_prior
 from ..registration.resample import RESAMPLE_STEPS
 from ..timing import StageHook, StageStart, StageTimer, announcing
@@ -36,6 +39,22 @@ from .settings import MIN_TILE, RunSettings, device_flags
 from .tiling import tiled_forward
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RegisteredPair:
+    """A raw pair after `Engine.register_pair`: LR (the wide image), its centre crop LRC and the
+    telephoto resampled onto LRC's 2x grid, where LRC lies in LR (LR pixels), the footprint and
+    the registration's time. A telephoto that was not found (`missing_reference="skip"`) leaves
+    lrc, ref, box_lr and footprint None, and `warning` says why."""
+
+    lr: np.ndarray
+    lrc: np.ndarray | None
+    ref: np.ndarray | None
+    box_lr: Box | None
+    footprint: Footprint | None
+    registration_ms: float
+    warning: str | None = None
 
 
 class Engine:
@@ -160,7 +179,8 @@ class Engine:
         on_stage: StageStart | None = None,
     ):
         """Super-resolve a raw wide/telephoto pair: find the telephoto's footprint, resample it
-        onto the 2x centre grid with the wide image's colours, and run the network.
+        onto the 2x centre grid with the wide image's colours, and run the network
+        (`register_pair`, then `run_registered`).
 
         If the telephoto is not found: `missing_reference="error"` raises FootprintNotFoundError;
         "skip" warns and returns the reference-free result. The registration's zoom search is
@@ -170,6 +190,39 @@ class Engine:
         (`info.maps["ref"]`, on the 2x grid of `info.box_lr`) in the info.
         `progress` and `on_stage` as in `run`; registration is announced as "registration" and
         counts its own steps through `progress` (done, 4) before the network's start from 1.
+        """
+        pair = self.register_pair(
+            wide,
+            tele,
+            missing_reference=missing_reference,
+            zoom_prior=zoom_prior,
+            progress=progress,
+            on_stage=on_stage,
+        )
+        if pair.warning is not None:
+            warnings.warn(pair.warning, stacklevel=2)
+        return self.run_registered(
+            pair, progress=progress, return_info=return_info, keep_maps=keep_maps, on_stage=on_stage
+        )
+
+    def register_pair(
+        self,
+        wide,
+        tele,
+        *,
+        missing_reference: str = "error",
+        zoom_prior=None,
+        progress: Progress | None = None,
+        on_stage: StageStart | None = None,
+    ) -> RegisteredPair:
+        """The first half of `super_resolve`: the telephoto's footprint in the wide image and the
+        telephoto resampled onto the 2x centre grid, ready for `run_registered`.
+
+        It uses neither the device nor the network (numpy and OpenCV only), so another thread may
+        register the next pair while the engine computes this one. `missing_reference`,
+        `zoom_prior` (EXIF of two PIL images included), `progress` and `on_stage` as in
+        `super_resolve`; with "skip", a telephoto that is not found gives a pair without LRC and
+        Ref whose `warning` says so (returned, not issued: `super_resolve` issues it).
         """
         if missing_reference not in ("error", "skip"):
             raise EngineError("missing_reference must be 'error' or 'skip'.")
@@ -190,14 +243,35 @@ class Engine:
         try:
             fp = register(wide_a, tele_a, zoom_prior=zoom_prior)  # the arrays, converted once
             tick()
-            pair = align_reference(wide_a, tele_a, footprint=fp, tick=tick)
+            aligned = align_reference(wide_a, tele_a, footprint=fp, tick=tick)
         except FootprintNotFoundError as e:
             if missing_reference == "error":
                 raise
-            msg = f"{e} Continuing without the reference."
-            warnings.warn(msg, stacklevel=2)
+            ms = 1e3 * (time.perf_counter() - t0)
+            return RegisteredPair(
+                wide_a, None, None, None, None, ms, f"{e} Continuing without the reference."
+            )
+        box = tuple(int(v) for v in aligned.box_lr)
+        ms = 1e3 * (time.perf_counter() - t0)
+        return RegisteredPair(aligned.lr, aligned.lrc, aligned.ref, box, aligned.footprint, ms)
+
+    def run_registered(
+        self,
+        pair: RegisteredPair,
+        *,
+        progress: Progress | None = None,
+        return_info: bool = False,
+        keep_maps: bool = False,
+        on_stage: StageStart | None = None,
+    ):
+        """The second half of `super_resolve`: the network on a pair from `register_pair`, with
+        the registration's time (`info.timings["registration"]`), footprint and box in the info
+        and, with `keep_maps`, the registered telephoto as `info.maps["ref"]`. A pair without
+        the telephoto runs reference-free and its warning is in `info.warnings`.
+        """
+        if pair.ref is None:
             out, info = self.run(
-                wide_a,
+                pair.lr,
                 None,
                 None,
                 progress=progress,
@@ -205,10 +279,9 @@ class Engine:
                 keep_maps=keep_maps,
                 on_stage=on_stage,
             )
-            info.warnings.append(msg)
+            if pair.warning is not None:
+                info.warnings.append(pair.warning)
             return (out, info) if return_info else out
-        reg_ms = 1e3 * (time.perf_counter() - t0)
-        box = tuple(int(v) for v in pair.box_lr)
         out, info = self.run(
             pair.lr,
             pair.lrc,
@@ -216,11 +289,11 @@ class Engine:
             progress=progress,
             return_info=True,
             keep_maps=keep_maps,
-            box_lr=box,
+            box_lr=pair.box_lr,
             on_stage=on_stage,
         )
-        info.timings = {"registration": reg_ms, **info.timings}
-        info.footprint, info.box_lr = pair.footprint, box
+        info.timings = {"registration": pair.registration_ms, **info.timings}
+        info.footprint, info.box_lr = pair.footprint, pair.box_lr
         if keep_maps:  # the registered telephoto, for comparisons (the array itself, no copy)
             info.maps["ref"] = pair.ref
         return (out, info) if return_info else out
