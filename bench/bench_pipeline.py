@@ -19,7 +19,10 @@ Each network runs in three modes: `fast` (the engine's default plan: on a GPU th
 where it fits; on the CPU small tiles that keep the fusion maps), `bounded` (`--bounded-tile`,
 default 256: LR tiles and the reference context in bands of Ref rows, the 2x stage twice for the
 fusion statistic: the memory-bounded mode) and `kept` (the same tiles keeping the fusion input and
-gated map for the whole output, so that the 2x stage runs once: `keep_fusion_maps`). Every row carries `network`, `mode`, `ms`, `peak_gib`, the work
+gated map for the whole output, so that the 2x stage runs once: `keep_fusion_maps`). With the
+triton backend each network's first layout runs once more with the fusion input's reference detail
+in PyTorch ops instead of the `fused_detail` kernel ("unfused detail"), which shows what the kernel
+saves. Every row carries `network`, `mode`, `ms`, `peak_gib`, the work
 counted by torch's FLOP counter (`gflop`, the matching counted from its evaluated pairs), `tflops`,
 its `share_of_peak` of the matrix-product rate measured in the same run (`meta.peak_tflops`; on
 CUDA also `meta.peak_fp16_tflops`) and the per-stage ms.
@@ -225,6 +228,10 @@ def main(argv=None) -> int:
                 model, device, precision, backend, args.tile, channels_last=layout == "nhwc"
             )
             rows.append(engine_row(variant, eng, layout, profile=bool(args.profile) and li == 0))
+            if li == 0 and eng.model.ops.fused_detail is not None:
+                # the same run with the fusion input's detail in PyTorch ops: what the kernel saves
+                eng.model.ops = eng.model.ops._replace(fused_detail=None)
+                rows.append(engine_row(variant, eng, f"{layout} unfused detail"))
             del eng
         for mode, keep in (("bounded", False), ("kept", True)) if args.bounded_tile else ():
             eng = Engine(

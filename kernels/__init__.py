@@ -4,7 +4,8 @@
 on the CPU (no autograd), where the deformable convolution runs `deform_conv2d_sampled` (~1e-5
 relative to its reference, a tenth of the time) and the patch warp `patch_warp_blocked` (to fp32
 rounding, a third of the time); `get_ops("triton")` the Triton launchers (CUDA, or the CPU under
-TRITON_INTERPRET=1). Both sets share signatures.
+TRITON_INTERPRET=1), with `fused_detail` for the fusion input's reference detail. Both sets
+share signatures.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class KernelOps(NamedTuple):
     attention: Callable
     deform_conv2d: Callable
     warp_source: Callable = lambda value, ksize=9, stride=4: value
+    # the reference detail times its gate in one kernel (inference; None: the model's own
+    # PyTorch arithmetic, which autograd can follow)
+    fused_detail: Callable | None = None
 
 
 def _deform_conv2d_torch(x, *args, **kwargs):
@@ -100,7 +104,7 @@ _TORCH = KernelOps(
     _deform_conv2d_torch,
     _warp_source_torch,
 )
-_TRITON = KernelOps(patch_match, patch_warp, attention, deform_conv2d)
+_TRITON = KernelOps(patch_match, patch_warp, attention, deform_conv2d, fused_detail=fused_detail)
 
 
 def get_ops(backend: str) -> KernelOps:

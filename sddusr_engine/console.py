@@ -72,6 +72,7 @@ STAGE_LABELS = {
     "match_features": "tiles: matching features",
     "matching": "matching",
     "fusion_statistics": "tiles: fusion statistics",
+    "fusion_input": "tiles: fusion input",
     "decode": "tiles: 2x stage",
     "adapt": "self-adaptation",
     "low_band": "low band",

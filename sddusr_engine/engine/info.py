@@ -16,7 +16,6 @@ class RunInfo:
 
     timings: dict[str, float] = field(default_factory=dict)
     tile: int = 0
-    fusion_maps: bool = False  # tiles kept the fusion maps: the 2x stage ran once (engine.memory)
     footprint: Any = None  # registration.Footprint for raw pairs
     box_lr: Box | None = None  # where LRC lies in LR, in LR pixels (y0, y1, x0, x1)
     mask_fraction_lr: float | None = None
@@ -26,6 +25,7 @@ class RunInfo:
     warnings: list[str] = field(default_factory=list)
     ensemble: int = 1  # passes averaged (geometric self-ensemble); timings are their sums
     adapt_steps: int = 0  # self-adaptation steps run (0: none)
+    fusion_maps: bool = False  # tiles kept the fusion maps: the 2x stage ran once (engine.memory)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("footprint", "maps")}

@@ -411,12 +411,39 @@ class DualLensSR(nn.Module):
         return high_pass_covered(m.warp_sum, coverage, self.alpha, low_gain)
 
     def fusion_input(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
+        if self.ops.fused_detail is not None and m.index is not None:
+            if not torch.is_grad_enabled():
+                return self._fusion_input_fused(f_lr, m, ctx)
         hf = self.reference_detail(m)
         gate = self.confidence_gate(m.confidence)
         if self.config.variant == "kedusr":
             return torch.cat([hf * gate, f_lr], dim=1)
         f_dict = self.tdl.learn(f_lr, ctx.dicts, self.ops.attention)
         return torch.cat([f_lr, gate * hf, f_dict], dim=1)  # paper eq. 1
+
+    def _fusion_input_fused(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
+        """`fusion_input` for inference with `KernelOps.fused_detail`: each part written into
+        its channels of one tensor (f_lr's layout), the detail and its gate by one kernel,
+        instead of a chain of element-wise maps and a concatenation."""
+        c, n = self.config, self.config.channels
+        gate = self.confidence_gate(m.confidence)
+        b, _, h, w = f_lr.shape
+        nhwc = f_lr.is_contiguous(memory_format=torch.channels_last) and not f_lr.is_contiguous()
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        shape = (b, c.fusion_channels, h, w)
+        fused = torch.empty(shape, dtype=f_lr.dtype, device=f_lr.device, memory_format=fmt)
+        fused[:, self.f_lr_channels] = f_lr
+        low_gain = None
+        if c.warp_low_band:
+            low_gain = (2.0 * self.alpha * (LOW_BAND_SCALE * self.low_band_gain)).reshape(-1)
+        for i in range(b):
+            self.ops.fused_detail(
+                m.warp_sum[i], gate[i], self.alpha, norm=c.warp_norm, index=m.index[i],
+                low_gain=low_gain, out=fused[i, self.warp_channels],
+            )  # fmt: skip
+        if c.variant != "kedusr":
+            fused[:, 2 * n :] = self.tdl.learn(f_lr, ctx.dicts, self.ops.attention)
+        return fused
 
     def decode(self, fused: torch.Tensor, f_lr: torch.Tensor, lr_up: torch.Tensor | None = None):
         """Fused features -> image; `lr_up` (bicubic x2 of LR) is added with `global_skip`."""
