@@ -328,9 +328,7 @@ def test_channels_last_gives_the_same_output(variant, backend, tile):
 
 
 # the low band is torch arithmetic on the stitched warp: the interpreted kernels once suffice
-@pytest.mark.parametrize(
-    "backend, low_band", [("torch", False), ("torch", True), ("triton", True)]
-)
+@pytest.mark.parametrize("backend, low_band", [("torch", False), ("torch", True), ("triton", True)])
 def test_coverage_warp_norm_tiles_exactly(backend, low_band):
     """warp_norm="coverage" (true overlap counts, holes ignored) is local too: tiles equal the
     whole image, on both backends; so is its low band (`warp_low_band`, a non-zero gain)."""
