@@ -94,8 +94,9 @@ TileOpt = Annotated[
     int | None,
     typer.Option(
         show_default="auto",
-        help="LR tile side in pixels (0 = whole image); smaller uses less memory. "
-        "Default: the whole image when it fits in the free memory, else 256.",
+        help="LR tile side in pixels (0 = whole image); a tile given bounds the memory. "
+        "Default: picked from the free memory (GPU: the whole image when it fits; CPU: "
+        "128-pixel tiles keeping the fusion maps), else 256.",
     ),
 ]
 EnsembleOpt = Annotated[
