@@ -39,6 +39,7 @@ from sddusr_engine.console import (
     warn,
 )
 from sddusr_engine.errors import UsageError
+from sddusr_engine.process import releasing
 
 app = typer.Typer(
     name="sddusr",
@@ -173,7 +174,12 @@ def demo(
     with show, warnings.catch_warnings():  # the warnings are printed below from info.warnings
         warnings.simplefilter("ignore")
         sr, info = eng.super_resolve(
-            wide, tele, return_info=True, keep_maps=True, progress=show.tiles, on_stage=show.stage
+            wide,
+            tele,
+            return_info=True,
+            keep_maps=True,
+            progress=show.tiles,
+            on_stage=releasing(show.stage),
         )
     outdir.mkdir(parents=True, exist_ok=True)
     sr_path, cmp_path = outdir / "sr.png", outdir / "comparison.png"
@@ -257,7 +263,7 @@ def sr(
             return_info=True,
             keep_maps=(save_maps or comparison or html) is not None,
             progress=show.tiles,
-            on_stage=show.stage,
+            on_stage=releasing(show.stage),
             zoom_prior=exif_zoom(wide, tele, wide_a, tele_a),
         )
     maps = map_images(info, wide_a.shape) if save_maps is not None else {}

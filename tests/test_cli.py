@@ -249,6 +249,30 @@ def test_piped_progress_names_each_stage_in_plain_lines(pair, tiny_weights, tmp_
     assert "wrote" in res.stdout
 
 
+def test_sr_hands_the_freed_memory_back_as_each_stage_starts(
+    pair, tiny_weights, tmp_path, monkeypatch
+):
+    """The command keeps freed memory for reuse within a stage (`process`), and gives the heap's
+    free pages back before the next stage starts, so that the peak is one stage's."""
+    from sddusr_engine import process
+
+    assert process.release_freed_memory() is sys.platform.startswith("linux")
+    order = []
+    monkeypatch.setattr(process, "release_freed_memory", lambda: order.append("release"))
+    seen = process.releasing(order.append)
+    seen("trunk")
+    assert order == ["release", "trunk"]
+    order.clear()
+    wide, tele, _ = pair
+    res = invoke(
+        "sr", wide, tele, "-o", tmp_path / "x2.png", "--weights", tiny_weights,
+        "--device", "cpu", "--tile", "64", "--json",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    stages = json.loads(res.stdout)["timings"]
+    assert "registration" in stages and len(order) == len(stages)  # once at each stage's start
+
+
 def test_quiet_prints_nothing_and_json_stays_pure(pair, tiny_weights, tmp_path):
     wide, tele, shape = pair
     res = invoke(

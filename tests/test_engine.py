@@ -246,10 +246,14 @@ def test_bad_options_are_clear():
 
 @pytest.mark.parametrize("tile", [0, 32])
 def test_triton_backend_matches_torch_under_interpreter(tile):
+    """The Triton kernels (the fused reference detail among them), whole and in tiles that keep
+    the fusion maps (bounded tiles: the channels-last and coverage tests below)."""
     model = tiny_model("sddusr")
     lr, lrc, ref = torch.rand(1, 3, 40, 44), torch.rand(1, 3, 12, 16), torch.rand(1, 3, 24, 32)
     want = Engine(model, "cpu", "fp32", "torch", tile=0).run(lr, lrc, ref)
-    got = Engine(model, "cpu", "fp32", "triton", tile=tile).run(lr, lrc, ref)
+    eng = Engine(model, "cpu", "fp32", "triton", tile=tile, keep_fusion_maps=bool(tile))
+    got, info = eng.run(lr, lrc, ref, return_info=True)
+    assert info.fusion_maps is bool(tile)
     assert (got - want).abs().max().item() <= 1e-4
 
 

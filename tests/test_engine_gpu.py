@@ -116,3 +116,31 @@ def test_self_adaptation_on_the_gpu_keeps_the_centre_and_matches_fp32():
     assert np.abs(out[:16].astype(int) - plain[:16].astype(int)).max() > 0
     ref32 = Engine.from_pretrained(device="cuda", dtype="fp32", backend="torch", adapt=20)
     assert psnr(out.astype(np.float64), ref32.super_resolve(wide, tele).astype(np.float64)) > 40.0
+
+
+@pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
+def test_every_plan_and_the_unfused_detail_match_the_whole_pass_fp32(variant):
+    """On CUDA with the triton backend: tiles keeping the fusion maps, bounded tiles and the
+    whole pass agree, and so do the fused reference detail and the PyTorch ops it replaces."""
+    torch.manual_seed(0)
+    model = build_model(variant)
+    lr, lrc, ref = (
+        torch.rand(1, 3, 200, 264),
+        torch.rand(1, 3, 100, 132),
+        torch.rand(1, 3, 200, 264),
+    )
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # tiles and the whole image convolve other shapes
+    try:
+        whole = Engine(model, "cuda", "fp32", "triton", tile=0).run(lr, lrc, ref)
+        for keep in (True, False):
+            eng = Engine(model, "cuda", "fp32", "triton", tile=96, keep_fusion_maps=keep)
+            out, info = eng.run(lr, lrc, ref, return_info=True)
+            assert info.fusion_maps is keep
+            assert (out - whole).abs().max().item() < 1e-4, keep
+        eng = Engine(model, "cuda", "fp32", "triton", tile=0)
+        eng.model.ops = eng.model.ops._replace(fused_detail=None)
+        unfused = eng.run(lr, lrc, ref)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert (unfused - whole).abs().max().item() < 1e-4
