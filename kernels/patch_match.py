@@ -15,6 +15,12 @@ once per position in fp32, then stored in the input dtype; dot products accumula
 The Hq*Wq x Hk*Wk similarity matrix is never materialised: the reference walks query chunks, the
 Triton kernel streams key blocks with a running max/argmax (a GEMM fused with a top-1). With masks,
 active positions are compacted first, so work is (active queries) x (active keys).
+
+`patch_match_blocked` is the CPU path: the reference's products in blocks of 256 queries x 4096
+keys (4 MB of similarities, which stay in the caches) with a running max across key blocks,
+instead of a few queries against every key at once. Its products are the same fp32 dot products
+and its ties resolve to the lowest index too; 2.2x faster (8192 x 175,000 descriptors: 163
+against 74 GFLOP/s, 2-core CPU, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ import torch.nn.functional as F
 
 from ._launch import dot_ieee, launch_config, next_pow2, require_triton, tl, triton
 
-__all__ = ["match_descriptors", "patch_descriptors", "patch_match", "patch_match_reference"]
+__all__ = [
+    "match_descriptors",
+    "patch_descriptors",
+    "patch_match",
+    "patch_match_blocked",
+    "patch_match_reference",
+]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # Reference chunking: at most this many similarity entries alive at once.
@@ -100,6 +112,43 @@ def _match_reference(qd: torch.Tensor, kd: torch.Tensor):
         index[q0 : q0 + step] = idx
         score[q0 : q0 + step] = sim.gather(1, idx[:, None]).squeeze(1)
     return score, index
+
+
+# The CPU path's blocks: 256 x 4096 fp32 similarities are 4 MB (swept on the 2-core CPU,
+# 2026-12-06: 256x4096 163 GFLOP/s, 2048x2048 162, 1024x4096 154, 512x8192 144, 1024x16384 105).
+_CPU_BLOCK_Q, _CPU_BLOCK_K = 256, 4096
+
+
+def _match_blocked(qd: torch.Tensor, kd: torch.Tensor):
+    nq, nk = qd.shape[0], kd.shape[0]
+    score = torch.zeros(nq, dtype=torch.float32, device=qd.device)
+    index = torch.full((nq,), -1, dtype=torch.int64, device=qd.device)
+    if nq == 0 or nk == 0:
+        return score, index
+    kt = kd.float().t().contiguous()  # [D, NK]: each block's columns are one slice
+    for q0 in range(0, nq, _CPU_BLOCK_Q):
+        qb = qd[q0 : q0 + _CPU_BLOCK_Q].float()
+        best = torch.full((qb.shape[0],), -float("inf"), device=qd.device)
+        arg = torch.zeros(qb.shape[0], dtype=torch.int64, device=qd.device)
+        for k0 in range(0, nk, _CPU_BLOCK_K):
+            m, i = (qb @ kt[:, k0 : k0 + _CPU_BLOCK_K]).max(dim=1)  # first maximum on ties
+            better = m > best  # strictly: an earlier block keeps a tie (the lowest index)
+            best = torch.where(better, m, best)
+            arg = torch.where(better, i + k0, arg)
+        score[q0 : q0 + _CPU_BLOCK_Q], index[q0 : q0 + _CPU_BLOCK_Q] = best, arg
+    return score, index
+
+
+def patch_match_blocked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    return_stats: bool = False,
+):
+    """`patch_match_reference` in cache-sized blocks (the CPU path; module docstring)."""
+    _check(query, key, query_mask, key_mask)
+    return _run(query, key, query_mask, key_mask, return_stats, _match_blocked, None)
 
 
 def patch_match_reference(

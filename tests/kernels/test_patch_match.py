@@ -14,6 +14,7 @@ from sddusr_engine.kernels import (
     match_descriptors,
     patch_descriptors,
     patch_match,
+    patch_match_blocked,
     patch_match_reference,
 )
 from sddusr_engine.kernels._launch import is_interpreter, launch_config
@@ -244,7 +245,44 @@ def test_get_ops_and_import_without_triton():
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr
     from sddusr_engine.kernels import KernelOps, get_ops
 
-    assert get_ops("torch").patch_match is patch_match_reference
+    with torch.no_grad():  # CPU inference: the blocked path; elsewhere the reference
+        q, k = torch.randn(2, 4, 4), torch.randn(2, 5, 5)
+        got, want = get_ops("torch").patch_match(q, k), patch_match_reference(q, k)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert isinstance(get_ops("triton"), KernelOps) and get_ops("triton").patch_match is patch_match
     with pytest.raises(ValueError, match="backend"):
         get_ops("cuda")
+
+
+@pytest.mark.parametrize(
+    "qshape, kshape, masked",
+    [
+        ((16, 20, 30), (16, 70, 70), False),
+        ((3, 17, 23), (3, 71, 61), True),
+        ((5, 2, 3), (5, 2, 2), True),
+    ],
+)
+def test_blocked_cpu_path_matches_the_reference(qshape, kshape, masked):
+    """More queries and keys than one block holds (256 x 4096), ragged, with and without masks:
+    the same scores and indices as the reference, and the same work counted."""
+    q, k = torch.randn(*qshape), torch.randn(*kshape)
+    qm = torch.rand(qshape[1:]) > 0.3 if masked else None
+    km = torch.rand(kshape[1:]) > 0.3 if masked else None
+    want = patch_match_reference(q, k, qm, km, return_stats=True)
+    got = patch_match_blocked(q, k, qm, km, return_stats=True)
+    assert torch.equal(got[1], want[1]) and got[2] == want[2]
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+
+
+def test_blocked_cpu_path_breaks_ties_to_the_lowest_index_across_blocks():
+    """Equal best keys in different key blocks: the lowest index, as the reference gives."""
+    from sddusr_engine.kernels.patch_match import _CPU_BLOCK_K, _match_blocked, _match_reference
+
+    kd = F.normalize(torch.randn(3 * _CPU_BLOCK_K, 8), dim=1)
+    qd = kd[[5, 7, 9000]].clone()
+    kd[_CPU_BLOCK_K + 5] = kd[5]  # the same best key again, one block later
+    kd[2 * _CPU_BLOCK_K + 1] = kd[9000]  # and again, in the last block (9000 is in the third)
+    kd[2] = kd[7]  # an earlier copy, in the same block
+    score, index = _match_blocked(qd, kd)
+    assert index.tolist() == [5, 2, 2 * _CPU_BLOCK_K + 1] == _match_reference(qd, kd)[1].tolist()
+    torch.testing.assert_close(score, torch.ones(3))
