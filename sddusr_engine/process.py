@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 from collections.abc import Callable
 
@@ -39,6 +40,7 @@ def keep_freed_memory() -> bool:
     )
 
 
+@functools.cache  # find_library runs ldconfig: once per process, not at every stage
 def _libc():
     if not sys.platform.startswith("linux"):
         return None

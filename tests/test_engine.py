@@ -477,8 +477,8 @@ def test_kept_fusion_maps_are_the_whole_pass_maps(variant):
         gated_whole = model.fusion_pool_input(fused_whole)
         out_spans = [(y, x) for y in spans(180, 64) for x in spans(268, 64)]
         maps = (model, lr, feat, model.with_warp_sources(ctx), conf, index)
-        fused, gated, pooled = tiling._fusion_maps(
-            maps, out_spans, model.tiling.fusion_halo_hr, lambda: None
+        fused, gated, pooled = tiling._first_pass(
+            maps, out_spans, model.tiling.fusion_halo_hr, lambda: None, keep=True
         )
     assert (fused - fused_whole).abs().max() <= 1e-5
     assert (gated - gated_whole).abs().max() <= 1e-5

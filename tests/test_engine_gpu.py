@@ -1,6 +1,7 @@
 """GPU-only engine checks (bench/gpu_check.sh runs them): precisions against fp32 on the sample
 pair, and the Triton backend against the torch backend on a full-width network."""
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -37,25 +38,30 @@ def test_half_precisions_within_a_tenth_of_a_db_of_fp32(precision):
     assert abs(psnr(out.astype(np.float64), target) - psnr(hr_like, target)) < 0.1
 
 
+@contextlib.contextmanager
+def _true_fp32():
+    """cuDNN's convolutions default to tf32 on these cards, and tiles and the whole image convolve
+    tensors of different shapes, so tf32 alone makes them differ by ~1e-3: compare in true fp32."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _random_triplet():
+    return torch.rand(1, 3, 200, 264), torch.rand(1, 3, 100, 132), torch.rand(1, 3, 200, 264)
+
+
 @pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
 def test_triton_backend_matches_torch_backend_fp32(variant):
     torch.manual_seed(0)
     model = build_model(variant)
-    lr, lrc, ref = (
-        torch.rand(1, 3, 200, 264),
-        torch.rand(1, 3, 100, 132),
-        torch.rand(1, 3, 200, 264),
-    )
-    # cuDNN's convolutions default to tf32 on this card, and the two runs convolve tensors of
-    # different shapes (whole image vs tiles), so tf32 alone makes them differ by ~1e-3; compare
-    # the backends in true fp32.
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    lr, lrc, ref = _random_triplet()
+    with _true_fp32():
         a = Engine(model, "cuda", "fp32", "torch", tile=0).run(lr, lrc, ref)
         b = Engine(model, "cuda", "fp32", "triton", tile=96).run(lr, lrc, ref)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
     assert (a - b).abs().max().item() < 1e-4
 
 
@@ -124,14 +130,8 @@ def test_every_plan_and_the_unfused_detail_match_the_whole_pass_fp32(variant):
     whole pass agree, and so do the fused reference detail and the PyTorch ops it replaces."""
     torch.manual_seed(0)
     model = build_model(variant)
-    lr, lrc, ref = (
-        torch.rand(1, 3, 200, 264),
-        torch.rand(1, 3, 100, 132),
-        torch.rand(1, 3, 200, 264),
-    )
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # tiles and the whole image convolve other shapes
-    try:
+    lr, lrc, ref = _random_triplet()
+    with _true_fp32():
         whole = Engine(model, "cuda", "fp32", "triton", tile=0).run(lr, lrc, ref)
         for keep in (True, False):
             eng = Engine(model, "cuda", "fp32", "triton", tile=96, keep_fusion_maps=keep)
@@ -141,6 +141,4 @@ def test_every_plan_and_the_unfused_detail_match_the_whole_pass_fp32(variant):
         eng = Engine(model, "cuda", "fp32", "triton", tile=0)
         eng.model.ops = eng.model.ops._replace(fused_detail=None)
         unfused = eng.run(lr, lrc, ref)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
     assert (unfused - whole).abs().max().item() < 1e-4

@@ -159,7 +159,9 @@ def test_eval_adapts_the_corners_only(dataset, tiny_weights, tmp_path):
         assert b["no_ref"] == a["no_ref"]
     res = invoke("eval", dataset, "--weights", tiny_weights, "--adapt", -1)
     assert (
-        res.exit_code == 2 and "adapt must be 0 (off) to" in res.stderr and "Traceback" not in res.output
+        res.exit_code == 2
+        and "adapt must be 0 (off) to" in res.stderr
+        and "Traceback" not in res.output
     )
 
 

@@ -269,29 +269,21 @@ class Engine:
         and, with `keep_maps`, the registered telephoto as `info.maps["ref"]`. A pair without
         the telephoto runs reference-free and its warning is in `info.warnings`.
         """
-        if pair.ref is None:
-            out, info = self.run(
-                pair.lr,
-                None,
-                None,
-                progress=progress,
-                return_info=True,
-                keep_maps=keep_maps,
-                on_stage=on_stage,
-            )
-            if pair.warning is not None:
-                info.warnings.append(pair.warning)
-            return (out, info) if return_info else out
+        found = pair.ref is not None
         out, info = self.run(
             pair.lr,
-            pair.lrc,
+            pair.lrc if found else None,
             pair.ref,
             progress=progress,
             return_info=True,
             keep_maps=keep_maps,
-            box_lr=pair.box_lr,
+            box_lr=pair.box_lr if found else None,
             on_stage=on_stage,
         )
+        if not found:
+            if pair.warning is not None:
+                info.warnings.append(pair.warning)
+            return (out, info) if return_info else out
         info.timings = {"registration": pair.registration_ms, **info.timings}
         info.footprint, info.box_lr = pair.footprint, pair.box_lr
         if keep_maps:  # the registered telephoto, for comparisons (the array itself, no copy)
@@ -337,9 +329,7 @@ class Engine:
             plan = TilePlan(self.tile, bool(keep) and self.tile > 0)
         first = plan
         while True:
-            info = RunInfo(
-                tile=plan.tile, ensemble=self.ensemble, fusion_maps=plan.keep_fusion_maps
-            )
+            info = RunInfo(tile=plan.tile, ensemble=self.ensemble)
             try:
                 sr = self._passes(
                     self.model, lr, lrc, ref, plan, progress, keep_maps, stage_hook, info

@@ -79,8 +79,3 @@ def auto_plan(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype, device)
     if whole <= usable:
         return TilePlan(0)
     return TilePlan(TILED_TILE, kept)
-
-
-def auto_tile(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype, device) -> int:
-    """`auto_plan`'s tile side."""
-    return auto_plan(lr_hw, channels, dtype, device).tile

@@ -54,7 +54,8 @@ def tiled_forward(
     """`model(lr, lrc, ref)` [1,3,2H,2W] in the model's dtype, computed in LR tiles of `tile`
     pixels (0: whole). Matching statistics (and with `keep_maps` the maps) go into `info`.
     `keep_fusion_maps` (tiled runs): hold the fusion block's input and gated map over the whole
-    output (`fusion_maps_bytes`) so that the 2x stage runs once, not twice (module docstring)."""
+    output (2 x `fusion_channels` values per output pixel) so that the 2x stage runs once, not
+    twice (module docstring)."""
     m, tiling = model, model.tiling
     h, w = lr.shape[-2:]
     lr = pad_to_even(lr)
@@ -112,12 +113,12 @@ def tiled_forward(
             _decode_tiles(sr, maps, out_spans, 0, None, tick)
     elif keep_fusion_maps:
         with timer("fusion_input"):
-            fused, gated, pooled = _fusion_maps(maps, out_spans, tiling.fusion_halo_hr, tick)
+            fused, gated, pooled = _first_pass(maps, out_spans, tiling.fusion_halo_hr, tick, True)
         with timer("decode"):
             _decode_from_maps(sr, m, lr, fused, gated, pooled, out_spans, tiling.tail_halo_hr, tick)
     else:
         with timer("fusion_statistics"):
-            pooled = _fusion_statistics(maps, out_spans, tiling.fusion_halo_hr, tick)
+            _, _, pooled = _first_pass(maps, out_spans, tiling.fusion_halo_hr, tick, False)
         with timer("decode"):
             _decode_tiles(sr, maps, out_spans, tiling.decode_halo_hr, pooled, tick)
 
@@ -144,14 +145,6 @@ def reference_band_rows(lr_tile: int, ref_width: int) -> int:
     """Ref rows per band of a tiled run's reference context: about as many Ref pixels as one
     output tile has (a multiple of 8, at least 8), so that its peak follows the tile's."""
     return max(8, (2 * lr_tile) ** 2 // max(ref_width, 1) // 8 * 8)
-
-
-def fusion_maps_bytes(model: DualLensSR, lr_hw: tuple[int, int], dtype: torch.dtype) -> int:
-    """What `keep_fusion_maps` holds for an LR image of `lr_hw`: the fusion block's input and
-    its gated map over the whole output, `fusion_channels` values per output pixel each."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    h, w = lr_hw[0] + lr_hw[0] % 2, lr_hw[1] + lr_hw[1] % 2
-    return 2 * model.config.fusion_channels * 4 * h * w * elem
 
 
 def _region(ys, xs, halo: int, hp: int, wp: int):
@@ -191,38 +184,29 @@ def _decode_tiles(sr, maps, out_spans, halo, pooled, tick) -> None:
         tick()
 
 
-def _fusion_statistics(maps, out_spans, halo, tick) -> torch.Tensor:
-    """The whole image's mean of the fusion block's gated map, summed tile by tile."""
-    m, lr = maps[0], maps[1]
-    acc = torch.zeros(m.config.fusion_channels, device=lr.device, dtype=torch.float32)
-    for ys, xs in out_spans:
-        fused, _, _, inner = _fusion_input(*maps, ys, xs, halo)
-        acc += m.fusion_pool_input(fused)[inner].float().sum(dim=(0, 2, 3))
-        tick()
-    hp, wp = lr.shape[-2:]
-    return (acc / (4 * hp * wp)).to(lr.dtype).view(1, -1, 1, 1)
-
-
-def _fusion_maps(maps, out_spans, halo, tick):
-    """(fusion input, its gated map, the gated map's whole-image mean): the two maps over the
-    whole output, made tile by tile, so that the rest of the 2x stage runs once per tile."""
+def _first_pass(maps, out_spans, halo, tick, keep: bool):
+    """The fusion block's gated map, tile by tile: its whole-image mean [1,C,1,1] (the channel
+    attention's statistic), and with `keep` the fusion input and the gated map over the whole
+    output, so that the rest of the 2x stage runs once per tile (else None, None)."""
     m, lr = maps[0], maps[1]
     hp, wp = lr.shape[-2:]
     shape = (1, m.config.fusion_channels, 2 * hp, 2 * wp)
-    fmt = torch.channels_last if lr.is_contiguous(memory_format=torch.channels_last) else None
-    like = {"dtype": lr.dtype, "device": lr.device}
-    fused_all = torch.empty(shape, **like, memory_format=fmt or torch.contiguous_format)
-    gated_all = torch.empty_like(fused_all)
+    fused_all = gated_all = None
+    if keep:
+        nhwc = lr.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        fused_all = torch.empty(shape, dtype=lr.dtype, device=lr.device, memory_format=fmt)
+        gated_all = torch.empty_like(fused_all)
     acc = torch.zeros(shape[1], device=lr.device, dtype=torch.float32)
     for ys, xs in out_spans:
         fused, _, _, inner = _fusion_input(*maps, ys, xs, halo)
         gated = m.fusion_pool_input(fused)[inner]
         acc += gated.float().sum(dim=(0, 2, 3))
-        fused_all[..., ys[0] : ys[1], xs[0] : xs[1]] = fused[inner]
-        gated_all[..., ys[0] : ys[1], xs[0] : xs[1]] = gated
+        if keep:
+            fused_all[..., ys[0] : ys[1], xs[0] : xs[1]] = fused[inner]
+            gated_all[..., ys[0] : ys[1], xs[0] : xs[1]] = gated
         tick()
-    pooled = (acc / (4 * hp * wp)).to(lr.dtype).view(1, -1, 1, 1)
-    return fused_all, gated_all, pooled
+    return fused_all, gated_all, (acc / (4 * hp * wp)).to(lr.dtype).view(1, -1, 1, 1)
 
 
 def _decode_from_maps(sr, m: DualLensSR, lr, fused_all, gated_all, pooled, spans_, halo, tick):

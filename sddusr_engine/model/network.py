@@ -66,7 +66,6 @@ class Tiling:
     fusion_halo_hr: int  # ... of the fusion block's gated map (`fusion_pool_input`)
     tail_halo_hr: int  # ... of the 2x stage after that map (`fuse_gated` and `decode`)
     cell_hr: int  # output pixels per matching cell: 2x-stage tiles are aligned to it
-    fusion_pools_globally: bool  # the fusion block's channel attention needs the whole image
 
 
 @dataclass
@@ -289,7 +288,6 @@ class DualLensSR(nn.Module):
             fusion_halo_hr=-(-(fringe + gated) // 8) * 8,
             tail_halo_hr=-(-tail // 8) * 8,
             cell_hr=c.patch_stride,  # a matching cell (2 LR pixels) is one warp stride
-            fusion_pools_globally=True,
         )
 
     # -- LR branch (streams in tiles) -----------------------------------------------------------
@@ -411,9 +409,9 @@ class DualLensSR(nn.Module):
         return high_pass_covered(m.warp_sum, coverage, self.alpha, low_gain)
 
     def fusion_input(self, f_lr, m: MatchResult, ctx: ReferenceContext) -> torch.Tensor:
-        if self.ops.fused_detail is not None and m.index is not None:
-            if not torch.is_grad_enabled():
-                return self._fusion_input_fused(f_lr, m, ctx)
+        fused_kernel = self.ops.fused_detail is not None and m.index is not None
+        if fused_kernel and not torch.is_grad_enabled():
+            return self._fusion_input_fused(f_lr, m, ctx)
         hf = self.reference_detail(m)
         gate = self.confidence_gate(m.confidence)
         if self.config.variant == "kedusr":
