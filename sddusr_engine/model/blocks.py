@@ -109,17 +109,22 @@ class TrunkBlock(nn.Module):
         self.channel_attention = ChannelAttention(channels, reduction)
         self.use_attention = use_attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pool_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The map whose global channel mean the channel attention pools."""
+        return lrelu(self.conv1(x))
+
+    def forward(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """`pooled` [B,C,1,1]: the whole image's mean of `pool_input(x)`, for a tiled caller."""
         if _in_place():
             y = F.leaky_relu_(self.conv1(x), 0.2)
             if self.use_attention:
-                y.mul_(self.channel_attention.scale(y))
+                y.mul_(self.channel_attention.scale(y, pooled))
             out = self.conv2(y)
             del y  # before the next map is made: a whole-image trunk holds three maps, not five
             return F.leaky_relu_(out, 0.2).add_(x)
         y = lrelu(self.conv1(x))
         if self.use_attention:
-            y = self.channel_attention(y)
+            y = self.channel_attention(y, pooled)
         return x + lrelu(self.conv2(y))
 
 

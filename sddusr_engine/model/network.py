@@ -33,6 +33,7 @@ from .matching import (
     warp_coverage,
 )
 from .tdl import Dictionaries, TokenDictionary
+from .trunk_bands import trunk_band_steps, trunk_in_bands
 
 
 @dataclass
@@ -291,8 +292,20 @@ class DualLensSR(nn.Module):
         )
 
     # -- LR branch (streams in tiles) -----------------------------------------------------------
-    def lr_trunk(self, lr: torch.Tensor) -> torch.Tensor:
-        return self.SISR(lr)
+    def lr_trunk(self, lr: torch.Tensor, band_rows: int = 0, tick=None) -> torch.Tensor:
+        """The LR trunk; `band_rows` > 0 (inference): in full-width bands of that many rows,
+        exact with the channel attention, holding two whole maps instead of about five
+        (`trunk_bands.trunk_in_bands`; `tick()` after each of its `trunk_steps`)."""
+        if band_rows:
+            return trunk_in_bands(self.SISR, lr, band_rows, tick)
+        out = self.SISR(lr)
+        if tick is not None:
+            tick()
+        return out
+
+    def trunk_steps(self, band_rows: int = 0) -> int:
+        """How many times `lr_trunk(..., band_rows, tick)` ticks."""
+        return trunk_band_steps(self.SISR) if band_rows else 1
 
     def query_maps(self, lr: torch.Tensor) -> torch.Tensor:
         """lr [B,3,H,W] -> [B, m (+2 with SFM), H/2, W/2]: the matching map and the SFM logits,
