@@ -148,7 +148,11 @@ class PatchTable(NamedTuple):
 
 def patch_table(value: torch.Tensor, ksize: int = 9, stride: int = 4) -> PatchTable:
     """The block table of `value` [C, Hv, Wv] for `patch_warp_blocked` (see the module docstring).
-    Needs (ksize-1)//2 to be a multiple of the stride (9 and 4)."""
+    Needs (ksize-1)//2 to be a multiple of the stride (9 and 4).
+
+    Cut in bands of block rows straight from `value` (the reflect padding as row and column
+    indices), so that making it holds the map, the table and one band: a padded copy of a 12 MP
+    F_Ref_align would be two more maps of its size."""
     nh, nw, top, left = _check(value, None, ksize, stride)
     if ((ksize - 1) // 2) % stride:
         raise ValueError(f"patch_table: ksize {ksize} is not whole blocks of stride {stride}")
@@ -156,13 +160,33 @@ def patch_table(value: torch.Tensor, ksize: int = 9, stride: int = 4) -> PatchTa
     s, nb = stride, -(-ksize // stride)
     _, _, bottom = patch_grid(hv, ksize, stride)
     _, _, right = patch_grid(wv, ksize, stride)
-    vp = F.pad(value[None].float(), (left, right, top, bottom), mode="reflect")[0]
     rb, sb = nh - 1 + nb, nw - 1 + nb  # whole blocks covering every patch, per side
-    vp = F.pad(vp, (0, sb * s - vp.shape[2], 0, rb * s - vp.shape[1]))  # beyond k: masked later
-    table = torch.empty(rb * sb + 1, c * s * s, dtype=torch.float32, device=value.device)
-    table[:-1].view(rb, sb, c, s, s).copy_(vp.view(c, rb, s, sb, s).permute(1, 3, 0, 2, 4))
+    dev = value.device
+    table = torch.empty(rb * sb + 1, c * s * s, dtype=torch.float32, device=dev)
+    blocks = table[:-1].view(rb, sb, c, s, s)
+    band = max(1, _REF_CHUNK_ELEMS // (sb * s * s * c))  # block rows per band
+    part = torch.zeros(c, min(band, rb) * s, sb * s, dtype=torch.float32, device=dev)
+    # the reflected columns either side: left+wv+right of the padded width, zeros beyond
+    left_cols = _reflected(torch.arange(-left, 0, device=dev), wv)
+    right_cols = _reflected(torch.arange(wv, wv + right, device=dev), wv)
+    for r0 in range(0, rb, band):
+        r1 = min(r0 + band, rb)
+        rows = torch.arange(r0 * s, r1 * s, device=dev)
+        rows = _reflected(rows[rows < top + hv + bottom] - top, hv)  # below: zeros (unused)
+        n, p = rows.numel(), part[:, : (r1 - r0) * s]
+        p[:, :n, left : left + wv] = value.index_select(1, rows)
+        p[:, :n, :left] = p[:, :n, left + left_cols]
+        p[:, :n, left + wv : left + wv + right] = p[:, :n, left + right_cols]
+        p[:, n:] = 0
+        blocks[r0:r1].copy_(p.view(c, r1 - r0, s, sb, s).permute(1, 3, 0, 2, 4))
     table[-1] = 0
     return PatchTable(table, (c, hv, wv), value.dtype, ksize, stride)
+
+
+def _reflected(i: torch.Tensor, side: int) -> torch.Tensor:
+    """Indices -side < i < 2 side - 1 mirrored into 0..side-1 as reflect padding does."""
+    i = i.abs()
+    return torch.where(i >= side, 2 * (side - 1) - i, i)
 
 
 def patch_warp_blocked(

@@ -363,3 +363,20 @@ def test_matching_in_row_bands_equals_one_call(backend, masked):
     else:  # the kernel counts whole blocks of pairs: padded per band
         assert got[2]["active_queries"] == want[2]["active_queries"]
         assert got[2]["pairs_evaluated"] >= want[2]["pairs_evaluated"]
+
+
+@pytest.mark.parametrize("hw, band_rows", [((200, 96), 8), ((130, 260), 40), ((70, 50), 64)])
+def test_spynet_in_bands_is_the_whole_flow(hw, band_rows):
+    """Each pyramid level's convolutions in row bands (the banded reference context's flow): the
+    whole pass's flow, where the finest levels span several bands and the coarse ones one."""
+    from sddusr_engine.model.flow import SpyNet
+
+    torch.manual_seed(0)
+    net = SpyNet().eval()
+    with torch.no_grad():
+        for p in net.basic_module.parameters():
+            p.normal_(0, 0.05)  # a flow of tens of pixels: every conv matters
+        a, b = torch.rand(1, 3, *hw), torch.rand(1, 3, *hw)
+        want, got = net(a, b), net(a, b, band_rows)
+    assert want.abs().max() > 10
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bands import row_bands, tiled_apply
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -31,6 +33,8 @@ def flow_warp(
 
 class _FlowLevel(nn.Module):
     """Five 7x7 convs 8 -> 32 -> 64 -> 32 -> 16 -> 2 with ReLU between them."""
+
+    HALO = 5 * 3  # rows of context: five 7x7 convs
 
     def __init__(self):
         super().__init__()
@@ -57,7 +61,7 @@ class SpyNet(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
-    def _pyramid_flow(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _pyramid_flow(self, a: torch.Tensor, b: torch.Tensor, band_rows: int = 0) -> torch.Tensor:
         a_levels, b_levels = [(a - self.mean) / self.std], [(b - self.mean) / self.std]
         for _ in range(self.LEVELS - 1):
             a_levels.insert(0, F.avg_pool2d(a_levels[0], 2, 2, count_include_pad=False))
@@ -71,11 +75,22 @@ class SpyNet(nn.Module):
             if up.shape[-1] != al.shape[-1]:
                 up = F.pad(up, (0, 1, 0, 0), mode="replicate")
             warped = flow_warp(bl, up, padding_mode="border")
-            flow = self.basic_module[level](torch.cat([al, warped, up], dim=1)) + up
+            x = torch.cat([al, warped, up], dim=1)
+            basic = self.basic_module[level]
+            rows = max(band_rows, 2 * basic.HALO)  # not mostly context
+            if band_rows and x.shape[-2] > rows:  # its 32 and 64-channel maps per band
+                bands = row_bands(x.shape[-2], x.shape[-1], rows)
+                flow = tiled_apply(basic, x, bands, basic.HALO) + up
+            else:
+                flow = basic(x) + up
         return flow
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a, b: [B,3,h,w] in [0,1] -> flow [B,2,h,w] as (dx, dy) in a's pixels."""
+    def forward(self, a: torch.Tensor, b: torch.Tensor, band_rows: int = 0) -> torch.Tensor:
+        """a, b: [B,3,h,w] in [0,1] -> flow [B,2,h,w] as (dx, dy) in a's pixels.
+
+        `band_rows` > 0: each level's convolutions in bands of that many rows (at least 30; each
+        with 15 rows of context), the same flow with the wide intermediate maps one band at a
+        time."""
         h, w = a.shape[-2:]
         # The published code resizes to the next multiple of 32; at least 64 keeps the coarsest of
         # the 6 levels non-empty for tiny LRC crops (where the published code fails).
@@ -83,7 +98,10 @@ class SpyNet(nn.Module):
         a32 = F.interpolate(a, size=(hf, wf), mode="bilinear", align_corners=False)
         b32 = F.interpolate(b, size=(hf, wf), mode="bilinear", align_corners=False)
         flow = F.interpolate(
-            self._pyramid_flow(a32, b32), size=(h, w), mode="bilinear", align_corners=False
+            self._pyramid_flow(a32, b32, band_rows),
+            size=(h, w),
+            mode="bilinear",
+            align_corners=False,
         )
         scale = flow.new_tensor([w / wf, h / hf]).view(1, 2, 1, 1)
         return flow * scale

@@ -218,7 +218,8 @@ class DualLensSR(nn.Module):
         hr, wr = ref.shape[-2:]
         f_ref = tiled_apply(self.encode_ref, ref, row_bands(hr, wr, band_rows),
                             t.ref_encoder_halo_hr, 1, 1, tick)  # fmt: skip
-        flow = self.Ref_align.upsampled_flow(self.spynet(lrc, F.avg_pool2d(ref, 2)))
+        flow = self.spynet(lrc, F.avg_pool2d(ref, 2), band_rows // 2)  # LRC rows per band
+        flow = self.Ref_align.upsampled_flow(flow)
         f_ref_align = torch.empty_like(f_ref)
         tdl_bands = []
         halo, lrc_halo = self.Ref_align.HALO, t.lrc_encoder_halo_lr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,6 +134,25 @@ def test_torch_backend_warps_by_blocks_for_cpu_inference_only():
         assert torch.equal(op(v, idx), patch_warp_blocked(v, idx))
     v.requires_grad_(True)
     assert torch.equal(op(v, idx).detach(), patch_warp_reference(v, idx).detach())
+
+
+@pytest.mark.parametrize("vshape", [(3, 13, 17), (2, 8, 5), (4, 30, 41), (1, 9, 33)])
+def test_a_block_table_cut_in_bands_is_the_padded_map_reshuffled(monkeypatch, vshape):
+    """The table, cut band by band from the map with the reflect padding as indices, holds
+    exactly the blocks of the reflect-padded map (zeros beyond it), whatever the bands."""
+    pw = sys.modules[patch_table.__module__]
+    v = torch.randn(*vshape)
+    c, hv, wv = vshape
+    nh, top, bottom = patch_grid(hv)
+    nw, left, right = patch_grid(wv)
+    rb, sb = nh + 2, nw + 2
+    vp = F.pad(v[None], (left, right, top, bottom), mode="reflect")[0]
+    vp = F.pad(vp, (0, 4 * sb - vp.shape[2], 0, 4 * rb - vp.shape[1]))
+    want = vp.view(c, rb, 4, sb, 4).permute(1, 3, 0, 2, 4).reshape(rb * sb, c * 16)
+    for chunk in (1, c * 16 * sb * 2, 1 << 24):  # one block row, two, all at once
+        monkeypatch.setattr(pw, "_REF_CHUNK_ELEMS", chunk)
+        table = patch_table(v)
+        assert torch.equal(table.table[:-1], want) and not table.table[-1].any()
 
 
 def test_a_block_table_cut_once_warps_like_the_map_itself(close):
