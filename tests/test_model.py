@@ -325,7 +325,9 @@ def test_reference_context_in_bands_equals_the_whole(variant, band_rows):
         whole = m.reference_context(lrc, ref, keep_taps=False)
         banded = m.reference_context(lrc, ref, band_rows=band_rows, tick=lambda: ticks.append(1))
     assert len(ticks) == m.reference_bands((44, 60), band_rows)
-    assert rel_err(banded.f_ref_align, whole.f_ref_align) < 1e-5
+    # bands read F_Ref from a window of its rows, and the flow's warp normalises its coordinates
+    # by the window's height: they round differently (6e-5 with these flows of tens of pixels)
+    assert rel_err(banded.f_ref_align, whole.f_ref_align) < 2e-4
     assert rel_err(banded.key_map, whole.key_map) < 1e-5
     if variant == "sddusr":
         assert torch.equal(banded.key_mask, whole.key_mask)
@@ -380,3 +382,76 @@ def test_spynet_in_bands_is_the_whole_flow(hw, band_rows):
         want, got = net(a, b), net(a, b, band_rows)
     assert want.abs().max() > 10
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_alignment_reads_only_the_rows_its_flow_reaches():
+    """A band aligned from the F_Ref rows `reach` names (flows of tens of rows, offsets at the
+    tanh limit) equals the band aligned from the whole map; rows short of the reach do not."""
+    from sddusr_engine.kernels import get_ops
+
+    torch.manual_seed(0)
+    align = build_model("sddusr", **TINY).Ref_align.eval()
+    with torch.no_grad():
+        align.dcnpack.conv_offset.weight.normal_(0.0, 0.5)  # offsets near +-15
+    c, h, w = 16, 120, 24
+    f_ref, f_lrc = torch.randn(1, c, h, w), torch.randn(1, c, h, w)
+    flow = torch.zeros(1, 2, h, w)
+    flow[:, 1] = 12.0 * torch.sin(torch.arange(h)[:, None] / 9.0 + torch.arange(w) / 5.0)
+    flow[:, 0] = 3.0 * torch.randn(h, w)
+    deform = get_ops("torch").deform_conv2d
+    a0, a1, rows = 40, 70, slice(3, 27)
+    with torch.no_grad():
+        want = align.band(f_ref, f_lrc[..., a0:a1, :], flow[..., a0:a1, :], a0, rows, deform)
+        lo, hi = align.reach(flow[..., a0:a1, :], a0, h)
+        assert 0 < lo < a0 and a1 < hi < h  # a window, not the whole map
+        got = align.band(f_ref[..., lo:hi, :], f_lrc[..., a0:a1, :], flow[..., a0:a1, :],
+                         a0, rows, deform, lo)  # fmt: skip
+        short = align.band(f_ref[..., lo + 12 : hi, :], f_lrc[..., a0:a1, :],
+                           flow[..., a0:a1, :], a0, rows, deform, lo + 12)  # fmt: skip
+    assert rel_err(got, want) < 2e-4  # the warp's normalised coordinates round differently
+    assert rel_err(short, want) > 1e-2
+
+
+def test_row_window_computes_each_chunk_once_going_down():
+    from sddusr_engine.model.bands import RowWindow
+
+    conv = torch.nn.Conv2d(3, 4, 5, padding=2)
+    x = torch.randn(1, 3, 50, 9)
+    with torch.no_grad():
+        want = conv(x)
+        window = RowWindow(conv, x, 8, 2)
+        for lo, hi in [(0, 5), (3, 20), (10, 30), (29, 50), (44, 50)]:
+            assert torch.allclose(window.rows(lo, hi), want[..., lo:hi, :], atol=1e-6)
+            assert min(window.chunks) == lo // 8  # chunks above the window are let go
+        assert window.computed == 7  # ceil(50 / 8): each once
+        assert torch.allclose(window.rows(0, 50), want, atol=1e-6)  # back up: recomputed
+        assert window.computed == 12  # the two still held are not
+    with pytest.raises(ValueError, match="outside"):
+        window.rows(10, 51)
+
+
+def test_banded_reference_context_holds_a_window_of_f_ref(monkeypatch):
+    """With flows of a few rows, the banded context never holds all of F_Ref at once, and its
+    output is the whole pass's."""
+    from sddusr_engine.model import bands
+
+    most = []
+    real_rows = bands.RowWindow.rows
+
+    def spy(self, lo, hi):
+        out = real_rows(self, lo, hi)
+        most.append(len(self.chunks))
+        return out
+
+    monkeypatch.setattr(bands.RowWindow, "rows", spy)
+    torch.manual_seed(4)
+    m = build_model("sddusr", **TINY).eval()
+    with torch.no_grad():
+        m.Ref_align.dcnpack.conv_offset.weight.normal_(0.0, 0.05)
+    lrc, ref = torch.rand(1, 3, 96, 20), torch.rand(1, 3, 192, 40)
+    with torch.no_grad():
+        whole = m.reference_context(lrc, ref, keep_taps=False)
+        banded = m.reference_context(lrc, ref, band_rows=16)
+    assert rel_err(banded.f_ref_align, whole.f_ref_align) < 1e-5
+    assert rel_err(banded.dicts.values, whole.dicts.values) < 1e-5
+    assert len(most) == 12 and max(most) < 12  # 12 chunks of 16 rows, never all at once

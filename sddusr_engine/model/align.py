@@ -64,21 +64,37 @@ class FlowGuidedAlign(nn.Module):
         """f_ref, f_lrc: [B,C,2h,2w]; flow_lrc: [B,2,h,w] at LRC resolution."""
         return self.band(f_ref, f_lrc, self.upsampled_flow(flow_lrc), 0, None, deform_conv2d)
 
-    def band(self, f_ref, f_lrc_rows, flow_rows, a0: int, rows: slice | None, deform_conv2d):
+    def band(
+        self, f_ref, f_lrc_rows, flow_rows, a0: int, rows: slice | None, deform_conv2d, ref0=0
+    ):
         """`forward`'s output rows a0 + rows.start .. a0 + rows.stop, given F_LRC and the x2 flow
         (`upsampled_flow`) for Ref rows a0 .. (the band and `HALO` rows around it, clipped to
-        the map) and F_Ref whole (the flow's warp and the deformable samples reach anywhere).
-        The offset convolutions' maps (2C + 2, C, C and 27 x groups channels per pixel) then
-        exist for one band at a time. `rows` None: all of them (`forward`)."""
-        feat = torch.cat([flow_warp(f_ref, flow_rows, row0=a0), f_lrc_rows, flow_rows], dim=1)
+        the map) and F_Ref's rows from `ref0` on: the whole map, or the rows `reach` names
+        (the flow's warp and the deformable samples reach no further). The offset convolutions'
+        maps (2C + 2, C, C and 27 x groups channels per pixel) then exist for one band at a
+        time. `rows` None: all of them (`forward`)."""
+        warped = flow_warp(f_ref, flow_rows, row0=a0 - ref0)
+        feat = torch.cat([warped, f_lrc_rows, flow_rows], dim=1)
         feat = F.leaky_relu(self.offset_conv1(feat), 0.1)
         feat = F.leaky_relu(self.offset_conv2(feat), 0.1)
         if rows is None:
             return F.leaky_relu(self.dcnpack(f_ref, feat, flow_rows, deform_conv2d), 0.1)
         out = self.dcnpack(
-            f_ref, feat, flow_rows[..., rows, :], deform_conv2d, rows, a0 + rows.start
+            f_ref, feat, flow_rows[..., rows, :], deform_conv2d, rows, a0 + rows.start - ref0
         )
         return F.leaky_relu(out, 0.1)
+
+    def reach(self, flow_rows: torch.Tensor, a0: int, height: int) -> tuple[int, int]:
+        """The rows lo:hi of F_Ref (`height` rows) that `band` reads for Ref rows a0.. given
+        their x2 flow: where the flow's warp points (bilinear: one row either side) and where
+        the deformable taps can land (the 3x3 kernel's row and `MAX_RESIDUE` around the flow),
+        always including the band's own rows. Reading only those rows gives the same output."""
+        ys = torch.arange(a0, a0 + flow_rows.shape[-2], device=flow_rows.device)
+        target = flow_rows[:, 1] + ys.to(flow_rows.dtype)[:, None]
+        margin = int(DeformConvPack.MAX_RESIDUE) + 3  # the kernel's row, bilinear, rounding
+        lo = int(torch.floor(target.min()).item()) - margin
+        hi = int(torch.ceil(target.max()).item()) + margin + 1
+        return max(min(lo, a0), 0), min(max(hi, a0 + flow_rows.shape[-2]), height)
 
     @staticmethod
     def upsampled_flow(flow_lrc: torch.Tensor) -> torch.Tensor:

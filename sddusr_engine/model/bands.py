@@ -49,3 +49,38 @@ def tiled_apply(
 def row_bands(height: int, width: int, rows: int) -> list[tuple[Span, Span]]:
     """Full-width bands of `rows` rows covering a height x width image, as `tiled_apply` spans."""
     return [((y, min(y + rows, height)), (0, width)) for y in range(0, height, rows)]
+
+
+class RowWindow:
+    """A stage's output rows computed on demand, in chunks of `chunk_rows` rows (each from its
+    input rows with `halo` rows of context, so each equals the whole pass's rows), and kept only
+    while they may still be asked for: for a reader that moves down the image reading a window of
+    rows (the alignment reads F_Ref where the flow points). Chunks above the lowest row asked for
+    are let go; one asked for again is recomputed (the same values). Memory: the chunks of one
+    window, whatever the image's height."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], x, chunk_rows: int, halo: int):
+        self.fn, self.x, self.rows_per, self.halo = fn, x, chunk_rows, halo
+        self.height = x.shape[-2]
+        self.chunks: dict[int, torch.Tensor] = {}
+        self.computed = 0  # chunks computed so far (a recomputed one counts again)
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """The stage's output rows lo:hi (0 <= lo < hi <= height)."""
+        if not 0 <= lo < hi <= self.height:
+            raise ValueError(f"rows {lo}:{hi} outside 0:{self.height}")
+        first, last = lo // self.rows_per, (hi - 1) // self.rows_per
+        for k in [k for k in self.chunks if k < first]:
+            del self.chunks[k]
+        for k in range(first, last + 1):
+            if k not in self.chunks:
+                self.chunks[k] = self._chunk(k)
+        parts = [self.chunks[k] for k in range(first, last + 1)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+        return out[..., lo - first * self.rows_per : hi - first * self.rows_per, :]
+
+    def _chunk(self, k: int) -> torch.Tensor:
+        y0, y1 = k * self.rows_per, min((k + 1) * self.rows_per, self.height)
+        a0, a1 = max(y0 - self.halo, 0), min(y1 + self.halo, self.height)
+        self.computed += 1
+        return self.fn(self.x[..., a0:a1, :])[..., y0 - a0 : y1 - a0, :]

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ModelConfig, get_config
 from ..kernels import KernelOps, get_ops
 from .align import FlowGuidedAlign
-from .bands import row_bands, tiled_apply
+from .bands import RowWindow, row_bands, tiled_apply
 from .blocks import FusionBlock, PixelShuffleUp, ResList, Trunk, conv3x3
 from .flow import SpyNet
 from .low_band import LinearUpsampler
@@ -199,28 +199,29 @@ class DualLensSR(nn.Module):
 
     def reference_bands(self, ref_hw: tuple[int, int], band_rows: int) -> int:
         """How many times `reference_context(..., band_rows)` ticks for a Ref of `ref_hw`: per
-        band of the Ref encoder, the alignment and the LRC keys; whole (0), after the encoders,
-        the flow, the alignment and the keys with the dictionaries."""
+        band of the alignment and of the LRC keys; whole (0), after the encoders, the flow, the
+        alignment and the keys with the dictionaries."""
         if not band_rows:
             return 4
-        return 3 * -(-ref_hw[0] // band_rows)
+        return 2 * -(-ref_hw[0] // band_rows)
 
     def _reference_context_in_bands(self, lrc, ref, band_rows: int, tick) -> ReferenceContext:
-        """What stays whole: F_Ref (the alignment samples it anywhere) and F_Ref_align (the warp
-        picks its patches anywhere), C values per Ref pixel each, and the flow at LRC
-        resolution. F_LRC is made band by band (with the halo of its encoder) for the alignment
-        and the dictionary update, whose softmax over all positions is merged from the bands'."""
+        """What stays whole: F_Ref_align (the warp picks its patches anywhere), C values per Ref
+        pixel, and the flow. F_Ref is made in chunks of rows as the alignment's bands reach
+        them (`FlowGuidedAlign.reach`: where the flow points) and let go above the band
+        (`RowWindow`), so it is whole only where the flow sends every band everywhere. F_LRC is
+        made band by band (with the halo of its encoder) for the alignment and the dictionary
+        update, whose softmax over all positions is merged from the bands'."""
         if band_rows <= 0 or band_rows % 8:
             raise ValueError(f"band_rows must be a positive multiple of 8, got {band_rows}")
         if self.training:
             raise ValueError("the banded reference context is for inference")
         t = self.tiling
         hr, wr = ref.shape[-2:]
-        f_ref = tiled_apply(self.encode_ref, ref, row_bands(hr, wr, band_rows),
-                            t.ref_encoder_halo_hr, 1, 1, tick)  # fmt: skip
+        f_ref = RowWindow(self.encode_ref, ref, band_rows, t.ref_encoder_halo_hr)
         flow = self.spynet(lrc, F.avg_pool2d(ref, 2), band_rows // 2)  # LRC rows per band
         flow = self.Ref_align.upsampled_flow(flow)
-        f_ref_align = torch.empty_like(f_ref)
+        f_ref_align = None
         tdl_bands = []
         halo, lrc_halo = self.Ref_align.HALO, t.lrc_encoder_halo_lr
         for y0 in range(0, hr, band_rows):
@@ -231,9 +232,13 @@ class DualLensSR(nn.Module):
             c0, c1 = max(a0 // 2 - lrc_halo, 0), min(a1 // 2 + lrc_halo, hr // 2)
             f_lrc = self.encode_lrc(lrc[..., c0:c1, :])[..., a0 - 2 * c0 : a1 - 2 * c0, :]
             rows = slice(y0 - a0, y1 - a0)
+            band_flow = flow[..., a0:a1, :]
+            lo, hi = self.Ref_align.reach(band_flow, a0, hr)
             out = self.Ref_align.band(
-                f_ref, f_lrc, flow[..., a0:a1, :], a0, rows, self.ops.deform_conv2d
+                f_ref.rows(lo, hi), f_lrc, band_flow, a0, rows, self.ops.deform_conv2d, lo
             )
+            if f_ref_align is None:
+                f_ref_align = _empty_like_rows(out, hr)
             f_ref_align[..., y0:y1, :] = out
             if self.config.use_tdl:
                 tdl_bands.append(
@@ -497,6 +502,14 @@ class DualLensSR(nn.Module):
             aux["mask_lr"] = m.mask
             aux["mask_lrc"] = ctx.key_mask
         return sr, aux
+
+
+def _empty_like_rows(band: torch.Tensor, height: int) -> torch.Tensor:
+    """An uninitialised map like `band` (dtype, device, layout) but `height` rows high."""
+    nhwc = band.is_contiguous(memory_format=torch.channels_last) and not band.is_contiguous()
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    shape = (*band.shape[:2], height, band.shape[-1])
+    return torch.empty(shape, dtype=band.dtype, device=band.device, memory_format=fmt)
 
 
 def upsample_bicubic(x: torch.Tensor) -> torch.Tensor:
