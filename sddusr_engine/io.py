@@ -290,6 +290,9 @@ def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     return (t / _peak(a.dtype)).unsqueeze(0)  # [1, 3, H, W]
 
 
+TO_ARRAY_BAND_VALUES = 1 << 22  # `from_tensor` converts this many values at a time
+
+
 def from_tensor(t: torch.Tensor, bit_depth: int = 8) -> np.ndarray:
     """A [1, 3, H, W] or [3, H, W] tensor in [0, 1] as an RGB H×W×3 uint8 (or uint16) array."""
     if bit_depth not in (8, 16):
@@ -301,8 +304,15 @@ def from_tensor(t: torch.Tensor, bit_depth: int = 8) -> np.ndarray:
     if t.dim() != 3 or t.shape[0] != 3:
         raise ValueError(f"tensor shape {tuple(t.shape)} is not [1, 3, H, W] or [3, H, W]")
     peak = 255.0 if bit_depth == 8 else 65535.0
-    a = t.detach().to("cpu", torch.float32).clamp(0, 1).mul(peak).round().permute(1, 2, 0).numpy()
-    return np.ascontiguousarray(a.astype(np.uint8 if bit_depth == 8 else np.uint16))
+    t = t.detach()
+    h = t.shape[1]
+    out = np.empty((h, t.shape[2], 3), dtype=np.uint8 if bit_depth == 8 else np.uint16)
+    # in bands of rows: the float maps of the conversion exist for one band, not the image
+    rows = max(1, TO_ARRAY_BAND_VALUES // max(3 * t.shape[2], 1))
+    for y0 in range(0, h, rows):
+        band = t[:, y0 : y0 + rows].to("cpu", torch.float32).clamp(0, 1).mul_(peak).round_()
+        out[y0 : y0 + rows] = band.permute(1, 2, 0).numpy()
+    return out
 
 
 # ----------------------------------------------------------------------------- writing

@@ -245,6 +245,19 @@ def test_atomic_write_leaves_no_temp_and_does_not_clobber(tmp_path, monkeypatch)
         write_image(tmp_path / "x.gif", a)
 
 
+def test_from_tensor_in_bands_of_rows_leaves_its_input_alone(monkeypatch):
+    from sddusr_engine import io as imageio
+
+    monkeypatch.setattr(imageio, "TO_ARRAY_BAND_VALUES", 3 * 9 * 2)  # 2 rows per band
+    t = torch.rand(1, 3, 7, 9) * 1.4 - 0.2
+    before = t.clone()
+    want = (t[0].clamp(0, 1) * 255).round().permute(1, 2, 0).numpy().astype(np.uint8)
+    got = from_tensor(t)
+    assert got.dtype == np.uint8 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+    assert torch.equal(t, before)
+
+
 def test_tensor_conversions():
     a8 = _rgb8(6, 9)
     t = to_tensor(a8)

@@ -255,3 +255,23 @@ def test_fp16_engine_keeps_the_taps_in_fp32_and_matches_fp32():
     out = eng.run(lr)
     ref32 = Engine(_model_with_low_band(), "cpu", "fp32", "torch", tile=0).run(lr)
     assert (out - ref32).abs().max() < 2e-2  # the network in fp16, the projection in fp32
+
+
+@pytest.mark.parametrize("band_rows", [5, 16, 1000])
+@pytest.mark.parametrize("box", [None, (4, 15, 6, 20)])
+def test_projection_in_bands_is_the_whole_image_formula(band_rows, box):
+    """Bands of output rows, each with the blur's context and its LR rows (the upsampler's
+    taps), give the whole-image projection; odd sizes and edge rows included."""
+    g = torch.Generator().manual_seed(2)
+    up = _upsampler(torch.rand(4, 1, 5, 5, generator=g) / 25)
+    lr = torch.rand(1, 3, 23, 31, generator=g)
+    sr = torch.rand(1, 3, 45, 61, generator=g) * 1.2 - 0.1  # cropped to odd sides; beyond [0, 1]
+    sigma = 1.5
+    lin = up(lr)[..., :45, :61]
+    sr32 = sr.clamp(0, 1)
+    weight = outside_weight((45, 61), box, "cpu", torch.float32)
+    want = (sr32 + weight * gaussian_blur(lin - sr32, sigma)).clamp(0, 1)
+    got = project_low_band(sr, lr, up, sigma, box, band_rows=band_rows)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    rows = up(lr, (7, 15))
+    torch.testing.assert_close(rows, up(lr)[..., 14:30, :], atol=1e-6, rtol=0)
