@@ -39,7 +39,7 @@ from sddusr_engine.console import (
     warn,
 )
 from sddusr_engine.errors import UsageError
-from sddusr_engine.process import releasing
+from sddusr_engine.process import releasing, trimming
 
 app = typer.Typer(
     name="sddusr",
@@ -178,7 +178,7 @@ def demo(
             tele,
             return_info=True,
             keep_maps=True,
-            progress=show.tiles,
+            progress=trimming(show.tiles),
             on_stage=releasing(show.stage),
         )
     outdir.mkdir(parents=True, exist_ok=True)
@@ -262,7 +262,7 @@ def sr(
             missing_reference="skip" if no_reference_ok else "error",
             return_info=True,
             keep_maps=(save_maps or comparison or html) is not None,
-            progress=show.tiles,
+            progress=trimming(show.tiles),
             on_stage=releasing(show.stage),
             zoom_prior=exif_zoom(wide, tele, wide_a, tele_a),
         )

@@ -13,7 +13,10 @@ Kept memory is reused only by blocks that fit in it: a stage whose maps are larg
 threshold (a 12 MP photo's 1.6 GB maps) gets fresh mappings beside everything the previous stage
 left in the heap. So at each stage's start the command hands the heap's free pages back
 (`releasing`, glibc's malloc_trim): the stages reuse memory within themselves, and the peak is
-the largest stage's, not the sum of what each left behind.
+the largest stage's, not the sum of what each left behind. Within a long stage, tiles of
+different sizes fragment the heap as well (a 12 MP pair's 2x stage grew RSS by 2.4 GB over its
+live maps), so the command also hands free pages back every few seconds of progress
+(`trimming`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+import time
 from collections.abc import Callable
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -68,3 +72,24 @@ def releasing(on_stage: Callable[[str], None]) -> Callable[[str], None]:
         on_stage(name)
 
     return start
+
+
+TRIM_INTERVAL_S = 5.0
+
+
+def trimming(progress: Callable[[int, int], None] | None, every_s: float | None = None):
+    """`progress(done, total)` that also hands the heap's free pages back, at most once every
+    `every_s` seconds (None: TRIM_INTERVAL_S; module docstring); `progress` None gives a
+    callback that only does that."""
+    last = [time.monotonic()]
+    interval = TRIM_INTERVAL_S if every_s is None else every_s
+
+    def tick(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= interval:
+            release_freed_memory()
+            last[0] = now
+        if progress is not None:
+            progress(done, total)
+
+    return tick

@@ -263,6 +263,7 @@ def test_sr_hands_the_freed_memory_back_as_each_stage_starts(
     seen("trunk")
     assert order == ["release", "trunk"]
     order.clear()
+    monkeypatch.setattr(process, "TRIM_INTERVAL_S", 1e9)  # only the stages' releases here
     wide, tele, _ = pair
     res = invoke(
         "sr", wide, tele, "-o", tmp_path / "x2.png", "--weights", tiny_weights,
@@ -271,6 +272,22 @@ def test_sr_hands_the_freed_memory_back_as_each_stage_starts(
     assert res.exit_code == 0, res.output
     stages = json.loads(res.stdout)["timings"]
     assert "registration" in stages and len(order) == len(stages)  # once at each stage's start
+
+
+def test_progress_hands_freed_memory_back_every_few_seconds(monkeypatch):
+    """Within a long stage the command's progress callback also trims the heap, at most once
+    per interval, and still reports every tick."""
+    from sddusr_engine import process
+
+    released, ticks = [], []
+    monkeypatch.setattr(process, "release_freed_memory", lambda: released.append(1))
+    always = process.trimming(lambda d, t: ticks.append((d, t)), every_s=0.0)
+    for d in range(1, 4):
+        always(d, 3)
+    assert ticks == [(1, 3), (2, 3), (3, 3)] and len(released) == 3
+    rarely = process.trimming(None, every_s=3600.0)
+    rarely(1, 3)
+    assert len(released) == 3
 
 
 def test_quiet_prints_nothing_and_json_stays_pure(pair, tiny_weights, tmp_path):
