@@ -234,16 +234,15 @@ def test_piped_progress_names_each_stage_in_plain_lines(pair, tiny_weights, tmp_
     assert res.exit_code == 0, res.output
     lines = res.stderr.splitlines()
     assert ANSI not in res.stderr and ANSI not in res.stdout
-    order = ["loaded the network", "registration", "reference context", "tiles: feature trunk",
+    order = ["loaded the network", "registration", "tiles: feature trunk", "reference context",
              "matching", "tiles: 2x stage"]  # fmt: skip
     at = [next(i for i, ln in enumerate(lines) if want in ln) for want in order]
     assert at == sorted(at), res.stderr
-    # the registration's and the reference context's steps, then the tiles, each with the time
-    # left; the counts end at 100 %
-    steps = lines[at[1] : at[3]]
-    assert any("] steps 4/4 (100 %)" in ln for ln in steps[: steps.index(lines[at[2]])]), res.stderr
-    assert any("] steps " in ln for ln in steps[steps.index(lines[at[2]]) :]), res.stderr
-    ticks = [ln for ln in lines[at[3] :] if "] tiles " in ln]
+    # the registration's steps, the trunk's, the reference context's steps, then the tiles, each
+    # with the time left; the counts end at 100 %
+    assert any("] steps 4/4 (100 %)" in ln for ln in lines[at[1] : at[2]]), res.stderr
+    assert any("] steps " in ln for ln in lines[at[3] : at[4]]), res.stderr
+    ticks = [ln for ln in lines[at[2] :] if "] tiles " in ln]
     assert ticks and ticks[-1].endswith("(100 %)"), res.stderr
     assert 1 <= len(ticks) <= 11 and any("left" in ln for ln in ticks[:-1]), res.stderr
     assert "wrote" in res.stdout

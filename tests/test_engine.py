@@ -289,8 +289,8 @@ def test_stage_hook_wraps_every_stage_in_order():
         stages
         == list(info.timings)
         == [
-            "reference",
             "trunk",
+            "reference",
             "match_features",
             "matching",
             "fusion_statistics",
@@ -511,20 +511,24 @@ def test_progress_keeps_the_two_argument_callback_and_names_the_stages():
         on_stage=lambda name: both.append(("stage", name)),
     )  # fmt: skip
     stages = [n for kind, n in both if kind == "stage"]
-    assert stages[:2] == ["reference", "trunk"] and "decode" in stages
+    assert stages[:2] == ["trunk", "reference"] and "decode" in stages
     assert [e for e in both if e[0] == "tile"] == [("tile", d) for d, _ in events]
     first_decode = both.index(("stage", "decode"))
     assert both[first_decode + 1][0] == "tile"  # the 2x stage's tiles come after its name
     # the reference stage counts its steps too (in a tiled run, its bands), so it shows progress
-    ref_ticks = both[1 : both.index(("stage", "trunk"))]
+    trunk_ticks = both.index(("stage", "reference")) - 1  # one per trunk block and group tail
+    assert trunk_ticks == eng.model.trunk_steps(band_rows=40) > 1  # bounded: in bands
+    start = both.index(("stage", "reference")) + 1
+    ref_ticks = both[start : both.index(("stage", "match_features"))]
     bands = eng.model.reference_bands((32, 40), reference_band_rows(32, 40))
-    assert ref_ticks == [("tile", d) for d in range(1, bands + 1)] and bands >= 2
+    first = trunk_ticks + 1
+    assert ref_ticks == [("tile", d) for d in range(first, first + bands)] and bands >= 2
     whole = []
     Engine(eng.model, "cpu", "fp32", "torch", tile=0).run(
         lr, lrc, ref, progress=lambda d, t: whole.append(d),
         on_stage=lambda name: whole.append(name),
     )  # fmt: skip
-    assert whole[: whole.index("trunk")] == ["reference", 1, 2, 3, 4]
+    assert whole[: whole.index("match_features")] == ["trunk", 1, "reference", 2, 3, 4, 5]
 
 
 def test_super_resolve_reads_the_zoom_prior_from_two_pil_images(pair):

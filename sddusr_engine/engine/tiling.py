@@ -1,9 +1,9 @@
 """One network pass over a whole image, streamed in tiles whose stitched output is exact.
 
-Per pair, once: the reference context (LRC and Ref encoders, flow, alignment, LRC matching map and
-mask, dictionary update); in a tiled run it is computed in bands of Ref rows
-(`reference_band_rows`) so that its intermediate maps follow the tile size too. Then the LR
-image goes through in stages:
+Per pair, once, after the trunk (stage 1, whose working maps then never sit beside it): the
+reference context (LRC and Ref encoders, flow, alignment, LRC matching map and mask, dictionary
+update); in a tiled run it is computed in bands of Ref rows (`reference_band_rows`) so that its
+intermediate maps follow the tile size too. The LR image goes through in stages:
 
 1. trunk at LR resolution: in tiles with a halo of its receptive field; a trunk with channel
    attention (each block pools over the whole image) runs whole, or with bounded tiles block by
@@ -88,18 +88,20 @@ def tiled_forward(
         if progress is not None:
             progress(done, total)
 
+    # the trunk first: its working maps are the largest the LR side makes, and then they never
+    # sit beside the reference context's (F_Ref_align), only its one output map does
+    with timer("trunk"):
+        if tiling.trunk_tiles:
+            feat = tiled_apply(m.lr_trunk, lr, trunk_spans, tiling.trunk_halo_lr, 1, 1, tick)
+        else:
+            feat = m.lr_trunk(lr, trunk_rows, tick)
+
     with timer("reference"):
         if lrc is None:
             ctx = m.empty_context(lr)
             tick()
         else:
             ctx = m.reference_context(lrc, ref, keep_taps=False, band_rows=band_rows, tick=tick)
-
-    with timer("trunk"):
-        if tiling.trunk_tiles:
-            feat = tiled_apply(m.lr_trunk, lr, trunk_spans, tiling.trunk_halo_lr, 1, 1, tick)
-        else:
-            feat = m.lr_trunk(lr, trunk_rows, tick)
 
     with timer("match_features"):
         maps = tiled_apply(m.query_maps, lr, trunk_spans, tiling.match_halo_lr, 1, 2, tick)
