@@ -142,3 +142,28 @@ def test_every_plan_and_the_unfused_detail_match_the_whole_pass_fp32(variant):
         eng.model.ops = eng.model.ops._replace(fused_detail=None)
         unfused = eng.run(lr, lrc, ref)
     assert (unfused - whole).abs().max().item() < 1e-4
+
+
+def test_banded_reference_context_and_trunk_on_cuda_fp32():
+    """The bounded plan's banded pieces with the Triton kernels: the reference context in bands
+    (the deformable conv reading a window of F_Ref rows from a row offset) with flows of tens of
+    pixels, and the trunk in bands, against their whole passes."""
+    from sddusr_engine.model.trunk_bands import trunk_in_bands
+
+    torch.manual_seed(3)
+    model = build_model("sddusr")
+    with torch.no_grad():
+        for level in model.spynet.basic_module:
+            level.basic_module[-1].weight.mul_(40.0)
+        model.Ref_align.dcnpack.conv_offset.weight.normal_(0.0, 0.05)
+    model = model.to("cuda").eval().use_kernels("triton")
+    lr, lrc, ref = (t.cuda() for t in _random_triplet())
+    with _true_fp32(), torch.inference_mode():
+        whole = model.reference_context(lrc, ref, keep_taps=False)
+        banded = model.reference_context(lrc, ref, band_rows=48)
+        scale = whole.f_ref_align.abs().max()
+        assert (banded.f_ref_align - whole.f_ref_align).abs().max() <= 2e-4 * scale
+        assert (banded.dicts.values - whole.dicts.values).abs().max() <= 1e-3
+        want = model.SISR(lr)
+        got = trunk_in_bands(model.SISR, lr, 32)
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
