@@ -32,7 +32,14 @@ import torch
 
 from ..geometry import spans
 from ..model.bands import tiled_apply
-from ..model.network import DualLensSR, MatchResult, ReferenceContext, pad_to_even, upsample_bicubic
+from ..model.network import (
+    DualLensSR,
+    MatchResult,
+    ReferenceContext,
+    empty_map,
+    pad_to_even,
+    upsample_bicubic,
+)
 from ..timing import StageTimer
 from .info import RunInfo
 
@@ -206,9 +213,7 @@ def _first_pass(maps, out_spans, halo, tick, keep: bool):
     shape = (1, m.config.fusion_channels, 2 * hp, 2 * wp)
     fused_all = gated_all = None
     if keep:
-        nhwc = lr.is_contiguous(memory_format=torch.channels_last)
-        fmt = torch.channels_last if nhwc else torch.contiguous_format
-        fused_all = torch.empty(shape, dtype=lr.dtype, device=lr.device, memory_format=fmt)
+        fused_all = empty_map(shape, lr)
         gated_all = torch.empty_like(fused_all)
     acc = torch.zeros(shape[1], device=lr.device, dtype=torch.float32)
     for ys, xs in out_spans:

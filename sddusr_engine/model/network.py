@@ -238,7 +238,7 @@ class DualLensSR(nn.Module):
                 f_ref.rows(lo, hi), f_lrc, band_flow, a0, rows, self.ops.deform_conv2d, lo
             )
             if f_ref_align is None:
-                f_ref_align = _empty_like_rows(out, hr)
+                f_ref_align = empty_map((*out.shape[:2], hr, out.shape[-1]), out)
             f_ref_align[..., y0:y1, :] = out
             if self.config.use_tdl:
                 tdl_bands.append(
@@ -445,10 +445,8 @@ class DualLensSR(nn.Module):
         c, n = self.config, self.config.channels
         gate = self.confidence_gate(m.confidence)
         b, _, h, w = f_lr.shape
-        nhwc = f_lr.is_contiguous(memory_format=torch.channels_last) and not f_lr.is_contiguous()
-        fmt = torch.channels_last if nhwc else torch.contiguous_format
         shape = (b, c.fusion_channels, h, w)
-        fused = torch.empty(shape, dtype=f_lr.dtype, device=f_lr.device, memory_format=fmt)
+        fused = empty_map(shape, f_lr)
         fused[:, self.f_lr_channels] = f_lr
         low_gain = None
         if c.warp_low_band:
@@ -504,12 +502,12 @@ class DualLensSR(nn.Module):
         return sr, aux
 
 
-def _empty_like_rows(band: torch.Tensor, height: int) -> torch.Tensor:
-    """An uninitialised map like `band` (dtype, device, layout) but `height` rows high."""
-    nhwc = band.is_contiguous(memory_format=torch.channels_last) and not band.is_contiguous()
+def empty_map(shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [B,C,H,W] map of `shape` with `like`'s dtype, device and layout (NHWC
+    when `like` is channels_last, NCHW otherwise)."""
+    nhwc = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
     fmt = torch.channels_last if nhwc else torch.contiguous_format
-    shape = (*band.shape[:2], height, band.shape[-1])
-    return torch.empty(shape, dtype=band.dtype, device=band.device, memory_format=fmt)
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 def upsample_bicubic(x: torch.Tensor) -> torch.Tensor:
