@@ -281,8 +281,9 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         meta["peak_fp16_tflops"] = measured_peaks(device, torch.float16)["matmul_tflops"]
     for r in rows:
-        if r.get("tflops") == r.get("tflops"):  # not NaN
-            r["share_of_peak"] = r["tflops"] / meta["peak_tflops"]
+        tflops = r.get("tflops")
+        if tflops is not None and tflops == tflops:  # measured, not NaN (the baseline has none)
+            r["share_of_peak"] = tflops / meta["peak_tflops"]
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print_table(rows, meta)

@@ -396,6 +396,26 @@ def test_pipeline_benchmark_times_the_shipped_network_and_the_ensemble(tmp_path)
     assert meta["card"] == "CPU" and meta["peak_tflops"] > 0 and meta["commit"] and meta["date"]
 
 
+def test_pipeline_benchmark_with_its_baseline_writes_every_row(tmp_path):
+    """Without --no-baseline (as the GPU check runs it): the plain network's row has no counted
+    work, and the rows that have it still get their share of the peak."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_pipeline
+
+    out = tmp_path / "pipeline.json"
+    args = ["--cpu", "--size", "48x64", "--variants", "kedusr", "--repeats", "1",
+            "--layouts", "nchw", "--bounded-tile", "32", "--json", str(out)]  # fmt: skip
+    assert bench_pipeline.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    baseline = [r for r in rows if r["what"] == "plain network torch fp32 whole image"]
+    assert len(baseline) == 1 and "share_of_peak" not in baseline[0] and baseline[0]["ms"] > 0
+    assert all(r["share_of_peak"] > 0 for r in rows if r is not baseline[0])
+
+
 def test_pipeline_benchmark_runs_a_raw_pair_in_both_modes(pair, tmp_path):
     """`--pair WIDE TELE` (a phone's pair): the shipped weights, registration included, bounded
     then fast, each row with its stages."""
