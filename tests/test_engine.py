@@ -374,7 +374,7 @@ def test_pipeline_benchmark_times_the_shipped_network_and_the_ensemble(tmp_path)
             "--json", str(out)]  # fmt: skip
     assert bench_pipeline.main(args) == 0
     result = json.loads(out.read_text())
-    rows, meta = result["rows"], result["meta"]
+    rows, meta = result["rows"], result  # the run's facts at the top level, beside the rows
     assert [(r["network"], r["mode"], r["what"].split("tile ")[1]) for r in rows] == [
         # the engine's defaults on the CPU: the 48x64 image is one tile, NHWC
         ("shipped", "fast", "0 nhwc ensemble 1"),
@@ -437,7 +437,7 @@ def test_pipeline_benchmark_runs_a_raw_pair_in_both_modes(pair, tmp_path):
         ("fast", "0 raw pair"),
     ]
     assert all(r["ms"] > 0 and r["peak_gib"] > 0 and "registration" in r["stages_ms"] for r in rows)
-    assert f"wide {shape[1]}x{shape[0]}" in result["meta"]["size"]
+    assert f"wide {shape[1]}x{shape[0]}" in result["size"]
 
 
 def test_auto_plan_picks_by_free_memory_and_every_plan_gives_the_whole_pass(monkeypatch):
