@@ -300,7 +300,7 @@ class DualLensSR(nn.Module):
     # -- LR branch (streams in tiles) -----------------------------------------------------------
     def lr_trunk(self, lr: torch.Tensor, band_rows: int = 0, tick=None) -> torch.Tensor:
         """The LR trunk; `band_rows` > 0 (inference): in full-width bands of that many rows,
-        exact with the channel attention, holding two whole maps instead of about five
+        exact with the channel attention, holding two whole maps (a whole pass: about five)
         (`trunk_bands.trunk_in_bands`; `tick()` after each of its `trunk_steps`)."""
         if band_rows:
             return trunk_in_bands(self.SISR, lr, band_rows, tick)

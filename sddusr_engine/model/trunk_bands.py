@@ -11,8 +11,10 @@ of full-width row bands:
 
 The first conv runs twice per block (one and a half times the block's work) and the map between
 blocks is the only whole map a block holds; a group also keeps its input (for the group's skip),
-and the trunk's head is recomputed from the LR image per band. A whole-image pass holds about
-five maps at once (three computed in place); this holds two and a few bands, whatever the image.
+and the trunk's head is recomputed from the LR image per band. This holds two whole maps and a
+few bands, whatever the image: on a 12 MP LR image the shipped trunk grew RSS by 3.0 GB (maps of
+1.56 GB), against 7.5 GB for the whole-image pass, in 40 s against 28 s (fp32, 2-core CPU,
+2026-12-06).
 """
 
 from __future__ import annotations
