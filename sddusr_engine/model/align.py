@@ -92,8 +92,8 @@ class FlowGuidedAlign(nn.Module):
         ys = torch.arange(a0, a0 + flow_rows.shape[-2], device=flow_rows.device)
         target = flow_rows[:, 1] + ys.to(flow_rows.dtype)[:, None]
         margin = int(DeformConvPack.MAX_RESIDUE) + 3  # the kernel's row, bilinear, rounding
-        lo = int(torch.floor(target.min()).item()) - margin
-        hi = int(torch.ceil(target.max()).item()) + margin + 1
+        low, high = torch.stack([target.min().floor(), target.max().ceil()]).tolist()  # one sync
+        lo, hi = int(low) - margin, int(high) + margin + 1
         return max(min(lo, a0), 0), min(max(hi, a0 + flow_rows.shape[-2]), height)
 
     @staticmethod

@@ -56,14 +56,14 @@ def band_mean(fn: Callable[[torch.Tensor], torch.Tensor], x, rows: int, halo: in
     """The whole image's channel mean [B,C,1,1] of `fn(x)`, a stage of receptive radius `halo`,
     summed over row bands in fp32 (`fn`'s dtype out)."""
     h, w = x.shape[-2:]
-    acc, dtype = None, x.dtype
+    acc = None
     for y0 in range(0, h, rows):
         y1 = min(y0 + rows, h)
         a0, a1 = max(y0 - halo, 0), min(y1 + halo, h)
         y = fn(x[..., a0:a1, :])[..., y0 - a0 : y1 - a0, :]
         part = y.float().sum(dim=(2, 3))
-        acc, dtype = (part if acc is None else acc + part), y.dtype
-    return (acc / (h * w)).to(dtype)[..., None, None]
+        acc = part if acc is None else acc + part
+    return (acc / (h * w)).to(y.dtype)[..., None, None]
 
 
 @torch.inference_mode()
