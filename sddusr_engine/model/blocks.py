@@ -23,8 +23,8 @@ def lrelu(x: torch.Tensor, slope: float = 0.2) -> torch.Tensor:
 
 def _in_place() -> bool:
     """Whether blocks may compute in place: in inference, where no autograd graph needs the
-    intermediate maps. Same values (x + y and y + x round alike), fewer maps alive at once: a
-    whole 12 MP image's trunk held five maps of C values per pixel, in place three."""
+    intermediate maps. Same values (x + y and y + x round alike), fewer maps alive at once: each
+    activation and residual sum is written into the map that holds its input, not a new one."""
     return not torch.is_grad_enabled()
 
 
@@ -119,9 +119,7 @@ class TrunkBlock(nn.Module):
             y = F.leaky_relu_(self.conv1(x), 0.2)
             if self.use_attention:
                 y.mul_(self.channel_attention.scale(y, pooled))
-            out = self.conv2(y)
-            del y  # before the next map is made: a whole-image trunk holds three maps, not five
-            return F.leaky_relu_(out, 0.2).add_(x)
+            return F.leaky_relu_(self.conv2(y), 0.2).add_(x)
         y = lrelu(self.conv1(x))
         if self.use_attention:
             y = self.channel_attention(y, pooled)
