@@ -95,7 +95,8 @@ TileOpt = Annotated[
     int | None,
     typer.Option(
         show_default="auto",
-        help="LR tile side in pixels (0 = whole image); a tile given bounds the memory. "
+        help="LR tile side in pixels (0 = whole image); a tile given bounds the memory "
+        "(on a GPU the whole-image maps then wait in host memory). "
         "Default: picked from the free memory (GPU: the whole image when it fits; CPU: "
         "128-pixel tiles keeping the fusion maps), else 256.",
     ),

@@ -189,8 +189,9 @@ def main(argv=None) -> int:
         flop, _, _ = count_work(eng, lr, lrc, ref)
         row = {"variant": variant, "network": variant, "mode": mode,
                "what": f"engine {backend} {precision} tile {info.tile}"
-                       f"{' kept maps' if info.fusion_maps else ''} {what}",
-               "fusion_maps": info.fusion_maps,
+                       f"{' kept maps' if info.fusion_maps else ''}"
+                       f"{' host maps' if info.host_maps else ''} {what}",
+               "fusion_maps": info.fusion_maps, "host_maps": info.host_maps,
                "ms": ms, "peak_gib": peak, "gflop": flop / 1e9,
                "tflops": flop / ms / 1e9 if flop else float("nan"),
                "stages_ms": info.timings}  # fmt: skip
@@ -317,8 +318,10 @@ def _raw_pair(args, device: torch.device, precision: str, backend: str) -> int:
         peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
                 else _peak_rss_gib())  # fmt: skip
         rows.append({"variant": "shipped", "network": "shipped", "mode": mode, "ms": ms,
-                     "what": f"engine {backend} {precision} tile {info.tile} raw pair",
-                     "peak_gib": peak, "stages_ms": info.timings})  # fmt: skip
+                     "what": f"engine {backend} {precision} tile {info.tile}"
+                             f"{' host maps' if info.host_maps else ''} raw pair",
+                     "host_maps": info.host_maps, "peak_gib": peak,
+                     "stages_ms": info.timings})  # fmt: skip
         del eng
     h, w = wide.shape[:2]
     th, tw = tele.shape[:2]

@@ -34,6 +34,7 @@ from .patch_warp import (
     patch_warp,
     patch_warp_blocked,
     patch_warp_reference,
+    table_part,
 )
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "patch_warp",
     "patch_warp_blocked",
     "patch_warp_reference",
+    "table_part",
 ]
 
 

@@ -23,6 +23,11 @@ of the output. So the warp is 9 row gathers of a block table (each row one block
 contiguous) added into the output's blocks at 9 shifts, instead of unfolding C*k*k values per
 query and folding them back (3x faster on 32 channels, 240x320 queries, 2-core CPU, 2026-12-04).
 It sums in another order, so it agrees with the reference to fp32 rounding.
+
+`table_part` takes from a table the blocks one index map reads, onto the index's device: a GPU run
+whose F_Ref_align table stays in host memory sends each tile only the blocks its matches touch
+(at most 9 per query, fewer where neighbouring matches share blocks), and `patch_warp_blocked`
+warps from that part exactly as from the whole table (the same rows, summed in the same order).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ._launch import launch_config, require_triton, tl, triton
 
 __all__ = [
     "PatchTable",
+    "table_part",
     "patch_grid",
     "patch_table",
     "patch_warp",
@@ -135,20 +141,27 @@ class PatchTable(NamedTuple):
     warping many tiles against the same Ref features pays for the padding and the reshuffle once
     (per call, for a whole F_Ref_align, it cost 4 of 18 s of a tiled CPU run, 2026-12-06)."""
 
-    table: torch.Tensor  # [rb*sb + 1, C*s*s] fp32; the last row is zeros (no match)
+    table: torch.Tensor  # [rb*sb + 1, C*s*s] (fp32 by default); the last row is zeros (no match)
     shape: tuple[int, int, int]  # (C, Hv, Wv) of the value map
     dtype: torch.dtype  # the value map's dtype (the warp's output dtype)
     ksize: int
     stride: int
+    # a part (`table_part`): the ascending block numbers (of the whole table) its rows hold,
+    # before its zero row; None: the whole table, every block in order
+    blocks: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
         return self.table.device
 
 
-def patch_table(value: torch.Tensor, ksize: int = 9, stride: int = 4) -> PatchTable:
-    """The block table of `value` [C, Hv, Wv] for `patch_warp_blocked` (see the module docstring).
-    Needs (ksize-1)//2 to be a multiple of the stride (9 and 4).
+def patch_table(
+    value: torch.Tensor, ksize: int = 9, stride: int = 4, dtype: torch.dtype = torch.float32
+) -> PatchTable:
+    """The block table of `value` [C, Hv, Wv] for `patch_warp_blocked` (see the module docstring),
+    its values in `dtype` (fp32: the CPU's warp adds them without a conversion; the value's own
+    16-bit dtype halves a table kept in host memory for a GPU). Needs (ksize-1)//2 to be a
+    multiple of the stride (9 and 4).
 
     Cut in bands of block rows straight from `value` (the reflect padding as row and column
     indices), so that making it holds the map, the table and one band: a padded copy of a 12 MP
@@ -162,7 +175,7 @@ def patch_table(value: torch.Tensor, ksize: int = 9, stride: int = 4) -> PatchTa
     _, _, right = patch_grid(wv, ksize, stride)
     rb, sb = nh - 1 + nb, nw - 1 + nb  # whole blocks covering every patch, per side
     dev = value.device
-    table = torch.empty(rb * sb + 1, c * s * s, dtype=torch.float32, device=dev)
+    table = torch.empty(rb * sb + 1, c * s * s, dtype=dtype, device=dev)
     blocks = table[:-1].view(rb, sb, c, s, s)
     band = max(1, _REF_CHUNK_ELEMS // (sb * s * s * c))  # block rows per band
     part = torch.zeros(c, min(band, rb) * s, sb * s, dtype=torch.float32, device=dev)
@@ -181,6 +194,28 @@ def patch_table(value: torch.Tensor, ksize: int = 9, stride: int = 4) -> PatchTa
         blocks[r0:r1].copy_(p.view(c, r1 - r0, s, sb, s).permute(1, 3, 0, 2, 4))
     table[-1] = 0
     return PatchTable(table, (c, hv, wv), value.dtype, ksize, stride)
+
+
+def table_part(src: PatchTable, index: torch.Tensor) -> PatchTable:
+    """The rows of `src` that `patch_warp_blocked(src, index)` reads, on index's device, as a
+    table that warps `index` to the same output: the blocks of every matched patch (the zero
+    row for the rest), gathered where `src` lives and sent once."""
+    _, nw, _, _ = _check_index(index, src.shape, index.device, src.ksize, src.stride)
+    if src.blocks is not None:
+        raise ValueError("table_part: src is already a part of a table")
+    nb = -(-src.ksize // src.stride)
+    sb = nw - 1 + nb
+    p = index[index >= 0]
+    first = (p // nw) * sb + p % nw
+    steps = torch.arange(nb, device=p.device)
+    shifts = (steps[:, None] * sb + steps).reshape(1, -1)  # a patch's blocks from its first
+    blocks = torch.unique(first[:, None] + shifts)  # sorted ascending
+    shape = (blocks.numel() + 1, src.table.shape[1])
+    part = torch.empty(shape, dtype=src.table.dtype, device=index.device)
+    if blocks.numel():
+        part[:-1] = src.table.index_select(0, blocks.to(src.table.device))
+    part[-1] = 0
+    return src._replace(table=part, blocks=blocks)
 
 
 def _reflected(i: torch.Tensor, side: int) -> torch.Tensor:
@@ -220,6 +255,8 @@ def patch_warp_blocked(
     for a in range(nb):
         for b in range(nb):
             rows = torch.where(valid, first + a * sb + b, first)
+            if src.blocks is not None:  # a part: block numbers to its rows (they are all in it)
+                rows = torch.where(valid, torch.searchsorted(src.blocks, rows), none)
             blocks = table.index_select(0, rows).view(hq, wq, c, s, s)
             ya, xb = inside[a * s : (a + 1) * s], inside[b * s : (b + 1) * s]
             if not (ya.all() and xb.all()):  # offsets past the patch's edge contribute nothing

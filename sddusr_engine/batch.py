@@ -353,6 +353,8 @@ def run_batch(
     rank: int = 0,
     on_result: Callable[[PairResult], None] | None = None,
     stats: BatchStats | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> list[PairResult]:
     """Process `jobs` with `engine`, writing `<out_dir>/<name>.<ext>`; returns one result per job.
 
@@ -361,7 +363,9 @@ def run_batch(
     as its outcome is known (from the writer thread for written pairs). `stats`, when given, is
     filled in as the run goes (pairs per second, the compute loop's idle share), interrupted or
     not. Ctrl-C (KeyboardInterrupt) stops it: the pairs already computed are written, and
-    `BatchInterrupted` carries the results so far.
+    `BatchInterrupted` carries the results so far. `progress(done, total)` and `on_stage(name)`
+    are passed to each pair's network run (`Engine.run`; the `sddusr batch` command hands the
+    heap's free pages back through them, as `sddusr sr` does).
     """
     t_start = time.perf_counter()
     stats = BatchStats() if stats is None else stats
@@ -381,6 +385,7 @@ def run_batch(
         if on_result is not None:
             on_result(r)
 
+    hooks = {k: f for k, f in (("progress", progress), ("on_stage", on_stage)) if f is not None}
     todo: list[PairJob] = []
     for job in jobs:
         target = output_path(out, job, ext)
@@ -470,7 +475,7 @@ def run_batch(
             else:
                 t0 = time.perf_counter()
                 try:
-                    sr, timings, notes = _compute(engine, item)
+                    sr, timings, notes = _compute(engine, item, hooks)
                 except Exception as e:  # noqa: BLE001 - per-pair error capture
                     if memory_advice(e) is not None:
                         _empty_cache()
@@ -503,13 +508,14 @@ def run_batch(
     return done
 
 
-def _compute(engine: Any, item: _Input) -> tuple[np.ndarray, dict[str, float], list[str]]:
-    """(SR image, stage timings in ms, warnings such as a reference-free fallback)."""
+def _compute(engine: Any, item: _Input, hooks: dict) -> tuple[np.ndarray, dict, list[str]]:
+    """(SR image, stage timings in ms, warnings such as a reference-free fallback); `hooks`: the
+    run's progress and on_stage callbacks, those given."""
     if item.job.kind == "raw":
-        sr, info = engine.run_registered(item.data, return_info=True)
+        sr, info = engine.run_registered(item.data, return_info=True, **hooks)
     else:  # a triplet: its info too (a skipped low-band projection is a warning)
         d = item.data
-        sr, info = engine.run(d["lr"], d["lrc"], d["ref"], return_info=True)
+        sr, info = engine.run(d["lr"], d["lrc"], d["ref"], return_info=True, **hooks)
     timings = dict(getattr(info, "timings", {}) or {})
     notes = [str(w) for w in getattr(info, "warnings", []) or []]
     return sr, {k: float(v) for k, v in timings.items()}, notes

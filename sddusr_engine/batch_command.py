@@ -18,6 +18,7 @@ from .cli_errors import describe
 from .console import batch_summary, engine_line, err, progress
 from .errors import UsageError
 from .interrupt import on_abandon
+from .process import releasing, trimming
 
 
 def run_folder(
@@ -141,6 +142,9 @@ def run_folder(
                         rank=ctx.rank,
                         on_result=on_result,
                         stats=stats,
+                        # a batch of 12 MP pairs fragments the heap as one pair's stages do
+                        progress=trimming(None),
+                        on_stage=releasing(lambda _stage: None),
                     )
             except BatchInterrupted as stop:  # Ctrl-C: report what finished, then exit 130
                 results, interrupted = stop.results, True

@@ -32,14 +32,17 @@ def outside_weight(
     device,
     dtype,
     ramp: int = RAMP_HR,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """[1,1,H,W] on the 2x grid of size `hw`: 0 inside `box_lr` scaled x2, rising linearly to 1
-    over `ramp` pixels outside it (Chebyshev distance); all ones when `box_lr` is None."""
+    over `ramp` pixels outside it (Chebyshev distance); all ones when `box_lr` is None.
+    `rows` (r0, r1): only those rows of it."""
     h, w = hw
+    r0, r1 = (0, h) if rows is None else rows
     if box_lr is None:
-        return torch.ones(1, 1, h, w, device=device, dtype=dtype)
+        return torch.ones(1, 1, r1 - r0, w, device=device, dtype=dtype)
     y0, y1, x0, x1 = (2 * int(v) for v in box_lr)
-    ys = torch.arange(h, device=device, dtype=torch.float32)
+    ys = torch.arange(r0, r1, device=device, dtype=torch.float32)
     xs = torch.arange(w, device=device, dtype=torch.float32)
     dy = torch.clamp(torch.maximum(y0 - ys, ys - (y1 - 1)), min=0)  # 0 inside the rows
     dx = torch.clamp(torch.maximum(x0 - xs, xs - (x1 - 1)), min=0)

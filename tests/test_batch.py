@@ -50,11 +50,19 @@ def test_discovery_reports_missing_partners(raw_folder):
     assert by_name["good0"].problem is None and by_name["truncated"].problem is None
 
 
-def test_batch_writes_good_pairs_lists_bad_ones_and_resumes(raw_folder, tiny_weights, tmp_path):
+def test_batch_writes_good_pairs_lists_bad_ones_and_resumes(
+    raw_folder, tiny_weights, tmp_path, monkeypatch
+):
+    """... and hands the heap's free pages back at each pair's stages, as `sddusr sr` does."""
+    from sddusr_engine import process
+
+    released = []
+    monkeypatch.setattr(process, "release_freed_memory", lambda: released.append(1) or True)
     out = tmp_path / "out"
     args = ("batch", raw_folder, "-o", out, "--weights", tiny_weights, "--device", "cpu")
     res = invoke(*args, "--report", tmp_path / "r.json")
     assert res.exit_code == 1, res.output
+    assert len(released) >= 2 * 4  # two pairs: trunk, reference, matching, decode at least
     assert "Traceback" not in res.output
     for i in range(2):
         assert read_image(out / f"good{i}.png").shape == (128, 192, 3)
@@ -249,8 +257,14 @@ def test_raw_pairs_register_in_the_reader_and_match_super_resolve(pair, engine, 
     wide, tele = read_image(pair[0]), read_image(pair[1])
     jobs = _raw_jobs(tmp_path / "in", {"a": (wide, tele), "b": (wide[:, ::-1], tele[:, ::-1])})
     spy, stats = _Spy(engine), BatchStats()
-    results = run_batch(spy, jobs, tmp_path / "out", stats=stats)
+    stages, ticks = [], []
+    results = run_batch(
+        spy, jobs, tmp_path / "out", stats=stats,
+        progress=lambda done, total: ticks.append((done, total)), on_stage=stages.append,
+    )  # fmt: skip
     assert [(r.name, r.status) for r in results] == [("a", "written"), ("b", "written")]
+    assert stages.count("trunk") == stages.count("decode") == 2  # each pair's network run
+    assert ticks and ticks[-1][0] == ticks[-1][1]
     me = threading.current_thread().name
     calls = [("register_pair", "sddusr-reader")] * 2 + [("run_registered", me)] * 2
     assert sorted(spy.calls) == calls  # and super_resolve never

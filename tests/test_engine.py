@@ -8,7 +8,7 @@ import torch
 from support import TINY as _SHARED_TINY
 
 from sddusr_engine import build_model
-from sddusr_engine.engine import Engine
+from sddusr_engine.engine import Engine, core
 from sddusr_engine.engine.ensemble import SYMMETRIES, apply_symmetry, undo_symmetry
 from sddusr_engine.errors import EngineError
 from sddusr_engine.registration import FootprintNotFoundError
@@ -453,11 +453,12 @@ def test_auto_plan_picks_by_free_memory_and_every_plan_gives_the_whole_pass(monk
     assert need == pytest.approx(63 * 32 * 4 * 480 * 640)
     kept = memory.KEPT_MAPS_SHARE * need
     plan = lambda dev: auto_plan((480, 640), 32, torch.float32, dev)  # noqa: E731
+    bounded_gpu = TilePlan(memory.TILED_TILE, False, True)  # with the whole maps on the host
     for free, gpu, cpu in [
         (2 * need, TilePlan(0), TilePlan(memory.CPU_KEPT_TILE, True)),
         (2 * need - 1, TilePlan(memory.TILED_TILE, True), TilePlan(memory.CPU_KEPT_TILE, True)),
-        (2 * kept - 1, TilePlan(memory.TILED_TILE), TilePlan(memory.TILED_TILE)),
-        (None, TilePlan(memory.TILED_TILE), TilePlan(memory.TILED_TILE)),  # unknown: bounded
+        (2 * kept - 1, bounded_gpu, TilePlan(memory.TILED_TILE)),
+        (None, bounded_gpu, TilePlan(memory.TILED_TILE)),  # unknown: bounded
     ]:
         monkeypatch.setattr(memory, "free_bytes", lambda device, free=free: free)
         assert (plan("cuda"), plan("cpu")) == (gpu, cpu), free
@@ -474,6 +475,45 @@ def test_auto_plan_picks_by_free_memory_and_every_plan_gives_the_whole_pass(monk
         got, info = eng.run(lr, lrc, ref, return_info=True)
         assert info.tile == 32 and info.fusion_maps is kept_maps and stage in info.timings
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["sddusr", "kedusr"])
+def test_host_maps_give_the_bounded_output_and_tiles_take_parts_of_the_table(variant, monkeypatch):
+    """The bounded plan with its whole maps in host memory (a GPU's, run here on the CPU, where
+    the same code moves bands and tiles between the host and itself): the output of the plain
+    bounded plan, bit for bit, with F_Ref_align's table kept whole where it lives and each tile
+    warping from the part its matches read. A given tile on a GPU plans host maps; kept maps and
+    a CPU do not."""
+    from sddusr_engine.engine import memory, tiling
+    from sddusr_engine.geometry import spans
+    from sddusr_engine.model import network
+
+    parts, whole_rows = [], []
+    real_part = network.table_part
+
+    def recording(src, index):
+        whole_rows.append(src.table.shape[0])
+        part = real_part(src, index)
+        parts.append(part.table.shape[0])
+        return part
+
+    monkeypatch.setattr(network, "table_part", recording)
+    model = tiny_model(variant)
+    lr, lrc, ref = torch.rand(1, 3, 90, 134), torch.rand(1, 3, 40, 60), torch.rand(1, 3, 80, 120)
+    eng = Engine(model, "cpu", "fp32", "torch", tile=32)
+    plain, info = eng.run(lr, lrc, ref, return_info=True)
+    assert not info.host_maps and not parts
+    hosted_plan = lambda tile, device: memory.TilePlan(tile, False, True)  # noqa: E731
+    monkeypatch.setattr(core, "bounded_plan", hosted_plan)
+    monkeypatch.setattr(tiling, "MATCH_BAND_QUERIES", 600)  # 45x67 queries: 5 bands of 9 rows
+    assert tiling.matching_bands(lr, lrc, host_maps=True) == 5
+    hosted, info = eng.run(lr, lrc, ref, return_info=True)
+    assert info.host_maps and torch.equal(hosted, plain)
+    tiles = len(spans(180, 64)) * len(spans(268, 64))
+    assert len(parts) == 2 * tiles and max(parts) < min(whole_rows)  # each tile, two passes
+    assert memory.bounded_plan(256, "cuda") == memory.TilePlan(256, False, True)
+    assert memory.bounded_plan(256, "cpu") == memory.TilePlan(256)
+    assert memory.bounded_plan(0, "cuda") == memory.TilePlan(0)
 
 
 @pytest.mark.parametrize("variant", ["sddusr", "kedusr"])

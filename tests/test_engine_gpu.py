@@ -65,27 +65,36 @@ def test_triton_backend_matches_torch_backend_fp32(variant):
     assert (a - b).abs().max().item() < 1e-4
 
 
-def test_tiled_memory_grows_only_by_the_stored_lr_maps():
-    """With a fixed reference, a larger wide image adds only the LR-resolution maps the engine
-    keeps whole (trunk output, 64 channels; matching map and index at 1/2 resolution), not
-    anything at the 2x resolution, whose work is tiled."""
+@pytest.mark.parametrize("variant", ["kedusr", "sddusr"])
+def test_bounded_gpu_memory_grows_only_by_the_small_whole_maps(variant, monkeypatch):
+    """Bounded tiles on a GPU keep the whole maps in host memory: a photo with four times the
+    pixels (wide and telephoto alike) adds only what the device still holds whole, per LR pixel
+    with as many Ref pixels (fp16): the inputs (LR, Ref, LRC and Ref pooled: 6 + 6 + 3), the flow
+    at Ref resolution (2 channels: 4), the LRC keys' map and their descriptors with a compacted
+    copy (16, 144 and 144 values per key, a key per 16 Ref pixels: 38), the match index and
+    score (12 bytes per query, a query per 4 LR pixels: 3), LR in fp32 for the low-band
+    projection (12). About 70 bytes; one device-resident trunk map alone is 128, and the plan
+    with whole maps on the device held three and F_Ref_align besides. The matching runs in bands
+    of 4096 queries here, as it does in bands of 2^19 on photos of millions of queries."""
+    from sddusr_engine.engine import tiling
+
+    monkeypatch.setattr(tiling, "MATCH_BAND_QUERIES", 4096)
     torch.manual_seed(0)
-    model = build_model("kedusr")
+    model = build_model(variant)
     eng = Engine(model, "cuda", "fp16", "triton", tile=128)
-    lrc, ref = torch.rand(1, 3, 128, 192), torch.rand(1, 3, 256, 384)
-    peaks = {}
-    for h in (512, 1024):
-        lr = torch.rand(1, 3, h, 768)
+    peaks, pixels = {}, {}
+    for k in (1, 2):
+        h, w = 256 * k, 384 * k
+        lr, ref = torch.rand(1, 3, h, w), torch.rand(1, 3, h, w)
+        lrc = torch.rand(1, 3, h // 2, w // 2)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        eng.run(lr, lrc, ref)
-        peaks[h] = torch.cuda.max_memory_allocated() - base
-    grown_pixels = (1024 - 512) * 768
-    stored_per_pixel = (
-        64 * 2 + 3 * 2 + (16 * 2 + 8 + 4) / 4 + 3 * 4 * 4
-    )  # trunk, LR in, 1/2-res maps, fp32 output
-    assert peaks[1024] - peaks[512] < 1.5 * stored_per_pixel * grown_pixels + 32 * 2**20
+        _, info = eng.run(lr, lrc, ref, return_info=True)
+        assert info.host_maps and info.tile == 128
+        peaks[k], pixels[k] = torch.cuda.max_memory_allocated() - base, h * w
+    grown = (peaks[2] - peaks[1]) / (pixels[2] - pixels[1])
+    assert grown < 1.5 * 70, f"{grown:.0f} bytes per LR pixel"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -142,6 +151,25 @@ def test_every_plan_and_the_unfused_detail_match_the_whole_pass_fp32(variant):
         eng.model.ops = eng.model.ops._replace(fused_detail=None)
         unfused = eng.run(lr, lrc, ref)
     assert (unfused - whole).abs().max().item() < 1e-4
+
+
+def test_host_resident_trunk_and_reference_maps_on_cuda_fp32():
+    """The bounded plan's pieces with their whole maps in page-locked host memory and the bands
+    computed on the GPU: the banded trunk and F_Ref_align, against the device-resident ones."""
+    from sddusr_engine.model.trunk_bands import trunk_in_bands
+
+    torch.manual_seed(4)
+    model = build_model("sddusr").to("cuda").eval().use_kernels("triton")
+    lr, lrc, ref = (t.cuda() for t in _random_triplet())
+    host = torch.device("cpu")
+    with _true_fp32(), torch.inference_mode():
+        want = trunk_in_bands(model.SISR, lr, 32)
+        got = trunk_in_bands(model.SISR, lr, 32, home=host)
+        assert got.device == host and got.is_pinned() and torch.equal(got, want.cpu())
+        on_device = model.reference_context(lrc, ref, keep_taps=False, band_rows=48)
+        hosted = model.reference_context(lrc, ref, keep_taps=False, band_rows=48, home=host)
+        assert hosted.f_ref_align.device == host and hosted.f_ref_align.is_pinned()
+        assert torch.equal(hosted.f_ref_align, on_device.f_ref_align.cpu())
 
 
 def test_banded_reference_context_and_trunk_on_cuda_fp32():

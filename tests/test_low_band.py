@@ -63,6 +63,10 @@ def test_outside_weight_is_zero_in_the_box_and_ramps_out():
     assert w[20 - RAMP_HR, 45] == 1 and w[39 + RAMP_HR, 45] == 1
     assert w[19, 45] == pytest.approx(1 / RAMP_HR) and w[30, 60] == pytest.approx(1 / RAMP_HR)
     assert (outside_weight((6, 8), None, "cpu", torch.float32) == 1).all()
+    for rows in [(0, 60), (17, 43), (59, 60)]:  # a band of rows is those rows of the whole
+        band = outside_weight((60, 80), (10, 20, 15, 30), "cpu", torch.float32, rows=rows)
+        assert torch.equal(band[0, 0], w[rows[0] : rows[1]])
+    assert outside_weight((6, 8), None, "cpu", torch.float32, rows=(2, 5)).shape == (1, 1, 3, 8)
     # an HR rect as the LR box that covers it (odd ends round outward)
     assert lr_box((16, 47, 24, 71)) == (8, 24, 12, 36) and lr_box((2, 4, 6, 8)) == (1, 2, 3, 4)
 

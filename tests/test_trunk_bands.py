@@ -101,9 +101,9 @@ def test_bounded_engine_runs_the_trunk_in_bands(monkeypatch):
     calls = []
     real = trunk_bands.trunk_in_bands
 
-    def spy(trunk, lr, rows, tick=None):
+    def spy(trunk, lr, rows, tick=None, home=None):
         calls.append(rows)
-        return real(trunk, lr, rows, tick)
+        return real(trunk, lr, rows, tick, home)
 
     monkeypatch.setattr("sddusr_engine.model.network.trunk_in_bands", spy)
     torch.manual_seed(0)

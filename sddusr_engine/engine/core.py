@@ -33,7 +33,7 @@ from ..weights import load_model
 from .adapt import adapt_single_image_path, crop_size
 from .ensemble import ensemble_mean
 from .info import RunInfo
-from .memory import TilePlan, auto_plan
+from .memory import TilePlan, auto_plan, bounded_plan
 from .postprocess import blend_outside, project_low_band
 from .settings import MIN_TILE, RunSettings, device_flags
 from .tiling import tiled_forward
@@ -309,7 +309,7 @@ class Engine:
             box_lr = locate_crop(lr_d, lrc_d)  # None when LRC is not an exact crop of LR
             info.box_lr = box_lr
         if s.adapt.steps and lrc is not None:
-            plan = TilePlan(info.tile, info.fusion_maps)
+            plan = TilePlan(info.tile, info.fusion_maps, info.host_maps)
             sr = self._adapted(sr, lr_d, box_lr, plan, progress, stage_hook, info)
         if self.config.low_band_taps:
             sr = self._project_low_band(sr, lr_d, lrc_d, box_lr, info, stage_hook)
@@ -320,13 +320,15 @@ class Engine:
         """The network pass at the engine's tile (None: `memory.auto_plan`); on a GPU out of
         memory, again without kept fusion maps, then at half the tile, down to MIN_TILE, then
         OutOfMemoryError."""
-        keep = self.settings.keep_fusion_maps
+        keep, dev = self.settings.keep_fusion_maps, self.device
         if self.tile is None:
-            plan = auto_plan(lr.shape[-2:], self.config.channels, self.dtype, self.device)
+            plan = auto_plan(lr.shape[-2:], self.config.channels, self.dtype, dev)
             if keep is not None and plan.tile:
-                plan = TilePlan(plan.tile, keep)
+                plan = TilePlan(plan.tile, keep) if keep else bounded_plan(plan.tile, dev)
+        elif keep and self.tile > 0:
+            plan = TilePlan(self.tile, True)
         else:  # a tile given bounds the memory: no whole-output maps unless asked for
-            plan = TilePlan(self.tile, bool(keep) and self.tile > 0)
+            plan = bounded_plan(self.tile, dev)
         first = plan
         while True:
             info = RunInfo(tile=plan.tile, ensemble=self.ensemble)
@@ -340,7 +342,7 @@ class Engine:
                     torch.cuda.empty_cache()
                 tile = plan.tile
                 if plan.keep_fusion_maps:
-                    plan = TilePlan(tile)
+                    plan = bounded_plan(tile, dev)
                     continue
                 smaller = (tile or max(lr.shape[-2:])) // 2 // 4 * 4
                 if smaller < MIN_TILE:
@@ -348,7 +350,7 @@ class Engine:
                         f"the GPU ran out of memory even with {tile}-pixel tiles; free GPU memory, "
                         "use --precision fp16, or run on the CPU."
                     ) from None
-                plan = TilePlan(smaller)
+                plan = bounded_plan(smaller, dev)
         if plan.tile != first.tile:
             info.warnings.append(f"GPU out of memory: retried with {plan.tile}-pixel tiles.")
         elif plan != first:
@@ -362,9 +364,11 @@ class Engine:
         (statistics, maps) is the identity pass's; the timings sum all passes."""
         n = self.ensemble
         timer = StageTimer(self.device, info.timings, stage_hook)
-        tile, kept = plan.tile, plan.keep_fusion_maps
+        tile, kept, host = plan.tile, plan.keep_fusion_maps, plan.host_maps
         if n == 1:
-            return tiled_forward(model, lr, lrc, ref, tile, timer, info, progress, keep_maps, kept)
+            return tiled_forward(
+                model, lr, lrc, ref, tile, timer, info, progress, keep_maps, kept, host
+            )
 
         def one_pass(k, lr, lrc, ref):
             part = info if k == 0 else RunInfo(tile=tile, timings=info.timings)
@@ -374,7 +378,7 @@ class Engine:
                     progress(k * total + done, n * total)
 
             out = tiled_forward(
-                model, lr, lrc, ref, tile, timer, part, step, keep_maps and k == 0, kept
+                model, lr, lrc, ref, tile, timer, part, step, keep_maps and k == 0, kept, host
             )
             info.warnings.extend(w for w in part.warnings if w not in info.warnings)
             return out
@@ -400,7 +404,7 @@ class Engine:
         y0, y1, x0, x1 = box_lr
         with StageTimer(self.device, info.timings, stage_hook)("adapt"):
             try:
-                teacher = sr[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]
+                teacher = sr[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1].to(lr.device)
                 student = adapt_single_image_path(self.model, lr, teacher, box_lr, s.adapt)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -489,7 +493,7 @@ class _HostStaging:
         self._pinned: torch.Tensor | None = None
 
     def copy(self, sr: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if device.type != "cuda":
+        if sr.device.type != "cuda":  # a CPU run, or a GPU run whose output was kept on the host
             return sr.float().cpu()
         buf = self._pinned
         if buf is None or buf.shape != sr.shape or buf.dtype != sr.dtype:

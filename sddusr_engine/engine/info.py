@@ -26,6 +26,7 @@ class RunInfo:
     ensemble: int = 1  # passes averaged (geometric self-ensemble); timings are their sums
     adapt_steps: int = 0  # self-adaptation steps run (0: none)
     fusion_maps: bool = False  # tiles kept the fusion maps: the 2x stage ran once (engine.memory)
+    host_maps: bool = False  # the whole maps lived in host memory, tiles crossed to the device
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("footprint", "maps")}

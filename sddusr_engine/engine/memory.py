@@ -3,7 +3,9 @@
 Three ways to run the network over an image (`engine.tiling`): the whole image in one pass;
 tiles that keep the fusion block's input and gated map for the whole output, so that the 2x stage
 runs once ("kept maps"); tiles that run the 2x stage twice, the first time for the fusion block's
-whole-image statistic, with a peak that follows the tile, not the image ("bounded").
+whole-image statistic, with a peak that follows the tile, not the image ("bounded"). On a GPU the
+bounded plan keeps the whole maps (trunk, LR features, F_Ref_align's block table, output) in host
+memory (`host_maps`), so that the GPU's peak follows the tile and not the photo's size.
 
 `auto_plan` picks, from the memory the device has free:
 - on a GPU, the whole image when it fits, else kept maps when they fit, else bounded tiles;
@@ -39,6 +41,12 @@ class TilePlan:
 
     tile: int
     keep_fusion_maps: bool = False
+    host_maps: bool = False  # the whole maps in host memory (bounded tiles on a GPU)
+
+
+def bounded_plan(tile: int, device) -> TilePlan:
+    """Bounded tiles of `tile` LR pixels: on a GPU with the whole maps in host memory."""
+    return TilePlan(tile, False, torch.device(device).type == "cuda" and tile > 0)
 
 
 def whole_pass_bytes(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype) -> int:
@@ -70,7 +78,7 @@ def auto_plan(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype, device)
     device = torch.device(device)
     free = free_bytes(device)
     if free is None:
-        return TilePlan(TILED_TILE)
+        return bounded_plan(TILED_TILE, device)
     usable = USABLE_SHARE * free
     whole = whole_pass_bytes(lr_hw, channels, dtype)
     kept = KEPT_MAPS_SHARE * whole <= usable
@@ -78,4 +86,4 @@ def auto_plan(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype, device)
         return TilePlan(CPU_KEPT_TILE, True) if kept else TilePlan(TILED_TILE)
     if whole <= usable:
         return TilePlan(0)
-    return TilePlan(TILED_TILE, kept)
+    return TilePlan(TILED_TILE, True) if kept else bounded_plan(TILED_TILE, device)

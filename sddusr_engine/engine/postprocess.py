@@ -65,24 +65,25 @@ def project_low_band(
 ) -> torch.Tensor:
     """sr [B,3,2H,2W] with its band below `sigma` (HR pixels) replaced by `upsampler(lr)`'s,
     outside `box_lr` (the telephoto's LR rectangle; None: everywhere). `sr` is clamped to
-    [0, 1] first, as the image it stands for. Computed in fp32 (the upsampler's taps too), in
-    bands of `band_rows` output rows, each with the blur's rows of context: a new image in sr's
-    dtype, and one band's maps besides."""
+    [0, 1] first, as the image it stands for. Computed on lr's device in fp32 (the upsampler's
+    taps too), in bands of `band_rows` output rows, each with the blur's rows of context: a new
+    image in sr's dtype on sr's device (host memory for a GPU run with host maps), and one
+    band's maps besides."""
     h, w = sr.shape[-2:]
     r = blur_radius(sigma)
-    lr32 = lr.float()
-    weight = outside_weight((h, w), box_lr, sr.device, torch.float32)
+    lr32, dev = lr.float(), lr.device
     out = torch.empty(sr.shape, dtype=sr.dtype, device=sr.device)
     for y0 in range(0, h, band_rows):
         y1 = min(y0 + band_rows, h)
         a0, a1 = max(y0 - r, 0), min(y1 + r, h)  # the band and its context, in the image
         l0, l1 = a0 // 2, min(-(-a1 // 2), lr.shape[-2])  # the LR rows that make rows a0..a1
         lin = upsampler(lr32, (l0, l1))[..., a0 - 2 * l0 : a1 - 2 * l0, :w]
-        s = sr[..., a0:a1, :].float().clamp(0, 1)
+        s = sr[..., a0:a1, :].to(dev).float().clamp(0, 1)
         diff = F.pad(lin - s, (r, r, r - (y0 - a0), r - (a1 - y1)), mode="replicate")
         low = _blur_padded(diff, sigma)
-        band = s[..., y0 - a0 : y1 - a0, :].add_(low.mul_(weight[..., y0:y1, :]))
-        out[..., y0:y1, :] = band.clamp_(0, 1)
+        weight = outside_weight((h, w), box_lr, dev, torch.float32, rows=(y0, y1))
+        band = s[..., y0 - a0 : y1 - a0, :].add_(low.mul_(weight))
+        out[..., y0:y1, :].copy_(band.clamp_(0, 1))
     return out
 
 

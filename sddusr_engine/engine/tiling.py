@@ -20,6 +20,12 @@ intermediate maps follow the tile size too. The LR image goes through in stages:
    output and the second runs only what follows them, with the small halo of the rest
    (`Tiling.tail_halo_hr`): the 2x stage once, at the cost of two maps of `fusion_channels`.
 
+With `host_maps` (bounded tiles on a GPU), the whole maps live in host memory and only bands and
+tiles cross to the device: the trunk's maps and its output (the LR features), F_Ref_align as a
+block table from which each tile takes the blocks its matches read (`kernels.table_part`), and the
+output. What the device still holds whole is small beside them: the three input images, the
+flow, the matching maps (16 channels at a quarter of the LR pixels) and the match index.
+
 The halos come from the network (`DualLensSR.tiling`); this module only cuts and stitches.
 """
 
@@ -31,15 +37,8 @@ import numpy as np
 import torch
 
 from ..geometry import spans
-from ..model.bands import tiled_apply
-from ..model.network import (
-    DualLensSR,
-    MatchResult,
-    ReferenceContext,
-    empty_map,
-    pad_to_even,
-    upsample_bicubic,
-)
+from ..model.bands import empty_map, tiled_apply
+from ..model.network import DualLensSR, MatchResult, ReferenceContext, pad_to_even, upsample_bicubic
 from ..timing import StageTimer
 from .info import RunInfo
 
@@ -58,12 +57,14 @@ def tiled_forward(
     progress: Progress | None = None,
     keep_maps: bool = False,
     keep_fusion_maps: bool = False,
+    host_maps: bool = False,
 ) -> torch.Tensor:
     """`model(lr, lrc, ref)` [1,3,2H,2W] in the model's dtype, computed in LR tiles of `tile`
     pixels (0: whole). Matching statistics (and with `keep_maps` the maps) go into `info`.
     `keep_fusion_maps` (tiled runs): hold the fusion block's input and gated map over the whole
     output (2 x `fusion_channels` values per output pixel) so that the 2x stage runs once, not
-    twice (module docstring)."""
+    twice (module docstring). `host_maps` (bounded tiles: neither whole nor kept maps): the
+    whole maps in host memory, the output too (module docstring)."""
     m, tiling = model, model.tiling
     h, w = lr.shape[-2:]
     lr = pad_to_even(lr)
@@ -73,6 +74,9 @@ def tiled_forward(
     if whole:  # what ran: one tile is the whole image, whatever the plan said
         info.tile, keep_fusion_maps = 0, False
     info.fusion_maps = keep_fusion_maps
+    host_maps = host_maps and not whole and not keep_fusion_maps
+    info.host_maps = host_maps
+    home = torch.device("cpu") if host_maps else None  # where the whole maps live
 
     trunk_spans = [(y, x) for y in spans(hp, lr_tile) for x in spans(wp, lr_tile)]
     out_tile = 2 * lr_tile
@@ -85,7 +89,7 @@ def tiled_forward(
     total += len(out_spans) * (1 if whole else 2)
     band_rows = 0 if whole or lrc is None else reference_band_rows(lr_tile, ref.shape[-1])
     total += m.reference_bands(ref.shape[-2:], band_rows) if lrc is not None else 1
-    match_bands = matching_bands(lr, lrc)
+    match_bands = matching_bands(lr, lrc, host_maps)
     total += match_bands
     done = 0
 
@@ -99,27 +103,31 @@ def tiled_forward(
     # sit beside the reference context's (F_Ref_align), only its one output map does
     with timer("trunk"):
         if tiling.trunk_tiles:
-            feat = tiled_apply(m.lr_trunk, lr, trunk_spans, tiling.trunk_halo_lr, 1, 1, tick)
+            halo = tiling.trunk_halo_lr
+            feat = tiled_apply(m.lr_trunk, lr, trunk_spans, halo, 1, 1, tick, home)
         else:
-            feat = m.lr_trunk(lr, trunk_rows, tick)
+            feat = m.lr_trunk(lr, trunk_rows, tick, home)
 
     with timer("reference"):
         if lrc is None:
             ctx = m.empty_context(lr)
             tick()
         else:
-            ctx = m.reference_context(lrc, ref, keep_taps=False, band_rows=band_rows, tick=tick)
+            ctx = m.reference_context(
+                lrc, ref, keep_taps=False, band_rows=band_rows, tick=tick, home=home
+            )
 
     with timer("match_features"):
-        maps = tiled_apply(m.query_maps, lr, trunk_spans, tiling.match_halo_lr, 1, 2, tick)
+        halo = tiling.match_halo_lr
+        maps = tiled_apply(m.query_maps, lr, trunk_spans, halo, 1, 2, tick, home)
         q_map, q_mask = m.split_query_maps(maps)
 
     with timer("matching"):
         conf, index, stats = m.sparse_match(q_map, q_mask, ctx, match_bands, tick)
         conf = conf.to(lr.dtype)
 
-    ctx = m.with_warp_sources(ctx)  # every tile warps against it: prepared once
-    sr = torch.empty(1, 3, 2 * hp, 2 * wp, dtype=lr.dtype, device=lr.device)
+    ctx = m.with_warp_sources(ctx, host_maps)  # every tile warps against it: prepared once
+    sr = empty_map((1, 3, 2 * hp, 2 * wp), lr, home)
     maps = (m, lr, feat, ctx, conf, index)
     if whole:
         with timer("decode"):
@@ -141,17 +149,24 @@ def tiled_forward(
 
 # On a CPU the matching runs in bands of query rows of about this many (query, key) pairs each
 # (a few seconds of the reference kernel), each band a step of the progress; on a GPU the whole
-# map is one launch (the fused kernel is fastest on it all).
+# map is one launch (the fused kernel is fastest on it all), unless the run keeps its maps in
+# host memory: then in bands of at most this many queries, so that the descriptors the matching
+# builds for its queries (144 values each) follow the band, not the photo.
 MATCH_BAND_PAIRS = 4_000_000_000
+MATCH_BAND_QUERIES = 1 << 19
 
 
-def matching_bands(lr: torch.Tensor, lrc: torch.Tensor | None) -> int:
-    """How many bands of query rows the matching runs in: 1 on a GPU or without a reference."""
-    if lrc is None or lr.device.type != "cpu":
+def matching_bands(lr: torch.Tensor, lrc: torch.Tensor | None, host_maps: bool = False) -> int:
+    """How many bands of query rows the matching runs in: 1 without a reference, or on a GPU
+    unless `host_maps` (bands of at least 8 rows)."""
+    if lrc is None:
         return 1
     hq, wq = lr.shape[-2] // 2, lr.shape[-1] // 2
-    pairs = hq * wq * (lrc.shape[-2] // 2) * (lrc.shape[-1] // 2)
-    return max(1, min(-(-pairs // MATCH_BAND_PAIRS), hq // 8))
+    bands = -(-hq * wq // MATCH_BAND_QUERIES) if host_maps else 1
+    if lr.device.type == "cpu":
+        pairs = hq * wq * (lrc.shape[-2] // 2) * (lrc.shape[-1] // 2)
+        bands = max(bands, -(-pairs // MATCH_BAND_PAIRS))
+    return max(1, min(bands, hq // 8))
 
 
 def trunk_band_rows(lr_tile: int, lr_width: int) -> int:
@@ -200,7 +215,7 @@ def _decode_tiles(sr, maps, out_spans, halo, pooled, tick) -> None:
     for ys, xs in out_spans:
         fused, f_lr, lr_up, inner = _fusion_input(*maps, ys, xs, halo)
         out = m.decode(m.fuse(fused, pooled), f_lr, lr_up)
-        sr[..., ys[0] : ys[1], xs[0] : xs[1]] = out[inner]
+        sr[..., ys[0] : ys[1], xs[0] : xs[1]].copy_(out[inner])
         tick()
 
 
@@ -252,7 +267,7 @@ def _fusion_input(m: DualLensSR, lr, feat, ctx: ReferenceContext, conf, index, y
     box, inner = _region(ys, xs, halo, hp, wp)
     y0, y1, x0, x1 = box
     (rows, cols), crop = _lr_context(*box, hp, wp)
-    f_lr = m.upsample(feat[..., rows, cols])[crop]
+    f_lr = m.upsample(feat[..., rows, cols].to(lr.device))[crop]  # feat may be in host memory
     cells = (slice(y0 // cell, y1 // cell), slice(x0 // cell, x1 // cell))
     idx = index[:, cells[0], cells[1]]
     match = MatchResult(m.warp(ctx, idx), conf[:, :, cells[0], cells[1]], idx, None, None)

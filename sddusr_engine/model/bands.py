@@ -1,5 +1,6 @@
 """Applying a translation-equivariant stage to an image in tiles or row bands whose stitched output
-equals one whole pass: each piece gets a halo of its receptive field, cut off again after."""
+equals one whole pass: each piece gets a halo of its receptive field, cut off again after; and the
+whole maps such a pass writes (`empty_map`), on the compute device or in host memory."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ def tiled_apply(
     scale_num: int = 1,
     scale_den: int = 1,
     tick: Callable[[], None] | None = None,
+    home: torch.device | None = None,
 ) -> torch.Tensor:
     """Apply `fn` to x [B,C,H,W] in tiles ((y0, y1), (x0, x1)) with `halo` input pixels of context.
+    The output is stitched on `home` (None: the device `fn` computes on; see `empty_map`).
 
     The output grid is x's scaled by scale_num/scale_den; tile origins are multiples of
     scale_den so every tile maps onto whole output pixels. Where a halo is clipped by the image's
@@ -37,13 +40,25 @@ def tiled_apply(
         b0, b1 = max(x0 - halo, 0) // scale_den * scale_den, min(x1 + halo, w)
         y = fn(x[..., a0:a1, b0:b1])
         if out is None:
-            out = y.new_empty(*y.shape[:2], o(h), o(w))
-        out[..., o(y0) : o(y1), o(x0) : o(x1)] = y[
-            ..., o(y0 - a0) : o(y1 - a0), o(x0 - b0) : o(x1 - b0)
-        ]
+            out = empty_map((*y.shape[:2], o(h), o(w)), y, home)
+        out[..., o(y0) : o(y1), o(x0) : o(x1)].copy_(
+            y[..., o(y0 - a0) : o(y1 - a0), o(x0 - b0) : o(x1 - b0)]
+        )
         if tick is not None:
             tick()
     return out
+
+
+def empty_map(shape, like: torch.Tensor, home: torch.device | None = None) -> torch.Tensor:
+    """An uninitialised [B,C,H,W] map of `shape` with `like`'s dtype and layout (NHWC when `like`
+    is channels_last, NCHW otherwise), on `home` (None: `like`'s device). A map kept in host
+    memory for a GPU's computation is page-locked, so that its bands cross to the GPU at the
+    link's full speed."""
+    nhwc = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    home = like.device if home is None else torch.device(home)
+    pin = home.type == "cpu" and like.device.type == "cuda"
+    return torch.empty(shape, dtype=like.dtype, device=home, pin_memory=pin, memory_format=fmt)
 
 
 def row_bands(height: int, width: int, rows: int) -> list[tuple[Span, Span]]:

@@ -152,7 +152,8 @@ def sparse_match(q_map, k_map, q_mask, k_mask, patch_match, row_bands: int = 1, 
     (a 12 MP photo's matching takes many minutes on a CPU: progress, and Ctrl-C between bands).
     Each band is matched with one row of context above and below, whose queries are masked out
     (a query's descriptor is its 3x3 neighbourhood, reflect-padded only at the map's own edges),
-    so the result and the work counted equal one call's.
+    so the result and the work counted equal one call's. The queries may live elsewhere than
+    the keys (host memory, for a GPU): each band goes to the keys' device, where the result is.
     """
     scores, indices = [], []
     stats = {"queries": 0, "keys": 0, "active_queries": 0, "active_keys": 0, "pairs_evaluated": 0}
@@ -162,7 +163,9 @@ def sparse_match(q_map, k_map, q_mask, k_mask, patch_match, row_bands: int = 1, 
         hq = q_map.shape[-2]
         bands = max(1, min(row_bands, hq // 2))
         if bands == 1:
-            s, idx, st = patch_match(q_map[i], k_map[i], qm, km, return_stats=True)
+            dev = k_map.device
+            qm = None if qm is None else qm.to(dev)
+            s, idx, st = patch_match(q_map[i].to(dev), k_map[i], qm, km, return_stats=True)
             if tick is not None:
                 tick()
         else:
@@ -177,16 +180,17 @@ def sparse_match(q_map, k_map, q_mask, k_mask, patch_match, row_bands: int = 1, 
 
 
 def _match_in_row_bands(q, k, q_mask, k_mask, patch_match, bands: int, tick):
-    hq = q.shape[-2]
+    hq, dev = q.shape[-2], k.device
     edges = [round(j * hq / bands) for j in range(bands + 1)]
-    score = torch.zeros(q.shape[-2:], dtype=torch.float32, device=q.device)
-    index = torch.full(q.shape[-2:], -1, dtype=torch.int64, device=q.device)
+    score = torch.zeros(q.shape[-2:], dtype=torch.float32, device=dev)
+    index = torch.full(q.shape[-2:], -1, dtype=torch.int64, device=dev)
     st: dict[str, int] = {"active_queries": 0, "active_keys": 0, "pairs_evaluated": 0}
     for r0, r1 in zip(edges[:-1], edges[1:], strict=True):
         a0, a1 = max(r0 - 1, 0), min(r1 + 1, hq)
-        band_mask = torch.zeros(a1 - a0, q.shape[-1], dtype=torch.bool, device=q.device)
+        band_mask = torch.zeros(a1 - a0, q.shape[-1], dtype=torch.bool, device=dev)
         band_mask[r0 - a0 : r1 - a0] = True if q_mask is None else q_mask[r0:r1]
-        s, idx, bst = patch_match(q[:, a0:a1], k, band_mask, k_mask, return_stats=True)
+        band = q[:, a0:a1].to(dev)
+        s, idx, bst = patch_match(band, k, band_mask, k_mask, return_stats=True)
         score[r0:r1], index[r0:r1] = s[r0 - a0 : r1 - a0], idx[r0 - a0 : r1 - a0]
         st["active_queries"] += bst["active_queries"]
         st["pairs_evaluated"] += bst["pairs_evaluated"]

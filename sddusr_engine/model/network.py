@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, get_config
-from ..kernels import KernelOps, get_ops
+from ..kernels import KernelOps, get_ops, patch_table, patch_warp_blocked, table_part
 from .align import FlowGuidedAlign
-from .bands import RowWindow, row_bands, tiled_apply
+from .bands import RowWindow, empty_map, row_bands, tiled_apply
 from .blocks import FusionBlock, PixelShuffleUp, ResList, Trunk, conv3x3
 from .flow import SpyNet
 from .low_band import LinearUpsampler
@@ -48,6 +48,8 @@ class ReferenceContext:
     empty: bool = False  # no reference (`empty_context`): nothing can match
     # per batch item, what the warp reads for many tiles (`DualLensSR.with_warp_sources`)
     warp_sources: list | None = None
+    # the sources are block tables in host memory: each warp takes the part it reads
+    host_tables: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class DualLensSR(nn.Module):
         keep_taps: bool = True,
         band_rows: int = 0,
         tick=None,
+        home=None,
     ) -> ReferenceContext:
         """lrc [B,3,hc,wc] (even sides), ref [B,3,2hc,2wc]. `keep_taps=False` lets the
         intermediate features go (the engine's runs: F_Ref alone is C values per Ref pixel).
@@ -173,10 +176,11 @@ class DualLensSR(nn.Module):
         encoders', the alignment's and the matching features' intermediate maps exist for one band
         at a time (see `_reference_context_in_bands`). `tick()` is called after each step (each
         band of each stage in bands; `reference_bands` of them in all), so that a long reference
-        stage shows its progress."""
+        stage shows its progress. In bands, F_Ref_align is written to `home` (None: lrc's device;
+        the host for a GPU run with host maps)."""
         _check_pair(lrc, ref)
         if band_rows:
-            return self._reference_context_in_bands(lrc, ref, band_rows, tick)
+            return self._reference_context_in_bands(lrc, ref, band_rows, tick, home)
         tick = tick or (lambda: None)
         f_lrc = self.encode_lrc(lrc)
         f_ref = self.encode_ref(ref)
@@ -205,7 +209,9 @@ class DualLensSR(nn.Module):
             return 4
         return 2 * -(-ref_hw[0] // band_rows)
 
-    def _reference_context_in_bands(self, lrc, ref, band_rows: int, tick) -> ReferenceContext:
+    def _reference_context_in_bands(
+        self, lrc, ref, band_rows: int, tick, home=None
+    ) -> ReferenceContext:
         """What stays whole: F_Ref_align (the warp picks its patches anywhere), C values per Ref
         pixel, and the flow. F_Ref is made in chunks of rows as the alignment's bands reach
         them (`FlowGuidedAlign.reach`: where the flow points) and let go above the band
@@ -238,8 +244,8 @@ class DualLensSR(nn.Module):
                 f_ref.rows(lo, hi), f_lrc, band_flow, a0, rows, self.ops.deform_conv2d, lo
             )
             if f_ref_align is None:
-                f_ref_align = empty_map((*out.shape[:2], hr, out.shape[-1]), out)
-            f_ref_align[..., y0:y1, :] = out
+                f_ref_align = empty_map((*out.shape[:2], hr, out.shape[-1]), out, home)
+            f_ref_align[..., y0:y1, :].copy_(out)
             if self.config.use_tdl:
                 tdl_bands.append(
                     self.tdl.partial_update(f_lrc[..., rows, :], out, self.ops.attention)
@@ -298,12 +304,13 @@ class DualLensSR(nn.Module):
         )
 
     # -- LR branch (streams in tiles) -----------------------------------------------------------
-    def lr_trunk(self, lr: torch.Tensor, band_rows: int = 0, tick=None) -> torch.Tensor:
+    def lr_trunk(self, lr: torch.Tensor, band_rows: int = 0, tick=None, home=None) -> torch.Tensor:
         """The LR trunk; `band_rows` > 0 (inference): in full-width bands of that many rows,
         exact with the channel attention, holding two whole maps (a whole pass: about five)
+        on `home` (None: lr's device; the host for a GPU run with host maps)
         (`trunk_bands.trunk_in_bands`; `tick()` after each of its `trunk_steps`)."""
         if band_rows:
-            return trunk_in_bands(self.SISR, lr, band_rows, tick)
+            return trunk_in_bands(self.SISR, lr, band_rows, tick, home)
         out = self.SISR(lr)
         if tick is not None:
             tick()
@@ -339,14 +346,26 @@ class DualLensSR(nn.Module):
         """The summed fold of the aligned Ref patches that `index` [B,hq,wq] picks."""
         source = ctx.f_ref_align if ctx.warp_sources is None else ctx.warp_sources
         c = self.config
+        if ctx.host_tables:  # only the blocks this index reads cross to its device
+            parts = [table_part(t, index[i]) for i, t in enumerate(source)]
+            return warp_by_index(parts, index, patch_warp_blocked, c.patch_size, c.patch_stride)
         return warp_by_index(source, index, self.ops.patch_warp, c.patch_size, c.patch_stride)
 
-    def with_warp_sources(self, ctx: ReferenceContext) -> ReferenceContext:
+    def with_warp_sources(self, ctx: ReferenceContext, host_tables: bool = False):
         """`ctx` prepared for warping many tiles: each item's `KernelOps.warp_source` of
         F_Ref_align (on the CPU its block table, cut once instead of per tile). Where a table
-        replaces the map, the map itself is let go (the table holds the same values)."""
+        replaces the map, the map itself is let go (the table holds the same values).
+
+        `host_tables` (F_Ref_align kept where it is, in host memory for a GPU run): block
+        tables in F_Ref_align's dtype where it lives, from which each warp sends its device only
+        the blocks its index reads (`kernels.table_part`), whatever the photo's size."""
         c = self.config
         maps = list(ctx.f_ref_align)
+        if host_tables and not ctx.empty:
+            if (c.patch_size - 1) // 2 % c.patch_stride:
+                raise ValueError("host block tables need whole blocks: (patch_size-1)/2 % stride")
+            tables = [patch_table(f, c.patch_size, c.patch_stride, f.dtype) for f in maps]
+            return replace(ctx, warp_sources=tables, f_ref_align=None, host_tables=True)
         sources = [self.ops.warp_source(f, c.patch_size, c.patch_stride) for f in maps]
         kept = all(s is f for s, f in zip(sources, maps, strict=True))
         return replace(ctx, warp_sources=sources, f_ref_align=ctx.f_ref_align if kept else None)
@@ -500,14 +519,6 @@ class DualLensSR(nn.Module):
             aux["mask_lr"] = m.mask
             aux["mask_lrc"] = ctx.key_mask
         return sr, aux
-
-
-def empty_map(shape, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised [B,C,H,W] map of `shape` with `like`'s dtype, device and layout (NHWC
-    when `like` is channels_last, NCHW otherwise)."""
-    nhwc = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
-    fmt = torch.channels_last if nhwc else torch.contiguous_format
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 def upsample_bicubic(x: torch.Tensor) -> torch.Tensor:

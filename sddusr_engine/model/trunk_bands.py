@@ -30,12 +30,13 @@ Tick = Callable[[], None] | None
 BandFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def sweep_in_place(fn: BandFn, x: torch.Tensor, rows: int, halo: int) -> torch.Tensor:
+def sweep_in_place(fn: BandFn, x: torch.Tensor, rows: int, halo: int, device=None) -> torch.Tensor:
     """x [B,C,H,W] replaced, band of `rows` rows by band, top to bottom, by `fn(band, a0, a1)`:
     the stage applied to x's rows a0:a1 (the band with `halo` rows of context each side, clipped
     to the image), returning those rows. A stage whose receptive radius is at most `halo` rows
     gives the whole-image result. Before a band is written, its last `halo` rows are kept as
-    they were: the next band reads them as its context."""
+    they were: the next band reads them as its context. `device` (None: x's) is where `fn`
+    runs: each band goes there and its result comes back into x (x in host memory for a GPU)."""
     if rows < halo:
         raise ValueError(f"bands of {rows} rows cannot carry {halo} rows of context")
     h = x.shape[-2]
@@ -46,41 +47,46 @@ def sweep_in_place(fn: BandFn, x: torch.Tensor, rows: int, halo: int) -> torch.T
         band = x[..., y0:a1, :]
         if above is not None and halo:
             band = torch.cat([above, band], dim=-2)
-        out = fn(band, a0, a1)
+        out = fn(band.to(device or x.device), a0, a1)
         above = x[..., max(y1 - halo, 0) : y1, :].clone()
-        x[..., y0:y1, :] = out[..., y0 - a0 : y1 - a0, :]
+        x[..., y0:y1, :].copy_(out[..., y0 - a0 : y1 - a0, :])
     return x
 
 
-def band_mean(fn: Callable[[torch.Tensor], torch.Tensor], x, rows: int, halo: int):
+def band_mean(fn: Callable[[torch.Tensor], torch.Tensor], x, rows: int, halo: int, device=None):
     """The whole image's channel mean [B,C,1,1] of `fn(x)`, a stage of receptive radius `halo`,
-    summed over row bands in fp32 (`fn`'s dtype out)."""
+    summed over row bands in fp32 (`fn`'s dtype out), on `device` (None: x's)."""
     h, w = x.shape[-2:]
     acc = None
     for y0 in range(0, h, rows):
         y1 = min(y0 + rows, h)
         a0, a1 = max(y0 - halo, 0), min(y1 + halo, h)
-        y = fn(x[..., a0:a1, :])[..., y0 - a0 : y1 - a0, :]
+        y = fn(x[..., a0:a1, :].to(device or x.device))[..., y0 - a0 : y1 - a0, :]
         part = y.float().sum(dim=(2, 3))
         acc = part if acc is None else acc + part
     return (acc / (h * w)).to(y.dtype)[..., None, None]
 
 
 @torch.inference_mode()
-def trunk_in_bands(trunk: Trunk, lr: torch.Tensor, rows: int, tick: Tick = None) -> torch.Tensor:
+def trunk_in_bands(
+    trunk: Trunk, lr: torch.Tensor, rows: int, tick: Tick = None, home=None
+) -> torch.Tensor:
     """`trunk(lr)` computed in full-width bands of `rows` LR rows (at least 2), holding two whole
-    maps (module docstring). `tick()` after each block and group tail."""
+    maps (module docstring). `tick()` after each block and group tail. `home` (None: lr's
+    device) is where the two whole maps and the result live; the bands compute on lr's device
+    (with a GPU and `home` the host, the GPU holds a few bands, whatever the image)."""
     h, w = lr.shape[-2:]
+    dev = lr.device
     bands = row_bands(h, w, rows)
-    x = tiled_apply(trunk.head, lr, bands, 1)
-    group_input = torch.empty_like(x)
+    x = tiled_apply(trunk.head, lr, bands, 1, home=home)
+    group_input = torch.empty_like(x, pin_memory=x.device != dev and x.is_pinned())
     for group in trunk.groups():
         group_input.copy_(x)
         for block in group.RBs:
-            _block_in_bands(block, x, rows)
+            _block_in_bands(block, x, rows, dev)
             if tick is not None:
                 tick()
-        _group_tail_in_bands(group, x, group_input, rows)
+        _group_tail_in_bands(group, x, group_input, rows, dev)
         if tick is not None:
             tick()
     del group_input
@@ -90,7 +96,7 @@ def trunk_in_bands(trunk: Trunk, lr: torch.Tensor, rows: int, tick: Tick = None)
         head = trunk.head(lr[..., c0:c1, :])[..., a0 - c0 : a1 - c0, :]
         return trunk.tail(band).add_(head)
 
-    return sweep_in_place(tail, x, rows, 1)
+    return sweep_in_place(tail, x, rows, 1, dev)
 
 
 def trunk_band_steps(trunk: Trunk) -> int:
@@ -98,15 +104,15 @@ def trunk_band_steps(trunk: Trunk) -> int:
     return sum(len(g.RBs) + 1 for g in trunk.groups())
 
 
-def _block_in_bands(block: TrunkBlock, x: torch.Tensor, rows: int) -> None:
+def _block_in_bands(block: TrunkBlock, x: torch.Tensor, rows: int, dev) -> None:
     pooled = None
     if block.use_attention:  # the statistic the whole pass would pool, from the bands
-        pooled = band_mean(block.pool_input, x, rows, 1)
-    sweep_in_place(lambda band, a0, a1: block(band, pooled), x, rows, 2)
+        pooled = band_mean(block.pool_input, x, rows, 1, dev)
+    sweep_in_place(lambda band, a0, a1: block(band, pooled), x, rows, 2, dev)
 
 
-def _group_tail_in_bands(group: ResList, x, group_input, rows: int) -> None:
+def _group_tail_in_bands(group: ResList, x, group_input, rows: int, dev) -> None:
     def tail(band, a0, a1):
-        return group.conv_tail(band).add_(group_input[..., a0:a1, :])
+        return group.conv_tail(band).add_(group_input[..., a0:a1, :].to(dev))
 
-    sweep_in_place(tail, x, rows, 1)
+    sweep_in_place(tail, x, rows, 1, dev)

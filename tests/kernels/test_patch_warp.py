@@ -16,6 +16,7 @@ from sddusr_engine.kernels import (
     patch_warp,
     patch_warp_blocked,
     patch_warp_reference,
+    table_part,
 )
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -183,3 +184,47 @@ def test_a_block_table_cut_once_warps_like_the_map_itself(close):
         )
     assert ops.warp_source(v.requires_grad_(True), 9, 4) is v  # training: the map itself
     assert get_ops("triton").warp_source(v, 9, 4) is v
+
+
+@pytest.mark.parametrize("vshape, qshape", [((5, 29, 23), (7, 6)), ((3, 40, 37), (11, 13)),
+                                            ((2, 9, 9), (1, 1))])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_table_part_holds_the_blocks_an_index_reads_and_warps_the_same(vshape, qshape, dtype):
+    """`table_part` (what a tile of a GPU run with host maps receives): exactly the blocks of the
+    matched patches, ascending, and the zero row; warping from it is bit-identical to warping
+    from the whole table, in fp32 and in a table of the map's 16-bit dtype."""
+    torch.manual_seed(sum(vshape) + sum(qshape))
+    v = torch.randn(*vshape).to(dtype)
+    nh, nw = patch_grid(vshape[1])[0], patch_grid(vshape[2])[0]
+    table = patch_table(v, dtype=dtype)
+    assert table.table.dtype == dtype
+    idx = torch.randint(-1, nh * nw, qshape)
+    part = table_part(table, idx)
+    sb = nw + 2
+    want = sorted(
+        {(p // nw + a) * sb + p % nw + b for p in idx[idx >= 0].tolist() for a in range(3)
+         for b in range(3)}
+    )  # fmt: skip
+    assert part.blocks.tolist() == want and part.table.shape[0] == len(want) + 1
+    assert torch.equal(part.table[:-1], table.table[want]) and not part.table[-1].any()
+    assert torch.equal(patch_warp_blocked(part, idx), patch_warp_blocked(table, idx))
+    close = patch_warp_blocked(part, idx).float() - patch_warp_reference(v, idx).float()
+    assert close.abs().max() <= TOL[dtype] * 9 * max(1.0, float(v.abs().max()))
+    none = torch.full(qshape, -1)
+    empty = table_part(table, none)
+    assert empty.table.shape[0] == 1 and not patch_warp_blocked(empty, none).any()
+    with pytest.raises(ValueError, match="already a part"):
+        table_part(part, idx)
+
+
+def test_a_table_part_is_bounded_by_the_index_not_the_map():
+    """Neighbouring matches that move together share blocks: a tile of coherent matches on a map
+    sixteen times its area takes about one block per query, never more than nine."""
+    v = torch.randn(2, 256, 256)
+    nw = patch_grid(256)[0]
+    qy, qx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    coherent = (qy + 20) * nw + (qx + 30)  # a shifted copy of the tile's neighbourhood
+    part = table_part(patch_table(v), coherent)
+    assert part.table.shape[0] - 1 == 18 * 18  # (16 + 2)^2 blocks, 1.27 per query
+    scattered = torch.randperm(nw * nw)[:256].view(16, 16)
+    assert table_part(patch_table(v), scattered).table.shape[0] - 1 <= 9 * 256
