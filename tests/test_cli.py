@@ -51,6 +51,8 @@ def test_sr_on_a_synthetic_pair_writes_output_maps_and_json(pair, tiny_weights, 
     assert len(summary["footprint"]["corners"]) == 4
     assert 0.0 <= summary["matching"]["work_saved"] <= 1.0
     assert summary["mask_fraction_lr"] is not None
+    assert summary["host_maps"] is False  # the plan that ran: on the CPU the maps stay put
+    assert isinstance(summary["tile"], int) and isinstance(summary["fusion_maps"], bool)
     for name in ("mask_lr", "mask_lrc", "confidence", "index"):
         assert (tmp_path / "maps" / f"{name}.png").is_file()
     assert read_image(tmp_path / "maps" / "confidence.png").shape[:2] == shape[:2]

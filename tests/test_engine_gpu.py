@@ -163,13 +163,17 @@ def test_host_resident_trunk_and_reference_maps_on_cuda_fp32():
     lr, lrc, ref = (t.cuda() for t in _random_triplet())
     host = torch.device("cpu")
     with _true_fp32(), torch.inference_mode():
+        # the same bands on the same device (a band copied there, not a view of a device map:
+        # equal up to a convolution algorithm that might treat the two layouts differently)
         want = trunk_in_bands(model.SISR, lr, 32)
         got = trunk_in_bands(model.SISR, lr, 32, home=host)
-        assert got.device == host and got.is_pinned() and torch.equal(got, want.cpu())
+        assert got.device == host and got.is_pinned()
+        assert (got - want.cpu()).abs().max() <= 1e-6 * want.abs().max()
         on_device = model.reference_context(lrc, ref, keep_taps=False, band_rows=48)
         hosted = model.reference_context(lrc, ref, keep_taps=False, band_rows=48, home=host)
-        assert hosted.f_ref_align.device == host and hosted.f_ref_align.is_pinned()
-        assert torch.equal(hosted.f_ref_align, on_device.f_ref_align.cpu())
+        f, g = hosted.f_ref_align, on_device.f_ref_align.cpu()
+        assert f.device == host and f.is_pinned()
+        assert (f - g).abs().max() <= 1e-6 * g.abs().max()
 
 
 def test_banded_reference_context_and_trunk_on_cuda_fp32():
