@@ -97,7 +97,7 @@ class StageProgress:
         self._prog = progress(console, transient, remaining=True) if self.live else None
         self._task = None
         self._t0 = self._run_t0 = time.perf_counter()
-        self._tile_t0: tuple[float, int] | None = None  # (time, done) at the first tile report
+        self._tile_t0: tuple[float, int] | None = None  # (time, done) where the rate counts from
         self._decile = self._last_done = 0
         self._unit = "tiles"  # what the counts count: "steps" in the stages before the tiles
 
@@ -122,8 +122,9 @@ class StageProgress:
         self._unit = "tiles" if label.startswith("tiles") else "steps"
         if self.quiet:
             return
-        if self._tile_t0 is None and label.startswith("tiles"):
-            self._tile_t0 = (time.perf_counter(), 0)  # the time left counts from the first tile
+        # the time left counts from this stage's start: the stages' steps cost very different
+        # times (a 12 MP pair's matching takes minutes in a few steps, its tiles seconds each)
+        self._tile_t0 = (time.perf_counter(), self._last_done)
         if self._prog is None:
             self._line(label)
             return

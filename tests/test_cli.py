@@ -408,3 +408,33 @@ def test_sr_writes_the_html_report_with_its_output_or_nothing(
     res = invoke(*args, "--html", page)
     assert res.exit_code == 1 and "no space left" in res.stderr
     assert not out.exists() and not page.exists()
+
+
+def test_time_left_follows_the_running_stage(monkeypatch):
+    """The piped time left counts from the running stage's start: slow steps before the tiles
+    (a 12 MP pair's matching: minutes in a few steps) do not inflate the tiles' estimate."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from sddusr_engine import console as con
+
+    clock = [0.0]
+    monkeypatch.setattr(con, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    out = io.StringIO()
+    show = con.StageProgress(Console(file=out, force_terminal=False, width=200))
+    show.stage("trunk")
+    for done in range(1, 11):  # ten trunk steps of a second
+        clock[0] += 1
+        show.tiles(done, 100)
+    show.stage("matching")
+    clock[0] += 300  # one slow step
+    show.tiles(11, 100)
+    show.stage("decode")
+    for done in range(12, 101):  # tiles of a second each
+        clock[0] += 1
+        show.tiles(done, 100)
+    lines = out.getvalue().splitlines()
+    assert any(ln.endswith("tiles 20/100 (20 %), about 1:20 left") for ln in lines), lines
+    assert lines[-1].endswith("tiles 100/100 (100 %)")

@@ -507,10 +507,18 @@ def test_host_maps_give_the_bounded_output_and_tiles_take_parts_of_the_table(var
     monkeypatch.setattr(core, "bounded_plan", hosted_plan)
     monkeypatch.setattr(tiling, "MATCH_BAND_QUERIES", 600)  # 45x67 queries: 5 bands of 9 rows
     assert tiling.matching_bands(lr, lrc, host_maps=True) == 5
-    hosted, info = eng.run(lr, lrc, ref, return_info=True)
-    assert info.host_maps and torch.equal(hosted, plain)
-    tiles = len(spans(180, 64)) * len(spans(268, 64))
-    assert len(parts) == 2 * tiles and max(parts) < min(whole_rows)  # each tile, two passes
+    homes = []
+    real_trunk = model.lr_trunk
+    model.lr_trunk = lambda *a: homes.append(a[3:]) or real_trunk(*a)  # the banded trunk's home
+    for trunk_bytes in (0, 1 << 30):  # the trunk's maps in host memory, then on the device
+        monkeypatch.setattr(tiling, "TRUNK_DEVICE_BYTES", trunk_bytes)
+        parts.clear()
+        hosted, info = eng.run(lr, lrc, ref, return_info=True)
+        assert info.host_maps and torch.equal(hosted, plain)
+        tiles = len(spans(180, 64)) * len(spans(268, 64))
+        assert len(parts) == 2 * tiles and max(parts) < min(whole_rows)  # each tile, two passes
+    if not model.tiling.trunk_tiles:  # sddusr: banded, on the host, then on the device
+        assert homes == [(torch.device("cpu"),), ()]
     assert memory.bounded_plan(256, "cuda") == memory.TilePlan(256, False, True)
     assert memory.bounded_plan(256, "cpu") == memory.TilePlan(256)
     assert memory.bounded_plan(0, "cuda") == memory.TilePlan(0)

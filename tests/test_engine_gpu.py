@@ -75,10 +75,12 @@ def test_bounded_gpu_memory_grows_only_by_the_small_whole_maps(variant, monkeypa
     score (12 bytes per query, a query per 4 LR pixels: 3), LR in fp32 for the low-band
     projection (12). About 70 bytes; one device-resident trunk map alone is 128, and the plan
     with whole maps on the device held three and F_Ref_align besides. The matching runs in bands
-    of 4096 queries here, as it does in bands of 2^19 on photos of millions of queries."""
+    of 4096 queries here, as it does in bands of 2^19 on photos of millions of queries, and the
+    sddusr trunk's maps wait on the host, as they do above `TRUNK_DEVICE_BYTES`."""
     from sddusr_engine.engine import tiling
 
     monkeypatch.setattr(tiling, "MATCH_BAND_QUERIES", 4096)
+    monkeypatch.setattr(tiling, "TRUNK_DEVICE_BYTES", 0)  # as for a photo of more than ~4 MP
     torch.manual_seed(0)
     model = build_model(variant)
     eng = Engine(model, "cuda", "fp16", "triton", tile=128)

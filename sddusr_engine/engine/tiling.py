@@ -21,8 +21,9 @@ intermediate maps follow the tile size too. The LR image goes through in stages:
    (`Tiling.tail_halo_hr`): the 2x stage once, at the cost of two maps of `fusion_channels`.
 
 With `host_maps` (bounded tiles on a GPU), the whole maps live in host memory and only bands and
-tiles cross to the device: the trunk's maps and its output (the LR features), F_Ref_align as a
-block table from which each tile takes the blocks its matches read (`kernels.table_part`), and the
+tiles cross to the device: the trunk's output (the LR features) and, when they would take more
+than `TRUNK_DEVICE_BYTES` on the device, its two working maps; F_Ref_align as a block table from
+which each tile takes the blocks its matches read (`kernels.table_part`); the matching maps; the
 output. What the device still holds whole is small beside them: the three input images, the
 flow, the matching maps (16 channels at a quarter of the LR pixels) and the match index.
 
@@ -105,6 +106,12 @@ def tiled_forward(
         if tiling.trunk_tiles:
             halo = tiling.trunk_halo_lr
             feat = tiled_apply(m.lr_trunk, lr, trunk_spans, halo, 1, 1, tick, home)
+        elif home is not None and trunk_maps_fit_device(lr, m.config.channels):
+            # its bands' crossings would cost more than its two maps' room: run it on the
+            # device, then send the one result map home
+            on_device = m.lr_trunk(lr, trunk_rows, tick)
+            feat = empty_map(on_device.shape, on_device, home).copy_(on_device)
+            del on_device
         else:
             feat = m.lr_trunk(lr, trunk_rows, tick, home)
 
@@ -167,6 +174,19 @@ def matching_bands(lr: torch.Tensor, lrc: torch.Tensor | None, host_maps: bool =
         pairs = hq * wq * (lrc.shape[-2] // 2) * (lrc.shape[-1] // 2)
         bands = max(bands, -(-pairs // MATCH_BAND_PAIRS))
     return max(1, min(bands, hq // 8))
+
+
+# With host maps, a banded trunk whose two whole maps take at most this much keeps them on the
+# device: each of its sweeps would move the whole map across the link and back (the full preset
+# crosses about 84 maps: 25 GB at CameraFusion-Real's size in fp16), while its two maps there take
+# 0.6 GB. Above it (photos of more than about 4 MP for the full preset in fp16) the maps wait in
+# host memory, so the device's peak stops growing with the photo.
+TRUNK_DEVICE_BYTES = 1 << 30
+
+
+def trunk_maps_fit_device(lr: torch.Tensor, channels: int) -> bool:
+    """Whether a host-maps run keeps the banded trunk's two whole maps on lr's device."""
+    return 2 * channels * lr.shape[-2] * lr.shape[-1] * lr.element_size() <= TRUNK_DEVICE_BYTES
 
 
 def trunk_band_rows(lr_tile: int, lr_width: int) -> int:
