@@ -213,7 +213,7 @@ def table_part(src: PatchTable, index: torch.Tensor) -> PatchTable:
     shape = (blocks.numel() + 1, src.table.shape[1])
     part = torch.empty(shape, dtype=src.table.dtype, device=index.device)
     if blocks.numel():
-        part[:-1] = src.table.index_select(0, blocks.to(src.table.device))
+        part[:-1].copy_(src.table.index_select(0, blocks.to(src.table.device)))
     part[-1] = 0
     return src._replace(table=part, blocks=blocks)
 

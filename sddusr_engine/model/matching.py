@@ -188,7 +188,10 @@ def _match_in_row_bands(q, k, q_mask, k_mask, patch_match, bands: int, tick):
     for r0, r1 in zip(edges[:-1], edges[1:], strict=True):
         a0, a1 = max(r0 - 1, 0), min(r1 + 1, hq)
         band_mask = torch.zeros(a1 - a0, q.shape[-1], dtype=torch.bool, device=dev)
-        band_mask[r0 - a0 : r1 - a0] = True if q_mask is None else q_mask[r0:r1]
+        if q_mask is None:
+            band_mask[r0 - a0 : r1 - a0] = True
+        else:  # the mask may be in host memory with the queries
+            band_mask[r0 - a0 : r1 - a0].copy_(q_mask[r0:r1])
         band = q[:, a0:a1].to(dev)
         s, idx, bst = patch_match(band, k, band_mask, k_mask, return_stats=True)
         score[r0:r1], index[r0:r1] = s[r0 - a0 : r1 - a0], idx[r0 - a0 : r1 - a0]
