@@ -31,7 +31,10 @@ instead runs a raw pair (a 12 MP phone pair) through the shipped weights, regist
 once in each mode. `--cpu` runs a small
 size on the CPU to show the harness works; those numbers are CPU numbers. The table is printed
 last; `--json PATH` writes the rows beside the device (`card`), versions, date, commit and
-measured peaks, all at the top level.
+measured peaks, all at the top level. The rows run headline first (each network's default plan,
+then bounded, then kept maps, then the variations and baselines); the JSON is rewritten after
+each row (`complete`: false until the last), and a row that raises is recorded with its `error`
+while the others run, so a run cut short or partly failing still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import harness
@@ -204,90 +208,101 @@ def main(argv=None) -> int:
     # the device's matrix-product rate in the run's precision, measured now: each row's share
     peaks = measured_peaks(device, {"fp32": torch.float32, "fp16": torch.float16,
                                     "bf16": torch.bfloat16}[precision])  # fmt: skip
-    rows = []
-    if args.shipped:  # the network the default weights configure, with those weights
-        for n in sorted({1, args.ensemble}):
-            eng = Engine.from_pretrained(None, device, precision, backend, args.tile, ensemble=n)
-            rows.append(engine_row("shipped", eng, f"{_layout(eng)} ensemble {n}"))
-            del eng
-        for mode, keep in (("bounded", False), ("kept", True)) if args.bounded_tile else ():
-            eng = Engine.from_pretrained(
-                None, device, precision, backend, args.bounded_tile, keep_fusion_maps=keep
-            )
-            rows.append(engine_row("shipped", eng, f"{_layout(eng)} {mode}", mode=mode))
-            del eng
-        if args.adapt:
-            eng = Engine.from_pretrained(
-                None, device, precision, backend, args.tile, adapt=args.adapt
-            )
-            rows.append(engine_row("shipped", eng, f"{_layout(eng)} adapt {args.adapt}"))
-            del eng
-    for variant in args.variants.split(","):
-        torch.manual_seed(0)
-        model = build_model(variant)
-        for li, layout in enumerate(args.layouts.split(",")):
-            eng = Engine(
-                model, device, precision, backend, args.tile, channels_last=layout == "nhwc"
-            )
-            rows.append(engine_row(variant, eng, layout, profile=bool(args.profile) and li == 0))
-            if li == 0 and eng.model.ops.fused_detail is not None:
-                # the same run with the fusion input's detail in PyTorch ops: what the kernel saves
-                eng.model.ops = eng.model.ops._replace(fused_detail=None)
-                rows.append(engine_row(variant, eng, f"{layout} unfused detail"))
-            del eng
-        for mode, keep in (("bounded", False), ("kept", True)) if args.bounded_tile else ():
-            eng = Engine(
-                model, device, precision, backend, args.bounded_tile, keep_fusion_maps=keep
-            )
-            rows.append(engine_row(variant, eng, f"{_layout(eng)} {mode}", mode=mode))
-            del eng
-        if args.ensemble > 1:
-            eng = Engine(model, device, precision, backend, args.tile, ensemble=args.ensemble)
-            rows.append(engine_row(variant, eng, f"{_layout(eng)} ensemble {args.ensemble}"))
-            del eng
-        if not args.no_baseline:
-            base_model = build_model(variant).to(device).eval()
-            base_model.load_state_dict(model.state_dict())
-
-            def baseline(base_model=base_model):
-                with torch.no_grad():
-                    return base_model(lr.to(device), lrc.to(device), ref.to(device))
-
-            try:
-                bms, bpeak = _measure(baseline, device, 1)
-                rows.append(
-                    {
-                        "variant": variant,
-                        "what": "plain network torch fp32 whole image",
-                        "ms": bms,
-                        "peak_gib": bpeak,
-                    }
-                )
-            except torch.cuda.OutOfMemoryError:
-                rows.append(
-                    {
-                        "variant": variant,
-                        "what": "plain network torch fp32 whole image",
-                        "ms": float("nan"),
-                        "peak_gib": float("nan"),
-                        "note": "out of memory",
-                    }
-                )
-            del base_model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
     meta = {**harness.stamp(device), "card": harness.stamp(device)["device"],
             "size": f"LR {h}x{w}, LRC {hc}x{wc}, Ref {2 * hc}x{2 * wc}",
             "peak_dtype": precision, "peak_tflops": peaks["matmul_tflops"]}  # fmt: skip
     if device.type == "cuda":
         meta["peak_fp16_tflops"] = measured_peaks(device, torch.float16)["matmul_tflops"]
-    for r in rows:
-        tflops = r.get("tflops")
-        if tflops is not None and tflops == tflops:  # measured, not NaN (the baseline has none)
-            r["share_of_peak"] = tflops / meta["peak_tflops"]
-    if args.json:
-        Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    rows: list[dict] = []
+
+    def save(complete: bool) -> None:
+        """The rows so far to --json after every row (`complete` false until the last), so
+        that a run cut short by its time limit still leaves what it measured."""
+        for r in rows:
+            tflops = r.get("tflops")
+            if tflops is not None and tflops == tflops:  # measured, not NaN (baselines: none)
+                r["share_of_peak"] = tflops / meta["peak_tflops"]
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({**meta, "complete": complete, "rows": rows}, indent=2)
+            )
+
+    models: dict[str, torch.nn.Module] = {}
+
+    def preset(variant: str) -> torch.nn.Module:  # the same random weights for every row
+        if variant not in models:
+            torch.manual_seed(0)
+            models[variant] = build_model(variant)
+        return models[variant]
+
+    def shipped(**kw) -> Engine:
+        return Engine.from_pretrained(None, device, precision, backend, **kw)
+
+    def built(variant: str, **kw) -> Engine:
+        return Engine(preset(variant), device, precision, backend, **kw)
+
+    variants, layouts = args.variants.split(","), args.layouts.split(",")
+    first_nhwc = layouts[0] == "nhwc"
+    # Rows in the order of what they are for, so that a run cut short keeps the headline ones:
+    # each network's default plan, then the bounded mode, the kept maps, then the variations.
+    # A job: (network, mode, the engine to time (None: the plain baseline), what it adds to the
+    # engine's layout in the row's name, profile it, with the fused detail off).
+    jobs: list[tuple[str, str, Callable[[], Engine] | None, str, bool, bool]] = []
+    if args.shipped:
+        make = lambda: shipped(tile=args.tile)  # noqa: E731
+        jobs.append(("shipped", "fast", make, "ensemble 1", False, False))
+    for v in variants:
+        fast = lambda v=v: built(v, tile=args.tile, channels_last=first_nhwc)  # noqa: E731
+        jobs.append((v, "fast", fast, "", bool(args.profile), False))
+    tile = args.bounded_tile
+    for mode, keep in (("bounded", False), ("kept", True)) if tile else ():
+        if args.shipped:
+            make = lambda keep=keep: shipped(tile=tile, keep_fusion_maps=keep)  # noqa: E731
+            jobs.append(("shipped", mode, make, mode, False, False))
+        for v in variants:
+            make = lambda v=v, keep=keep: built(v, tile=tile, keep_fusion_maps=keep)  # noqa: E731
+            jobs.append((v, mode, make, mode, False, False))
+    if args.shipped and args.ensemble > 1:
+        make = lambda: shipped(tile=args.tile, ensemble=args.ensemble)  # noqa: E731
+        jobs.append(("shipped", "fast", make, f"ensemble {args.ensemble}", False, False))
+    if args.shipped and args.adapt:
+        make = lambda: shipped(tile=args.tile, adapt=args.adapt)  # noqa: E731
+        jobs.append(("shipped", "fast", make, f"adapt {args.adapt}", False, False))
+    for v in variants:
+        fast = lambda v=v: built(v, tile=args.tile, channels_last=first_nhwc)  # noqa: E731
+        jobs.append((v, "fast", fast, "unfused detail", False, True))
+        for layout in layouts[1:]:
+            nhwc = layout == "nhwc"
+            make = lambda v=v, nhwc=nhwc: built(v, tile=args.tile, channels_last=nhwc)  # noqa: E731
+            jobs.append((v, "fast", make, "", False, False))
+        if args.ensemble > 1:
+            make = lambda v=v: built(v, tile=args.tile, ensemble=args.ensemble)  # noqa: E731
+            jobs.append((v, "fast", make, f"ensemble {args.ensemble}", False, False))
+        if not args.no_baseline:
+            jobs.append((v, "baseline", None, "", False, False))
+    for network, mode, make, suffix, profile, unfused in jobs:
+        try:
+            if make is None:
+                row = _baseline_row(preset(network), network, device, lr, lrc, ref)
+            else:
+                eng = make()
+                if unfused and eng.model.ops.fused_detail is None:
+                    continue  # no kernel to compare against (the torch backend)
+                if unfused:  # the fusion input's detail in PyTorch ops: what the kernel saves
+                    eng.model.ops = eng.model.ops._replace(fused_detail=None)
+                what = f"{_layout(eng)} {suffix}".strip()
+                row = engine_row(network, eng, what, profile=profile, mode=mode)
+                del eng
+        except Exception as e:  # noqa: BLE001 -- one failing row must not lose the others
+            row = {"variant": network, "network": network, "mode": mode, "what": "failed",
+                   "ms": float("nan"), "peak_gib": float("nan"),
+                   "error": f"{type(e).__name__}: {e}"}  # fmt: skip
+            print(f"bench_pipeline: a {network} {mode} row failed: {row['error']}", file=sys.stderr)
+        rows.append(row)
+        save(complete=False)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    save(complete=True)
     print_table(rows, meta)
     return 0
 
@@ -333,6 +348,24 @@ def _raw_pair(args, device: torch.device, precision: str, backend: str) -> int:
         Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=2))
     print_table(rows, meta)
     return 0
+
+
+def _baseline_row(model, variant: str, device: torch.device, lr, lrc, ref) -> dict:
+    """The plain network's whole-image forward on the torch backend in fp32 (the published
+    code's arithmetic), one timed run; NaN and a note when it does not fit."""
+    base_model = build_model(variant).to(device).eval()
+    base_model.load_state_dict(model.state_dict())
+
+    def baseline():
+        with torch.no_grad():
+            return base_model(lr.to(device), lrc.to(device), ref.to(device))
+
+    row = {"variant": variant, "what": "plain network torch fp32 whole image"}
+    try:
+        bms, bpeak = _measure(baseline, device, 1)
+        return {**row, "ms": bms, "peak_gib": bpeak}
+    except torch.cuda.OutOfMemoryError:
+        return {**row, "ms": float("nan"), "peak_gib": float("nan"), "note": "out of memory"}
 
 
 def print_table(rows: list[dict], meta: dict) -> None:

@@ -87,11 +87,17 @@ print("\n| stage | exit | s | result |\n|---|---:|---:|---|")
 def rows(name):
     p = out / f"{name}.json"
     return json.loads(p.read_text())["rows"] if p.is_file() else []
+def cut_short(name):  # a benchmark stopped by its time limit leaves its rows so far
+    p = out / f"{name}.json"
+    return p.is_file() and json.loads(p.read_text()).get("complete") is False
 for name, rc, secs in stages:
     if name == "pipeline":
-        res = "; ".join(f"{r['variant']} {r.get('mode', '')} {r['what'].split('tile ')[-1]}: "
-                        f"{r['ms']:.0f} ms, {r['peak_gib']:.2f} GiB, {r.get('tflops', 0):.0f} TFLOP/s"
-                        for r in rows(name) if "engine" in r["what"])
+        res = "; ".join([f"{r['variant']} {r.get('mode', '')} {r['what'].split('tile ')[-1]}: "
+                         f"{r['ms']:.0f} ms, {r['peak_gib']:.2f} GiB, {r.get('tflops', 0):.0f} TFLOP/s"
+                         for r in rows(name) if "engine" in r["what"]]
+                        + [f"{r['variant']} {r.get('mode', '')} FAILED: {r['error']}"
+                           for r in rows(name) if r.get("error")]
+                        + (["cut short: the rows above are all it measured"] if cut_short(name) else []))
     elif name == "pair12":
         res = "; ".join(f"{r['mode']}: {r['ms']:.0f} ms, {r['peak_gib']:.2f} GiB" for r in rows(name))
     elif name == "kernels":
