@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU check: the CUDA-only tests, then the benchmarks named in GPU_STAGES (default: the
-# pipeline, the kernels and the launch-setting sweep), then one table of what ran and what it
-# measured. Installs nothing: run it where the project and its test extras are installed.
+# pipeline, the 12 MP pair, the batch of 12 MP pairs, the kernels and the launch-setting sweep,
+# in that order of importance), then one table of what ran and what it measured. Installs no
+# dependency: run it where torch, triton and the test extras are; the project itself is
+# installed editable (--no-deps) when its command module cannot be imported.
 #
 #   bash bench/gpu_check.sh                      everything, output under $OUT (default /tmp/sddusr_gpu_check)
 #   GPU_STAGES="kernels" bash bench/gpu_check.sh the tests and the kernel benchmark only
 #   GPU_STAGES= bash bench/gpu_check.sh          the tests only
 #
-# Stages: pipeline, kernels, pair12 (a 12 MP raw pair end to end, SDDUSR_PAIR="WIDE TELE" or a
-# synthetic one made under /tmp), sweep. GPU_CHECK_BUDGET (s, default 540) bounds the whole check so
+# Stages: pipeline, pair12 (a 12 MP raw pair end to end, SDDUSR_PAIR="WIDE TELE" or a synthetic
+# one made under /tmp), batch (four copies of that pair through the batch pipeline: pairs/s, the
+# compute loop's idle share, the GPU's busy share), kernels, sweep. GPU_CHECK_BUDGET (s, default 540) bounds the whole check so
 # that it fits one 10-minute call: each stage gets at most what is left of it, and a stage that
 # would get under 30 s is skipped (reported as exit 124). GPU_TESTS_LIMIT (s, default 200) bounds the tests; GPU_PIPELINE_ARGS replaces the pipeline
 # benchmark's extra arguments (default "--shipped --adapt 100": the shipped weights plain and with
@@ -28,6 +31,8 @@ unset TRITON_INTERPRET # compiled kernels, not the interpreter
 export SDDUSR_COMMIT=${SDDUSR_COMMIT:-$(cat .gpu_carry/commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown)}
 
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA GPU visible')" || exit 2
+# the project itself, editable and without dependencies (the tests import its command module)
+python -c "import sddusr_engine.cli" 2>/dev/null || python -m pip install -q --no-deps --no-build-isolation -e . || exit 2
 summary=()
 failed=0
 BUDGET=${GPU_CHECK_BUDGET:-540}
@@ -57,21 +62,28 @@ stage() { # stage NAME LIMIT_S CMD...: run, log, time-box (within what is left o
 
 stage tests "${GPU_TESTS_LIMIT:-200}" python -m pytest -q -m gpu tests -p no:cacheprovider -o addopts=""
 
-for name in ${GPU_STAGES-pipeline kernels pair12 sweep}; do
+pair12_files() { # the 12 MP pair: SDDUSR_PAIR="WIDE TELE" for a phone's, else the synthetic
+    # 4032x3024 pair of bench_registration.py, under /tmp (too big to come back with the results)
+    if [[ -n ${SDDUSR_PAIR:-} ]]; then
+        echo "$SDDUSR_PAIR"
+    else
+        [[ -f /tmp/sddusr_pair12/tele.png ]] || python bench/bench_registration.py --make-pair /tmp/sddusr_pair12 >/dev/null
+        echo "/tmp/sddusr_pair12/wide.png /tmp/sddusr_pair12/tele.png"
+    fi
+}
+
+for name in ${GPU_STAGES-pipeline pair12 batch kernels sweep}; do
     case $name in
     pipeline)
         stage pipeline 240 python bench/bench_pipeline.py --precision fp16 --backend triton --json "$OUT/pipeline.json" --profile "$OUT" ${GPU_PIPELINE_ARGS---shipped --adapt 100}
         # the latest GPU run's rows, where the repository keeps them
         [[ -f $OUT/pipeline.json ]] && mkdir -p bench/results && cp "$OUT/pipeline.json" bench/results/pipeline.json ;;
     kernels) stage kernels 120 python bench/bench_kernels.py --json "$OUT/kernels.json" ;;
-    pair12) # a 12 MP pair end to end (registration included): SDDUSR_PAIR="WIDE TELE" for a
-        # phone's, else the synthetic 4032x3024 pair of bench_registration.py
-        pair=${SDDUSR_PAIR:-}
-        if [[ -z $pair ]]; then
-            # under /tmp: the pair's files are too big to come back with the results
-            python bench/bench_registration.py --make-pair /tmp/sddusr_pair12 >/dev/null && pair="/tmp/sddusr_pair12/wide.png /tmp/sddusr_pair12/tele.png"
-        fi
-        stage pair12 180 python bench/bench_pipeline.py --precision fp16 --backend triton --pair $pair --json "$OUT/pair12.json" ;;
+    pair12) # a 12 MP pair end to end (registration included), bounded mode then fast
+        stage pair12 180 python bench/bench_pipeline.py --precision fp16 --backend triton --pair $(pair12_files) --json "$OUT/pair12.json" ;;
+    batch) # a folder of 12 MP pairs (copies, each registered and computed as its own pair)
+        rm -rf /tmp/sddusr_batch12
+        stage batch 120 python bench/bench_batch.py /tmp/sddusr_batch12 --make $(pair12_files) --copies 4 --json "$OUT/batch.json" ;;
     sweep) stage sweep 90 python bench/sweep_configs.py --json "$OUT/sweep.json" ;;
     *) echo "gpu_check.sh: unknown stage $name" | tee -a "$LOG"; failed=1 ;;
     esac
@@ -100,6 +112,13 @@ for name, rc, secs in stages:
                         + (["cut short: the rows above are all it measured"] if cut_short(name) else []))
     elif name == "pair12":
         res = "; ".join(f"{r['mode']}: {r['ms']:.0f} ms, {r['peak_gib']:.2f} GiB" for r in rows(name))
+    elif name == "batch" and (out / "batch.json").is_file():
+        b = json.loads((out / "batch.json").read_text())
+        busy = b.get("gpu_busy_share")
+        idle = b.get("compute_idle_share")
+        res = (f"{b['written']}/{b['pairs']} pairs, {b['pairs_per_s']:.3f} pairs/s, compute loop idle "
+               + ("-" if idle is None else f"{idle:.1%}")
+               + ", GPU busy " + ("-" if busy is None else f"{busy:.1%}"))
     elif name == "kernels":
         res = "; ".join(f"{r['op']} {r['dtype']}: {r['ms']:.2f} ms" for r in rows(name)
                         if r["impl"] == "triton")

@@ -364,3 +364,29 @@ def test_ctrl_c_during_a_registration_stops_the_reader_at_its_next_step(tmp_path
     for t in readers:
         t.join(timeout=0.5)
     assert not any(t.is_alive() for t in readers)
+
+
+def test_batch_benchmark_reports_the_rate_and_the_idle_shares(tmp_path):
+    """bench/bench_batch.py (what the GPU check's batch stage runs): a folder made of copies of a
+    pair, every copy written, pairs per second and the compute loop's idle share from the run's
+    statistics; on the CPU no GPU share and the table says they are not GPU numbers."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_batch
+
+    rng = np.random.default_rng(5)
+    wide, tele, _ = make_synthetic_pair(procedural_image((160, 240), rng), rng=rng)
+    write_image(tmp_path / "w.png", wide)
+    write_image(tmp_path / "t.png", tele)
+    folder, out = tmp_path / "folder", tmp_path / "batch.json"
+    args = [str(folder), "--make", str(tmp_path / "w.png"), str(tmp_path / "t.png"),
+            "--copies", "3", "--device", "cpu", "--json", str(out)]  # fmt: skip
+    assert bench_batch.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["pairs"] == result["written"] == result["pairs_computed"] == 3
+    assert sorted(p.name for p in (folder / "out").iterdir()) == ["p1.png", "p2.png", "p3.png"]
+    assert result["pairs_per_s"] > 0 and 0 <= result["compute_idle_share"] <= 1
+    assert result["gpu_busy_share"] is None and result["not_gpu_numbers"] is True
+    assert all(p["register_s"] > 0 and p["seconds"] > 0 for p in result["per_pair"])
