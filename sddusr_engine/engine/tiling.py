@@ -23,9 +23,10 @@ intermediate maps follow the tile size too. The LR image goes through in stages:
 With `host_maps` (bounded tiles on a GPU), the whole maps live in host memory and only bands and
 tiles cross to the device: the trunk's output (the LR features) and, when they would take more
 than `TRUNK_DEVICE_BYTES` on the device, its two working maps; F_Ref_align as a block table from
-which each tile takes the blocks its matches read (`kernels.table_part`); the matching maps; the
-output. What the device still holds whole is small beside them: the three input images, the
-flow, the matching maps (16 channels at a quarter of the LR pixels) and the match index.
+which each tile takes the blocks its matches read (`kernels.table_part`); the LR matching maps
+(matched in bands of queries, `MATCH_BAND_QUERIES`); the output. What the device still holds
+whole is small beside them: the three input images, the flow, the LRC's matching keys and the
+match index and score (about 70 bytes per LR pixel with as many Ref pixels).
 
 The halos come from the network (`DualLensSR.tiling`); this module only cuts and stitches.
 """
