@@ -18,8 +18,10 @@ those weights; `--ensemble N` adds each network again with the geometric self-en
 Each network runs in three modes: `fast` (the engine's default plan: on a GPU the whole image
 where it fits; on the CPU small tiles that keep the fusion maps), `bounded` (`--bounded-tile`,
 default 256: LR tiles and the reference context in bands of Ref rows, the 2x stage twice for the
-fusion statistic: the memory-bounded mode) and `kept` (the same tiles keeping the fusion input and
-gated map for the whole output, so that the 2x stage runs once: `keep_fusion_maps`). With the
+fusion statistic: the memory-bounded mode; on a GPU its whole-image maps wait in host memory,
+`host_maps`) and `kept` (the same tiles keeping the fusion input and gated map for the whole
+output, so that the 2x stage runs once: `keep_fusion_maps`); on a GPU `bounded-device` is the
+bounded mode with its maps on the GPU (`host_maps=False`), to show what host memory costs. With the
 triton backend each network's first layout runs once more with the fusion input's reference detail
 in PyTorch ops instead of the `fused_detail` kernel ("unfused detail"), which shows what the kernel
 saves. Every row carries `network`, `mode`, `ms`, `peak_gib`, the work
@@ -262,6 +264,13 @@ def main(argv=None) -> int:
         for v in variants:
             make = lambda v=v, keep=keep: built(v, tile=tile, keep_fusion_maps=keep)  # noqa: E731
             jobs.append((v, mode, make, mode, False, False))
+    if tile and device.type == "cuda":  # what keeping the bounded maps in host memory costs
+        for v in (["shipped"] if args.shipped else []) + variants:
+            if v == "shipped":
+                make = lambda: shipped(tile=tile, host_maps=False)  # noqa: E731
+            else:
+                make = lambda v=v: built(v, tile=tile, host_maps=False)  # noqa: E731
+            jobs.append((v, "bounded-device", make, "bounded device maps", False, False))
     if args.shipped and args.ensemble > 1:
         make = lambda: shipped(tile=args.tile, ensemble=args.ensemble)  # noqa: E731
         jobs.append(("shipped", "fast", make, f"ensemble {args.ensemble}", False, False))

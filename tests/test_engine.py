@@ -164,7 +164,6 @@ def test_tele_not_found_errors_or_falls_back():
 
 def test_out_of_memory_halves_the_tile(monkeypatch):
     eng = Engine(tiny_model("kedusr"), "cpu", "fp32", "torch", tile=128)
-    import sddusr_engine.engine.core as core
 
     real = core.tiled_forward
     tiles = []
@@ -538,8 +537,7 @@ def test_host_maps_give_the_bounded_output_and_tiles_take_parts_of_the_table(var
     eng = Engine(model, "cpu", "fp32", "torch", tile=32)
     plain, info = eng.run(lr, lrc, ref, return_info=True)
     assert not info.host_maps and not parts
-    hosted_plan = lambda tile, device: memory.TilePlan(tile, False, True)  # noqa: E731
-    monkeypatch.setattr(core, "bounded_plan", hosted_plan)
+    eng = Engine(model, "cpu", "fp32", "torch", tile=32, host_maps=True)
     monkeypatch.setattr(tiling, "MATCH_BAND_QUERIES", 600)  # 45x67 queries: 5 bands of 9 rows
     assert tiling.matching_bands(lr, lrc, host_maps=True) == 5
     homes = []
@@ -555,8 +553,19 @@ def test_host_maps_give_the_bounded_output_and_tiles_take_parts_of_the_table(var
     if not model.tiling.trunk_tiles:  # sddusr: banded, on the host, then on the device
         assert homes == [(torch.device("cpu"),), ()]
     assert memory.bounded_plan(256, "cuda") == memory.TilePlan(256, False, True)
+    assert memory.bounded_plan(256, "cuda", host_maps=False) == memory.TilePlan(256)
     assert memory.bounded_plan(256, "cpu") == memory.TilePlan(256)
     assert memory.bounded_plan(0, "cuda") == memory.TilePlan(0)
+    # the option reaches the plan the engine picks from the free memory too, and kept maps win
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1)  # bounded tiles
+    monkeypatch.setattr(memory, "TILED_TILE", 32)
+    for host in (True, False):
+        _, info = Engine(model, "cpu", "fp32", "torch", host_maps=host).run(
+            lr, lrc, ref, return_info=True
+        )
+        assert info.tile == 32 and info.host_maps is host
+    kept = Engine(model, "cpu", "fp32", "torch", tile=32, keep_fusion_maps=True, host_maps=True)
+    assert not kept.run(lr, lrc, ref, return_info=True)[1].host_maps
 
 
 @pytest.mark.parametrize("variant", ["sddusr", "kedusr"])

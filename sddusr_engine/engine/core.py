@@ -73,10 +73,12 @@ class Engine:
         ensemble: int = 1,
         adapt: int = 0,
         keep_fusion_maps: bool | None = None,
+        host_maps: bool | None = None,
     ):
         s = RunSettings.resolve(
-            device, dtype, backend, tile, channels_last, ensemble, adapt, keep_fusion_maps
-        )
+            device, dtype, backend, tile, channels_last, ensemble, adapt, keep_fusion_maps,
+            host_maps,
+        )  # fmt: skip
         self.settings = s
         # channels_last (NHWC) spares cuDNN the two layout transposes it adds around each fp16
         # convolution of an NCHW tensor, but the element-wise work between the convolutions then
@@ -96,6 +98,7 @@ class Engine:
     ensemble = property(lambda self: self.settings.ensemble)
     adapt = property(lambda self: self.settings.adapt)
     channels_last = property(lambda self: self.settings.channels_last)
+    host_maps = property(lambda self: self.settings.host_maps)
 
     @classmethod
     def from_pretrained(
@@ -110,6 +113,7 @@ class Engine:
         adapt: int = 0,
         channels_last: bool | None = None,
         keep_fusion_maps: bool | None = None,
+        host_maps: bool | None = None,
     ) -> Engine:
         """Load weights (`path=None`: the shipped default) onto `device` in `dtype`.
 
@@ -119,15 +123,14 @@ class Engine:
         runs that many steps of self-adaptation per pair with a reference (`engine.adapt`);
         `channels_last` (None: on the CPU only) runs the network in NHWC; `keep_fusion_maps`
         (tiled runs; None: as the plan says, off with a given tile) keeps the fusion block's
-        input and gated map for the whole output so that the 2x stage runs once, not twice.
+        input and gated map for the whole output so that the 2x stage runs once, not twice;
+        `host_maps` (bounded tiles; None: on a GPU) keeps their whole-image maps in host memory,
+        so that the device's peak follows the tile and not the photo (`engine.tiling`).
         """
-        RunSettings.resolve(
-            device, dtype, backend, tile, channels_last, ensemble, adapt, keep_fusion_maps
-        )
+        args = (channels_last, ensemble, adapt, keep_fusion_maps, host_maps)
+        RunSettings.resolve(device, dtype, backend, tile, *args)
         model = load_model(path, variant=variant, device="cpu", dtype=torch.float32)
-        return cls(
-            model, device, dtype, backend, tile, channels_last, ensemble, adapt, keep_fusion_maps
-        )
+        return cls(model, device, dtype, backend, tile, *args)
 
     # -- public API -----------------------------------------------------------------------------
     def run(
@@ -320,15 +323,17 @@ class Engine:
         """The network pass at the engine's tile (None: `memory.auto_plan`); on a GPU out of
         memory, again without kept fusion maps, then at half the tile, down to MIN_TILE, then
         OutOfMemoryError."""
-        keep, dev = self.settings.keep_fusion_maps, self.device
+        keep, dev, host = self.settings.keep_fusion_maps, self.device, self.settings.host_maps
         if self.tile is None:
             plan = auto_plan(lr.shape[-2:], self.config.channels, self.dtype, dev)
             if keep is not None and plan.tile:
-                plan = TilePlan(plan.tile, keep) if keep else bounded_plan(plan.tile, dev)
+                plan = TilePlan(plan.tile, True) if keep else bounded_plan(plan.tile, dev, host)
+            elif plan.tile and not plan.keep_fusion_maps:  # bounded: host maps as asked
+                plan = bounded_plan(plan.tile, dev, host)
         elif keep and self.tile > 0:
             plan = TilePlan(self.tile, True)
         else:  # a tile given bounds the memory: no whole-output maps unless asked for
-            plan = bounded_plan(self.tile, dev)
+            plan = bounded_plan(self.tile, dev, host)
         first = plan
         while True:
             info = RunInfo(tile=plan.tile, ensemble=self.ensemble)
@@ -342,7 +347,7 @@ class Engine:
                     torch.cuda.empty_cache()
                 tile = plan.tile
                 if plan.keep_fusion_maps:
-                    plan = bounded_plan(tile, dev)
+                    plan = bounded_plan(tile, dev, host)
                     continue
                 smaller = (tile or max(lr.shape[-2:])) // 2 // 4 * 4
                 if smaller < MIN_TILE:
@@ -350,7 +355,7 @@ class Engine:
                         f"the GPU ran out of memory even with {tile}-pixel tiles; free GPU memory, "
                         "use --precision fp16, or run on the CPU."
                     ) from None
-                plan = bounded_plan(smaller, dev)
+                plan = bounded_plan(smaller, dev, host)
         if plan.tile != first.tile:
             info.warnings.append(f"GPU out of memory: retried with {plan.tile}-pixel tiles.")
         elif plan != first:

@@ -44,9 +44,12 @@ class TilePlan:
     host_maps: bool = False  # the whole maps in host memory (bounded tiles on a GPU)
 
 
-def bounded_plan(tile: int, device) -> TilePlan:
-    """Bounded tiles of `tile` LR pixels: on a GPU with the whole maps in host memory."""
-    return TilePlan(tile, False, torch.device(device).type == "cuda" and tile > 0)
+def bounded_plan(tile: int, device, host_maps: bool | None = None) -> TilePlan:
+    """Bounded tiles of `tile` LR pixels, with the whole maps in host memory where `host_maps`
+    says (None: on a GPU)."""
+    if host_maps is None:
+        host_maps = torch.device(device).type == "cuda"
+    return TilePlan(tile, False, bool(host_maps) and tile > 0)
 
 
 def whole_pass_bytes(lr_hw: tuple[int, int], channels: int, dtype: torch.dtype) -> int:

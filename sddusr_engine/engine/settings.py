@@ -39,6 +39,9 @@ class RunSettings:
     # tiled runs: keep the fusion maps (the 2x stage once) or not; None: only where the tile is
     # picked from the free memory, and then as `memory.auto_plan` says
     keep_fusion_maps: bool | None = None
+    # bounded tiles: the whole-image maps in host memory (True), on the device (False); None: as
+    # `memory.bounded_plan` says (host memory on a GPU)
+    host_maps: bool | None = None
 
     @classmethod
     def resolve(
@@ -51,6 +54,7 @@ class RunSettings:
         ensemble: int = 1,
         adapt: int = 0,
         keep_fusion_maps: bool | None = None,
+        host_maps: bool | None = None,
     ) -> RunSettings:
         """`tile=None` picks per image from the free memory (`engine.memory.auto_plan`);
         `channels_last=None` is NHWC on the CPU and NCHW on a GPU (see `Engine`)."""
@@ -75,6 +79,7 @@ class RunSettings:
             ensemble=int(ensemble),
             adapt=AdaptSettings(steps=int(adapt)),
             keep_fusion_maps=None if keep_fusion_maps is None else bool(keep_fusion_maps),
+            host_maps=None if host_maps is None else bool(host_maps),
         )
 
     @property
