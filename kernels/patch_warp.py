@@ -251,17 +251,16 @@ def patch_warp_blocked(
     valid = p >= 0
     first = torch.where(valid, (p // nw) * sb + p % nw, torch.full_like(p, none))
     out = torch.zeros(hq + nb - 1, wq + nb - 1, c, s, s, dtype=torch.float32, device=dev)
-    inside = torch.arange(nb * s, device=dev) < ksize  # block offsets that lie in the patch
     for a in range(nb):
+        ra = min(s, ksize - a * s)  # the block's rows that lie in the patch (the last: fewer)
         for b in range(nb):
+            rb = min(s, ksize - b * s)
             rows = torch.where(valid, first + a * sb + b, first)
             if src.blocks is not None:  # a part: block numbers to its rows (they are all in it)
                 rows = torch.where(valid, torch.searchsorted(src.blocks, rows), none)
             blocks = table.index_select(0, rows).view(hq, wq, c, s, s)
-            ya, xb = inside[a * s : (a + 1) * s], inside[b * s : (b + 1) * s]
-            if not (ya.all() and xb.all()):  # offsets past the patch's edge contribute nothing
-                blocks = blocks * (ya[:, None] & xb[None, :])
-            out[a : a + hq, b : b + wq] += blocks
+            # offsets past the patch's edge contribute nothing: only the rest is added
+            out[a : a + hq, b : b + wq, :, :ra, :rb] += blocks[..., :ra, :rb]
     out = out[shift : shift + hq, shift : shift + wq]  # output block qy + a - shift holds block a
     return out.permute(2, 0, 3, 1, 4).reshape(c, hq * s, wq * s).to(src.dtype)
 
