@@ -36,7 +36,8 @@ def sweep_in_place(fn: BandFn, x: torch.Tensor, rows: int, halo: int, device=Non
     to the image), returning those rows. A stage whose receptive radius is at most `halo` rows
     gives the whole-image result. Before a band is written, its last `halo` rows are kept as
     they were: the next band reads them as its context. `device` (None: x's) is where `fn`
-    runs: each band goes there and its result comes back into x (x in host memory for a GPU)."""
+    runs: each band goes there but for the kept rows, which are already there, and its result
+    comes back into x (x in host memory for a GPU)."""
     if rows < halo:
         raise ValueError(f"bands of {rows} rows cannot carry {halo} rows of context")
     h = x.shape[-2]
@@ -44,11 +45,11 @@ def sweep_in_place(fn: BandFn, x: torch.Tensor, rows: int, halo: int, device=Non
     for y0 in range(0, h, rows):
         y1 = min(y0 + rows, h)
         a0, a1 = max(y0 - halo, 0), min(y1 + halo, h)
-        band = x[..., y0:a1, :]
+        band = x[..., y0:a1, :].to(device or x.device)
         if above is not None and halo:
-            band = torch.cat([above, band], dim=-2)
-        out = fn(band.to(device or x.device), a0, a1)
-        above = x[..., max(y1 - halo, 0) : y1, :].clone()
+            band = torch.cat([above, band], dim=-2)  # rows a0:a1
+        above = band[..., max(y1 - halo, 0) - a0 : y1 - a0, :].clone()  # before x is written
+        out = fn(band, a0, a1)
         x[..., y0:y1, :].copy_(out[..., y0 - a0 : y1 - a0, :])
     return x
 
