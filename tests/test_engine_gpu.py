@@ -72,9 +72,9 @@ def test_bounded_gpu_memory_grows_only_by_the_small_whole_maps(variant, monkeypa
     with as many Ref pixels (fp16): the inputs (LR, Ref, LRC and Ref pooled: 6 + 6 + 3), the flow
     at Ref resolution (2 channels: 4), the LRC keys' map and their descriptors with a compacted
     copy (16, 144 and 144 values per key, a key per 16 Ref pixels: 38), the match index and
-    score (12 bytes per query, a query per 4 LR pixels: 3), LR in fp32 for the low-band
-    projection (12). About 70 bytes; one device-resident trunk map alone is 128, and the plan
-    with whole maps on the device held three and F_Ref_align besides. The matching runs in bands
+    score (12 bytes per query, a query per 4 LR pixels: 3). About 60 bytes (the low-band
+    projection, which these weights lack, widens LR band by band); one device-resident trunk map
+    alone is 128, and the plan with whole maps on the device held three and F_Ref_align besides. The matching runs in bands
     of 4096 queries here, as it does in bands of 2^19 on photos of millions of queries, and the
     sddusr trunk's maps wait on the host, as they do above `TRUNK_DEVICE_BYTES`."""
     from sddusr_engine.engine import tiling
@@ -96,7 +96,7 @@ def test_bounded_gpu_memory_grows_only_by_the_small_whole_maps(variant, monkeypa
         assert info.host_maps and info.tile == 128
         peaks[k], pixels[k] = torch.cuda.max_memory_allocated() - base, h * w
     grown = (peaks[2] - peaks[1]) / (pixels[2] - pixels[1])
-    assert grown < 1.5 * 70, f"{grown:.0f} bytes per LR pixel"
+    assert grown < 2 * 60, f"{grown:.0f} bytes per LR pixel"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])

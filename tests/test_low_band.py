@@ -279,3 +279,17 @@ def test_projection_in_bands_is_the_whole_image_formula(band_rows, box):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     rows = up(lr, (7, 15))
     torch.testing.assert_close(rows, up(lr)[..., 14:30, :], atol=1e-6, rtol=0)
+
+
+def test_a_16_bit_lr_is_widened_band_by_band_as_if_whole():
+    """With an fp16 LR (a GPU run's), the projection widens only the rows each band reads, and
+    gives what widening the whole LR first gives, bit for bit; the upsampler's `dtype` too."""
+    g = torch.Generator().manual_seed(3)
+    up = _upsampler(torch.rand(4, 1, 5, 5, generator=g) / 25)
+    lr = torch.rand(1, 3, 23, 31, generator=g).half()
+    sr = torch.rand(1, 3, 46, 62, generator=g).half()
+    got = project_low_band(sr, lr, up, 1.5, (4, 15, 6, 20), band_rows=16)
+    want = project_low_band(sr, lr.float(), up, 1.5, (4, 15, 6, 20), band_rows=16)
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+    assert torch.equal(up(lr, (7, 15), torch.float32), up(lr.float(), (7, 15)))
+    assert up(lr, (7, 15)).dtype == torch.float16

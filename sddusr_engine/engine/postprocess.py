@@ -71,13 +71,13 @@ def project_low_band(
     band's maps besides."""
     h, w = sr.shape[-2:]
     r = blur_radius(sigma)
-    lr32, dev = lr.float(), lr.device
+    dev = lr.device  # LR stays in its dtype: the upsampler widens the rows each band reads
     out = torch.empty(sr.shape, dtype=sr.dtype, device=sr.device)
     for y0 in range(0, h, band_rows):
         y1 = min(y0 + band_rows, h)
         a0, a1 = max(y0 - r, 0), min(y1 + r, h)  # the band and its context, in the image
         l0, l1 = a0 // 2, min(-(-a1 // 2), lr.shape[-2])  # the LR rows that make rows a0..a1
-        lin = upsampler(lr32, (l0, l1))[..., a0 - 2 * l0 : a1 - 2 * l0, :w]
+        lin = upsampler(lr, (l0, l1), torch.float32)[..., a0 - 2 * l0 : a1 - 2 * l0, :w]
         s = sr[..., a0:a1, :].to(dev).float().clamp(0, 1)
         diff = F.pad(lin - s, (r, r, r - (y0 - a0), r - (a1 - y1)), mode="replicate")
         low = _blur_padded(diff, sigma)

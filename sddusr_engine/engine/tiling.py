@@ -26,7 +26,7 @@ than `TRUNK_DEVICE_BYTES` on the device, its two working maps; F_Ref_align as a 
 which each tile takes the blocks its matches read (`kernels.table_part`); the LR matching maps
 (matched in bands of queries, `MATCH_BAND_QUERIES`); the output. What the device still holds
 whole is small beside them: the three input images, the flow, the LRC's matching keys and the
-match index and score (about 70 bytes per LR pixel with as many Ref pixels).
+match index and score (about 60 bytes per LR pixel with as many Ref pixels).
 
 The halos come from the network (`DualLensSR.tiling`); this module only cuts and stitches.
 """

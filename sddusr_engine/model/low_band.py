@@ -24,16 +24,19 @@ class LinearUpsampler(nn.Module):
         # [4 phases (a*2+b), 1, K, K]; a fitted file fills it (zeros until then)
         self.register_buffer("taps", torch.zeros(4, 1, taps, taps))
 
-    def forward(self, lr: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """lr [B,C,H,W] -> [B,C,2H,2W], on lr's device and in its dtype. `rows` (r0, r1): only
-        the output rows 2 r0 .. 2 r1 that LR rows r0 .. r1 make (the same values), from those
-        rows and the taps' context."""
+    def forward(
+        self, lr: torch.Tensor, rows: tuple[int, int] | None = None, dtype=None
+    ) -> torch.Tensor:
+        """lr [B,C,H,W] -> [B,C,2H,2W], on lr's device, computed in `dtype` (None: lr's; a
+        16-bit LR's rows are widened one band at a time, never the whole image). `rows`
+        (r0, r1): only the output rows 2 r0 .. 2 r1 that LR rows r0 .. r1 make (the same
+        values), from those rows and the taps' context."""
         b, c, h, w = lr.shape
         k2 = self.k // 2
         r0, r1 = (0, h) if rows is None else rows
         c0, c1 = max(r0 - k2, 0), min(r1 + k2, h)
-        x = lr[..., c0:c1, :].reshape(b * c, 1, c1 - c0, w)
+        x = lr[..., c0:c1, :].to(dtype or lr.dtype).reshape(b * c, 1, c1 - c0, w)
         # the image's edges replicated; inside it, the rows themselves are the context
         x = F.pad(x, (k2, k2, k2 - (r0 - c0), k2 - (c1 - r1)), mode="replicate")
-        y = F.conv2d(x, self.taps.to(device=lr.device, dtype=lr.dtype))  # [B*C, 4, rows, W]
+        y = F.conv2d(x, self.taps.to(device=lr.device, dtype=x.dtype))  # [B*C, 4, rows, W]
         return F.pixel_shuffle(y, 2).reshape(b, c, 2 * (r1 - r0), 2 * w)
