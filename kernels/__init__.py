@@ -21,6 +21,8 @@ from .attention import attention, attention_reference
 from .deform_conv2d import deform_conv2d, deform_conv2d_reference, deform_conv2d_sampled
 from .fused_detail import fused_detail, fused_detail_reference
 from .patch_match import (
+    KeySide,
+    key_side,
     match_descriptors,
     patch_descriptors,
     patch_match,
@@ -40,6 +42,7 @@ from .patch_warp import (
 __all__ = [
     "HAS_TRITON",
     "KernelOps",
+    "KeySide",
     "PatchTable",
     "attention",
     "attention_reference",
@@ -49,6 +52,7 @@ __all__ = [
     "fused_detail",
     "fused_detail_reference",
     "get_ops",
+    "key_side",
     "match_descriptors",
     "patch_descriptors",
     "patch_grid",

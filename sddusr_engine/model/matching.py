@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import patch_descriptors
+from ..kernels import key_side, patch_descriptors
 from .blocks import MeanShift
 
 WARP_OVERLAP = 5.0625  # (9/4)^2: mean number of 9x9 stride-4 patches covering an output pixel
@@ -181,6 +181,7 @@ def sparse_match(q_map, k_map, q_mask, k_mask, patch_match, row_bands: int = 1, 
 
 def _match_in_row_bands(q, k, q_mask, k_mask, patch_match, bands: int, tick):
     hq, dev = q.shape[-2], k.device
+    keys = key_side(k, k_mask)  # described and compacted once for every band
     edges = [round(j * hq / bands) for j in range(bands + 1)]
     score = torch.zeros(q.shape[-2:], dtype=torch.float32, device=dev)
     index = torch.full(q.shape[-2:], -1, dtype=torch.int64, device=dev)
@@ -193,7 +194,7 @@ def _match_in_row_bands(q, k, q_mask, k_mask, patch_match, bands: int, tick):
         else:  # the mask may be in host memory with the queries
             band_mask[r0 - a0 : r1 - a0].copy_(q_mask[r0:r1])
         band = q[:, a0:a1].to(dev)
-        s, idx, bst = patch_match(band, k, band_mask, k_mask, return_stats=True)
+        s, idx, bst = patch_match(band, keys, band_mask, None, return_stats=True)
         score[r0:r1], index[r0:r1] = s[r0 - a0 : r1 - a0], idx[r0 - a0 : r1 - a0]
         st["active_queries"] += bst["active_queries"]
         st["pairs_evaluated"] += bst["pairs_evaluated"]

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sddusr_engine.kernels import (
+    key_side,
     match_descriptors,
     patch_descriptors,
     patch_match,
@@ -286,3 +287,50 @@ def test_blocked_cpu_path_breaks_ties_to_the_lowest_index_across_blocks():
     score, index = _match_blocked(qd, kd)
     assert index.tolist() == [5, 2, 2 * _CPU_BLOCK_K + 1] == _match_reference(qd, kd)[1].tolist()
     torch.testing.assert_close(score, torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_key_side_made_once_matches_like_the_key_map(dtype, masked):
+    """`key_side` (the key map's descriptors, compacted once for many query bands): every
+    implementation gives with it exactly what it gives with the map and its mask, work counted
+    included; a key side with a key mask, or of other channels, is refused."""
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(8, 13, 17, generator=g), torch.randn(8, 11, 9, generator=g)
+    q, k = q.to(dtype), k.to(dtype)
+    qm = torch.rand(13, 17, generator=g) > 0.3 if masked else None
+    km = torch.rand(11, 9, generator=g) > 0.4 if masked else None
+    side = key_side(k, km)
+    assert side.shape == (8, 11, 9) and side.desc.dtype == dtype
+    assert side.desc_t is not None and side.desc_t.dtype == torch.float32  # the CPU's blocks
+    impls = [patch_match_reference, patch_match_blocked]
+    if is_interpreter():
+        impls.append(patch_match)
+    for fn in impls:
+        want = fn(q, k, qm, km, return_stats=True)
+        got = fn(q, side, qm, None, return_stats=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), fn.__name__
+        assert got[2] == want[2]
+    with pytest.raises(ValueError, match="compacted already"):
+        patch_match_blocked(q, side, qm, torch.ones(11, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="share channels"):
+        patch_match_blocked(q[:4], side)
+
+
+def test_matching_in_bands_describes_the_keys_once(monkeypatch):
+    """`sparse_match` in bands of query rows makes the key side once, not once per band, with
+    the result of one call."""
+    from sddusr_engine.model import matching
+
+    g = torch.Generator().manual_seed(12)
+    q, k = torch.randn(1, 8, 40, 17, generator=g), torch.randn(1, 8, 11, 9, generator=g)
+    qm = torch.rand(1, 1, 40, 17, generator=g) > 0.3
+    km = torch.rand(1, 1, 11, 9, generator=g) > 0.3
+    made = []
+    real = matching.key_side
+    monkeypatch.setattr(matching, "key_side", lambda *a: made.append(1) or real(*a))
+    whole = matching.sparse_match(q, k, qm, km, patch_match_blocked)
+    banded = matching.sparse_match(q, k, qm, km, patch_match_blocked, row_bands=5)
+    assert len(made) == 1
+    assert torch.equal(banded[1], whole[1]) and torch.equal(banded[0], whole[0])
+    assert banded[2] == whole[2]
