@@ -73,8 +73,14 @@ class KeySide(NamedTuple):
 def key_side(key: torch.Tensor, key_mask: torch.Tensor | None = None) -> KeySide:
     """`key` [C, H, W] and its mask made into the key side every query call matches against."""
     _check(key, key, None, key_mask)
+    return _side(key, key_mask, transposed=key.device.type == "cpu")
+
+
+def _side(key: torch.Tensor, key_mask, transposed: bool) -> KeySide:
+    """The key side of a checked key map; `transposed`: with the CPU blocks' fp32 transpose
+    (otherwise `_match_blocked` makes it per call)."""
     desc, pos = _compact(patch_descriptors(key), key_mask)
-    desc_t = desc.float().t().contiguous() if key.device.type == "cpu" else None
+    desc_t = desc.float().t().contiguous() if transposed else None
     return KeySide(desc, pos, tuple(key.shape), desc_t)
 
 
@@ -205,19 +211,15 @@ def patch_match_reference(
 
 def _run(query, key, query_mask, key_mask, return_stats, matcher, block):
     hq, wq = query.shape[1:]
-    side = key if isinstance(key, KeySide) else None
+    # one call with a key map: its side for this call only
+    side = key if isinstance(key, KeySide) else _side(key, key_mask, transposed=False)
     qd, q_pos = _compact(patch_descriptors(query), query_mask)
-    if side is None:  # one call: the key map's side for this call only (its transpose on demand)
-        kd, k_pos = _compact(patch_descriptors(key), key_mask)
-        kt = None
-    else:
-        kd, k_pos, kt = side.desc, side.pos, side.desc_t
-    score_c, index_c = matcher(qd, kd, kt)
-    score, index = _scatter(hq * wq, q_pos, k_pos, score_c, index_c, query.device)
+    score_c, index_c = matcher(qd, side.desc, side.desc_t)
+    score, index = _scatter(hq * wq, q_pos, side.pos, score_c, index_c, query.device)
     out = (score.view(hq, wq), index.view(hq, wq))
     if not return_stats:
         return out
-    nq, nk = qd.shape[0], kd.shape[0]
+    nq, nk = qd.shape[0], side.desc.shape[0]
     if block is None:
         pairs = nq * nk
     else:
