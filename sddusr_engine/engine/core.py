@@ -317,7 +317,7 @@ class Engine:
         if self.config.low_band_taps:
             sr = self._project_low_band(sr, lr_d, lrc_d, box_lr, info, stage_hook)
         sr = (sr.flip(1) if flip else sr).clamp(0, 1)
-        return self._host.copy(sr, s.device), info
+        return self._host.copy(sr), info
 
     def _forward_with_retry(self, lr, lrc, ref, progress, keep_maps, stage_hook):
         """The network pass at the engine's tile (None: `memory.auto_plan`); on a GPU out of
@@ -497,7 +497,7 @@ class _HostStaging:
     def __init__(self):
         self._pinned: torch.Tensor | None = None
 
-    def copy(self, sr: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def copy(self, sr: torch.Tensor) -> torch.Tensor:
         if sr.device.type != "cuda":  # a CPU run, or a GPU run whose output was kept on the host
             return sr.float().cpu()
         buf = self._pinned

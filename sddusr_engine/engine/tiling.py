@@ -76,15 +76,14 @@ def tiled_forward(
     if whole:  # what ran: one tile is the whole image, whatever the plan said
         info.tile, keep_fusion_maps = 0, False
     info.fusion_maps = keep_fusion_maps
-    host_maps = host_maps and not whole and not keep_fusion_maps
-    info.host_maps = host_maps
+    bounded = not whole and not keep_fusion_maps
+    host_maps = info.host_maps = host_maps and bounded
     home = torch.device("cpu") if host_maps else None  # where the whole maps live
 
     trunk_spans = [(y, x) for y in spans(hp, lr_tile) for x in spans(wp, lr_tile)]
     out_tile = 2 * lr_tile
     out_spans = [(y, x) for y in spans(2 * hp, out_tile) for x in spans(2 * wp, out_tile)]
     # bounded tiles: a trunk that pools over the whole image runs in bands (two whole maps)
-    bounded = not whole and not keep_fusion_maps
     trunk_rows = trunk_band_rows(lr_tile, wp) if bounded and not tiling.trunk_tiles else 0
     total = len(trunk_spans) if tiling.trunk_tiles else m.trunk_steps(trunk_rows)
     total += len(trunk_spans)

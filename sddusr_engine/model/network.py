@@ -361,9 +361,7 @@ class DualLensSR(nn.Module):
         the blocks its index reads (`kernels.table_part`), whatever the photo's size."""
         c = self.config
         maps = list(ctx.f_ref_align)
-        if host_tables and not ctx.empty:
-            if (c.patch_size - 1) // 2 % c.patch_stride:
-                raise ValueError("host block tables need whole blocks: (patch_size-1)/2 % stride")
+        if host_tables and not ctx.empty:  # `patch_table` refuses patches not of whole blocks
             tables = [patch_table(f, c.patch_size, c.patch_stride, f.dtype) for f in maps]
             return replace(ctx, warp_sources=tables, f_ref_align=None, host_tables=True)
         sources = [self.ops.warp_source(f, c.patch_size, c.patch_stride) for f in maps]

@@ -80,7 +80,7 @@ def trunk_in_bands(
     dev = lr.device
     bands = row_bands(h, w, rows)
     x = tiled_apply(trunk.head, lr, bands, 1, home=home)
-    group_input = torch.empty_like(x, pin_memory=x.device != dev and x.is_pinned())
+    group_input = torch.empty_like(x, pin_memory=x.is_pinned())  # pinned where x is
     for group in trunk.groups():
         group_input.copy_(x)
         for block in group.RBs:
